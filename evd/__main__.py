@@ -1,0 +1,5 @@
+import sys
+
+from evd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,329 @@
+"""Stream transports: one connected TCP or UNIX socket and its buffers.
+
+The transport owns the bytes; the protocol (a connection handler) owns their
+meaning.  The split is CPython's asyncio selector transport, minus futures:
+
+- Reading: the socket is watched for readability only while the protocol
+  can take more.  Each readable event is one `recv`; the data goes straight to
+  `protocol.data_received`.
+- Writing: `write` tries `send` at once; only what the kernel did not take is
+  queued (a deque of memoryviews, so a partial send copies nothing) and only
+  then is the socket watched for writability.  A queue of many small chunks
+  (pipelined replies) leaves in one `sendmsg`.
+- Flow control: above `write_high` queued bytes the transport stops reading
+  the peer (an echo client that never reads cannot make evd buffer without
+  bound) and tells the protocol it is `write_paused`; below `write_low` it
+  reads again and calls `protocol.resume_writing()` (chargen refills there).
+- Half-close: on the peer's EOF the protocol decides (`eof_received` returns
+  True to keep the connection); otherwise queued output is flushed and the
+  connection closes.
+- Errors: one ladder everywhere -- would-block: try later; OS error: this
+  connection is finished; anything else raised by the protocol: a bug, logged
+  with its traceback, and this connection (only) is closed.
+- Closing: `close` is the single exit; it runs once (`connection_lost` exactly
+  once), unregisters, closes the socket, folds counters into the service and
+  logs `conn.close`.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+
+from evd.log import log
+
+# One recv per readable event; 64 KiB matches the loopback MTU and a typical
+# socket buffer, so a busy peer is drained in few calls without big copies.
+RECV_SIZE = 65536
+# Chunks joined into one sendmsg: far below IOV_MAX (1024), enough to send a
+# whole pipelined batch of replies at once.
+SENDMSG_CHUNKS = 64
+
+# The output queue of a connection with nothing waiting: an empty deque is
+# ~600 bytes, most of an idle connection's memory, so one is made only when
+# the kernel does not take a write at once, and dropped once it drains.
+_NO_QUEUE = ()
+
+# Errors that mean "the peer is gone", as opposed to something to report.
+PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN})
+
+# Close reasons as they appear in `conn.close`.
+EOF = "eof"            # the peer closed its side and we flushed ours
+DONE = "done"          # the service finished (daytime, time, a framed close)
+RESET = "reset"        # the peer reset the connection or vanished
+ERROR = "error"        # an OS error or a bug in the handler
+IDLE = "idle"          # no traffic for idle_timeout
+FRAME_TIMEOUT = "frame_timeout"  # a request trickled in for over idle_timeout
+SHUTDOWN = "shutdown"  # the daemon is stopping
+
+
+class StreamTransport:
+    __slots__ = (
+        "reactor", "sock", "fd", "protocol", "service", "conn_id", "peer", "host",
+        "bytes_in", "bytes_out", "requests", "opened", "last_active", "_moved",
+        "_out", "_out_size", "_high", "_low", "_reading", "write_paused",
+        "eof", "_closing", "closed", "close_reason", "__weakref__",
+    )
+
+    def __init__(self, reactor, sock, protocol, service, peer: str, host: str | None):
+        self.reactor = reactor
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.protocol = protocol
+        self.service = service
+        self.conn_id = 0
+        self.peer = peer              # for logs: "127.0.0.1:5555", "unix"
+        self.host = host              # for admission: the IP, or None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.requests = 0
+        self.opened = self.last_active = reactor.now
+        self._moved = 0               # bytes_in + bytes_out at the last sweep
+        self._out = _NO_QUEUE         # a deque only while bytes wait
+        self._out_size = 0
+        self._reading = False
+        self.write_paused = False
+        self.eof = False              # the peer half-closed
+        self._closing = False         # close once the queue is empty
+        self.closed = False
+        self.close_reason = ""
+        self.apply_limits(service.config.limits)
+
+    def apply_limits(self, limits) -> None:
+        self._high = limits.write_high
+        self._low = limits.write_low
+
+    def start(self, conn_id: int) -> None:
+        """Register with the reactor and hand the connection to the protocol."""
+        self.conn_id = conn_id
+        self._reading = True
+        self.reactor.add_reader(self.fd, self._on_read)
+        self._call(self.protocol.connection_made, self)
+
+    # -- reading ------------------------------------------------------------
+
+    def _on_read(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._os_error("recv", exc)
+            return
+        if data:
+            self.bytes_in += len(data)
+            try:
+                self.protocol.data_received(data)
+            except Exception as exc:
+                self._bug("data_received", exc)
+            return
+        self.eof = True
+        if self._call(self.protocol.eof_received):
+            self._stop_reading()  # open a while yet; an EOF'd socket stays readable
+        else:
+            self.close_when_flushed(EOF)  # stops reading only if output waits
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.reactor.remove_reader(self.fd)
+
+    def _start_reading(self) -> None:
+        if not self._reading and not self.eof and not self._closing and not self.closed:
+            self._reading = True
+            self.reactor.add_reader(self.fd, self._on_read)
+
+    def pause_reading(self) -> None:
+        """The protocol has enough to chew on (a running command, say)."""
+        self._stop_reading()
+
+    def resume_reading(self) -> None:
+        if not self.write_paused:
+            self._start_reading()
+
+    # -- writing ------------------------------------------------------------
+
+    def write(self, data) -> None:
+        if self._closing or self.closed or not data:
+            return
+        if self._out:
+            self._enqueue((data,))
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._os_error("send", exc)
+            return
+        self.bytes_out += sent
+        if sent != len(data):
+            self._enqueue((memoryview(data)[sent:],))
+
+    def writelines(self, chunks) -> None:
+        """Several chunks in one sendmsg when nothing is queued; what the
+        kernel does not take is queued as with `write`."""
+        if self._closing or self.closed:
+            return
+        chunks = [c for c in chunks if c]
+        if self._out or len(chunks) > SENDMSG_CHUNKS:
+            self._enqueue(chunks)
+            return
+        try:
+            sent = self.sock.sendmsg(chunks)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._os_error("sendmsg", exc)
+            return
+        self.bytes_out += sent
+        for i, chunk in enumerate(chunks):
+            if sent < len(chunk):
+                rest = chunks[i:]
+                if sent:
+                    rest[0] = memoryview(chunk)[sent:]
+                self._enqueue(rest)
+                return
+            sent -= len(chunk)
+
+    def _enqueue(self, chunks) -> None:
+        """Queue what the kernel did not take now: watch for writability,
+        and stop reading the peer above write_high."""
+        if not self._out:
+            self._out = deque()
+            self.reactor.add_writer(self.fd, self._on_write)
+        self._out.extend(chunks)
+        self._out_size += sum(map(len, chunks))
+        if self._out_size > self._high and not self.write_paused:
+            self.write_paused = True
+            self._stop_reading()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds without traffic either way, as seen by the daemon's
+        periodic sweep: it compares the byte counters with their value at the
+        previous sweep, so reads and writes pay nothing for idle tracking."""
+        moved = self.bytes_in + self.bytes_out
+        if moved != self._moved:
+            self._moved = moved
+            self.last_active = now
+        return now - self.last_active
+
+    @property
+    def closing(self) -> bool:
+        """Closed, or closing once the queue drains: writes are ignored."""
+        return self._closing
+
+    @property
+    def buffered(self) -> int:
+        return self._out_size
+
+    def _flush(self) -> None:
+        """Send as much of the queue as the kernel takes now."""
+        out = self._out
+        while out:
+            try:
+                if len(out) == 1:
+                    sent = self.sock.send(out[0])
+                else:
+                    sent = self.sock.sendmsg([out[i] for i in range(min(len(out), SENDMSG_CHUNKS))])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._os_error("send", exc)
+                return
+            if not sent:
+                return
+            self.bytes_out += sent
+            self._out_size -= sent
+            while sent:
+                chunk = out[0]
+                size = len(chunk)
+                if size <= sent:
+                    out.popleft()
+                    sent -= size
+                else:
+                    out[0] = memoryview(chunk)[sent:]
+                    return  # the kernel's buffer is full
+
+    def _on_write(self) -> None:
+        self._flush()
+        if self.closed:
+            return
+        if not self._out:
+            self._out = _NO_QUEUE
+            self.reactor.remove_writer(self.fd)
+            if self._closing:
+                self.close(self.close_reason)
+                return
+        if self.write_paused and self._out_size <= self._low:
+            self.write_paused = False
+            self._start_reading()
+            self._call(self.protocol.resume_writing)
+
+    # -- closing ------------------------------------------------------------
+
+    def close_when_flushed(self, reason: str = DONE) -> None:
+        """Stop reading; close once everything queued has been sent."""
+        if self.closed:
+            return
+        if not self._out:
+            self.close(reason)
+            return
+        self._stop_reading()
+        self._closing = True
+        self.close_reason = reason
+
+    def close(self, reason: str = DONE, **extra) -> None:
+        """The one way out; runs once."""
+        if self.closed:
+            return
+        self.closed = True
+        self._closing = True
+        self.close_reason = reason
+        reactor = self.reactor
+        reactor.forget(self.fd)
+        self._reading = False
+        self._out = _NO_QUEUE
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        service = self.service
+        service.connections.discard(self)
+        service.admission.disconnect(self.host)
+        service.bytes_in += self.bytes_in
+        service.bytes_out += self.bytes_out
+        service.requests += self.requests
+        try:
+            self.protocol.connection_lost(reason)
+        except Exception as exc:
+            self._log_bug("connection_lost", exc)
+        if log.info_on:
+            log.info(
+                "conn.close", service=service.name, peer=self.peer, conn=self.conn_id,
+                duration_ms=round((reactor.now - self.opened) * 1000, 3),
+                bytes_in=self.bytes_in, bytes_out=self.bytes_out, reason=reason, **extra,
+            )
+
+    # -- the error ladder ---------------------------------------------------
+
+    def _os_error(self, syscall: str, exc: OSError) -> None:
+        if exc.errno in PEER_GONE:
+            self.close(RESET)
+        else:
+            self.close(ERROR, error=f"{syscall}: [Errno {exc.errno}] {exc.strerror}")
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except Exception as exc:
+            self._bug(method.__name__, exc)
+            return None
+
+    def _bug(self, where: str, exc: Exception) -> None:
+        self._log_bug(where, exc)
+        self.close(ERROR)
+
+    def _log_bug(self, where: str, exc: Exception) -> None:
+        self.service.errors += 1
+        log.error("error", where=f"{self.service.name}.{where}", conn=self.conn_id, exc_info=exc)

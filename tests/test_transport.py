@@ -1,0 +1,718 @@
+"""StreamTransport (evd/transport.py) and the stream handlers (evd/handlers.py)
+on real sockets: a socketpair (or loopback TCP where TCP matters) and a real
+Reactor.  The far end of each socket is a `Peer` driven by the same loop, so
+the test never blocks on a socket and never sleeps; every run is bounded.
+"""
+
+from __future__ import annotations
+
+import array
+import re
+import socket
+import struct
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+
+import evd.transport as transport_mod
+from evd import handlers
+from evd.reactor import Reactor
+from evd.transport import RECV_SIZE, StreamTransport
+
+LIMIT = 5.0
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def chargen_cycle() -> bytes:
+    """RFC 864 from its definition (not from evd.services)."""
+    ring = bytes(range(32, 127))
+    return b"".join(bytes(ring[(i + k) % 95] for k in range(72)) + b"\r\n" for i in range(95))
+
+
+def counting_pattern(size: int) -> bytes:
+    """Bytes in which every 4-byte word is distinct: any reordering, loss or
+    duplication of a chunk shows."""
+    words = array.array("I", range(size // 4 + 1)).tobytes()
+    return words[:size]
+
+
+# --- stand-ins and drivers ----------------------------------------------------
+
+class Admission:
+    def __init__(self):
+        self.disconnects = []
+
+    def connect(self, host, now):
+        return None
+
+    def disconnect(self, host):
+        self.disconnects.append(host)
+
+
+def make_service(name="echo", high=256 * KiB, low=64 * KiB):
+    return SimpleNamespace(
+        name=name,
+        config=SimpleNamespace(limits=SimpleNamespace(write_high=high, write_low=low)),
+        connections=set(), admission=Admission(),
+        bytes_in=0, bytes_out=0, requests=0, errors=0,
+    )
+
+
+class LogRecorder:
+    info_on = True  # as evd.log.Log at level info: the per-connection events
+
+    def __init__(self):
+        self.events = []
+
+    def _record(level):
+        def method(self, event, **fields):
+            self.events.append((level, event, fields))
+        return method
+
+    debug = _record("debug")
+    info = _record("info")
+    warning = _record("warning")
+    error = _record("error")
+
+    def named(self, event):
+        return [(level, fields) for level, e, fields in self.events if e == event]
+
+
+class Loop:
+    """A reactor plus `run_until(condition)`: the condition is checked before
+    every sleep; a guard timer bounds the run."""
+
+    def __init__(self):
+        self.reactor = Reactor()
+        self.iterations = 0
+        self._cond = None
+        self.reactor.add_before_sleep(self._check)
+
+    def _check(self):
+        self.iterations += 1
+        if self._cond is not None and self._cond():
+            self.reactor.stop()
+
+    def run_until(self, cond, limit=LIMIT, what=""):
+        self._cond = cond
+        expired = []
+        guard = self.reactor.call_later(limit, lambda: (expired.append(True), self.reactor.stop()) and None)
+        try:
+            self.reactor.run()
+        finally:
+            self.reactor.cancel(guard)
+            self._cond = None
+        assert not expired, f"timed out after {limit}s waiting for {what or cond}"
+
+    def run_for(self, seconds):
+        """Let the loop run for a while (to show that something does NOT happen)."""
+        stop = self.reactor.call_later(seconds, self.reactor.stop)
+        guard = self.reactor.call_later(seconds + LIMIT, self.reactor.stop)
+        self.reactor.run()
+        self.reactor.cancel(stop)
+        self.reactor.cancel(guard)
+
+
+class Peer:
+    """The client end of a socket, driven by the loop."""
+
+    def __init__(self, reactor, sock):
+        self.reactor = reactor
+        self.sock = sock
+        self.fd = sock.fileno()
+        sock.setblocking(False)
+        self.received = bytearray()
+        self.eof = False
+        self.error = None
+        self.sent = 0
+        self._out = memoryview(b"")
+        self._shutdown = False
+        self.reading = False
+
+    def start_reading(self):
+        self.reading = True
+        self.reactor.add_reader(self.fd, self._on_read)
+
+    def stop_reading(self):
+        self.reading = False
+        self.reactor.remove_reader(self.fd)
+
+    def _on_read(self):
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.error = exc
+            self.stop_reading()
+            return
+        if not data:
+            self.eof = True
+            self.stop_reading()
+            return
+        self.received += data
+
+    def send(self, data, shutdown=False):
+        self._out = memoryview(bytes(data))
+        self._shutdown = shutdown
+        self.reactor.add_writer(self.fd, self._on_write)
+
+    @property
+    def pending(self):
+        return len(self._out)
+
+    def _on_write(self):
+        try:
+            n = self.sock.send(self._out)
+        except BlockingIOError:
+            return
+        self.sent += n
+        self._out = self._out[n:]
+        if not self._out:
+            self.reactor.remove_writer(self.fd)
+            if self._shutdown:
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def shutdown(self):
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self):
+        if self.reading:
+            self.stop_reading()
+        if self._out:
+            self.reactor.remove_writer(self.fd)
+        self.sock.close()
+
+
+class Recorder(handlers.Handler):
+    """A handler that records its events (and optionally does something)."""
+
+    def __init__(self, on_made=None, on_data=None):
+        self.lost = []
+        self.data = bytearray()
+        self.resumed = []
+        self.eofs = 0
+        self._on_made = on_made
+        self._on_data = on_data
+
+    def connection_made(self, transport):
+        self.transport = transport
+        if self._on_made:
+            self._on_made(transport)
+
+    def data_received(self, data):
+        self.data += data
+        if self._on_data:
+            self._on_data(self.transport, data)
+
+    def eof_received(self):
+        self.eofs += 1
+        return False
+
+    def resume_writing(self):
+        self.resumed.append(self.transport.buffered)
+
+    def connection_lost(self, reason):
+        self.lost.append(reason)
+
+
+class RecordingEcho(handlers.Echo):
+    def __init__(self):
+        self.lost = []
+        self.resumed = []
+
+    def resume_writing(self):
+        self.resumed.append(self.transport.buffered)
+
+    def connection_lost(self, reason):
+        self.lost.append(reason)
+
+
+@pytest.fixture
+def log(monkeypatch):
+    rec = LogRecorder()
+    monkeypatch.setattr(transport_mod, "log", rec)
+    return rec
+
+
+@pytest.fixture
+def loop():
+    lp = Loop()
+    yield lp
+    lp.reactor.close()
+
+
+@pytest.fixture
+def conn(loop, log):
+    """conn(protocol, service=None) -> (transport, peer) over a socketpair."""
+    made = []
+
+    def make(protocol, service=None, start=True, sockets=None):
+        service = service or make_service()
+        a, b = sockets or socket.socketpair()
+        a.setblocking(False)
+        t = StreamTransport(loop.reactor, a, protocol, service, peer="unix", host=None)
+        service.connections.add(t)
+        peer = Peer(loop.reactor, b)
+        made.append((t, peer))
+        if start:
+            t.start(len(made))
+        return t, peer
+
+    yield make
+    for t, peer in made:
+        t.close("test-teardown")
+        peer.close()
+
+
+# --- echo, round trips, order -------------------------------------------------
+
+def test_echo_round_trip(loop, conn, log):
+    t, peer = conn(handlers.Echo())
+    peer.start_reading()
+    peer.send(b"hello, world\n")
+    loop.run_until(lambda: len(peer.received) >= 13)
+    assert bytes(peer.received) == b"hello, world\n"
+    assert t.bytes_in == 13 and t.bytes_out == 13
+    assert not t.closed
+
+
+def test_echo_many_small_messages_in_order(loop, conn):
+    t, peer = conn(handlers.Echo())
+    peer.start_reading()
+    expected = b"".join(b"message %d\n" % i for i in range(2000))
+    peer.send(expected)
+    loop.run_until(lambda: len(peer.received) >= len(expected))
+    assert bytes(peer.received) == expected
+
+
+def test_partial_sends_keep_byte_order(loop, conn):
+    t, peer = conn(Recorder())
+    data = counting_pattern(4 * MiB)
+    # Uneven pieces, all written while the peer is not reading yet: the
+    # first send is partial and everything after it queues behind.
+    sizes = [1, 3, 7, 65536 + 5, 100000, 1, 300000, 2]
+    pos = 0
+    for size in sizes:
+        t.write(data[pos:pos + size])
+        pos += size
+    t.writelines([data[pos:pos + 11], b"", memoryview(data)[pos + 11:pos + 500000]])
+    pos += 500000
+    t.write(bytearray(data[pos:pos + 1 * MiB]))
+    pos += 1 * MiB
+    t.write(data[pos:])
+    assert t.buffered > 0  # the kernel did not take 4 MiB at once
+    peer.start_reading()
+    loop.run_until(lambda: len(peer.received) >= len(data))
+    assert len(peer.received) == len(data)
+    assert bytes(peer.received) == data
+    assert t.bytes_out == len(data)
+    assert t.buffered == 0
+
+
+def test_writelines_chunks_arrive_in_order(loop, conn):
+    t, peer = conn(Recorder())
+    peer.start_reading()
+    t.writelines([b"one,", b"", b"two,", memoryview(b"three,"), bytearray(b"four,")])
+    t.write(b"five")
+    loop.run_until(lambda: len(peer.received) >= 23)
+    assert bytes(peer.received) == b"one,two,three,four,five"
+    assert t.bytes_out == 23
+
+
+def test_writelines_behind_a_queue_stays_in_order(loop, conn):
+    t, peer = conn(Recorder())
+    big = counting_pattern(2 * MiB)
+    t.write(big)  # the peer is not reading: most of it queues
+    assert t.buffered > 0
+    tail = [b"<a>", b"<bb>", b"", b"<ccc>"] * 100
+    t.writelines(tail)
+    t.writelines(iter([b"<end>"]))  # any iterable
+    expected = big + b"".join(tail) + b"<end>"
+    peer.start_reading()
+    loop.run_until(lambda: len(peer.received) >= len(expected))
+    assert bytes(peer.received) == expected
+
+
+def test_writelines_of_many_chunks_with_nothing_queued(loop, conn):
+    t, peer = conn(Recorder())
+    chunks = [b"%05d|" % i for i in range(500)]  # more than one sendmsg's worth
+    t.writelines(chunks)
+    peer.start_reading()
+    expected = b"".join(chunks)
+    loop.run_until(lambda: len(peer.received) >= len(expected))
+    assert bytes(peer.received) == expected
+
+
+# --- flow control -------------------------------------------------------------
+
+def test_flow_control_pauses_above_high_and_resumes_below_low(loop, conn):
+    high, low = 64 * KiB, 16 * KiB
+    proto = RecordingEcho()
+    t, peer = conn(proto, make_service(high=high, low=low))
+    most = [0]
+    loop.reactor.add_before_sleep(lambda: most.__setitem__(0, max(most[0], t.buffered)))
+    payload = counting_pattern(1 * MiB)
+    peer.send(payload)  # the peer sends but does not read
+    loop.run_until(lambda: t.write_paused, what="write_paused")
+    assert t.buffered > high
+    # While paused the transport reads nothing more: the peer's sends stall.
+    loop.run_for(0.1)
+    taken = t.bytes_in
+    loop.run_for(0.1)
+    assert t.bytes_in == taken
+    assert t.write_paused
+    assert peer.pending > 0, "the peer could send everything: nothing pushed back"
+    assert t.bytes_in < len(payload)
+    assert most[0] <= high + RECV_SIZE
+    assert proto.resumed == []
+    # The peer reads: the queue drains, reading resumes, the rest flows.
+    peer.start_reading()
+    loop.run_until(lambda: len(peer.received) >= len(payload), what="all echoed")
+    assert bytes(peer.received) == payload
+    assert proto.resumed, "resume_writing was never called"
+    assert all(size <= low for size in proto.resumed)
+    assert not t.write_paused
+    assert most[0] <= high + RECV_SIZE
+    assert t.bytes_in == t.bytes_out == len(payload)
+
+
+def test_writelines_over_high_pauses_reading(loop, conn):
+    proto = Recorder()
+    t, peer = conn(proto, make_service(high=32 * KiB, low=8 * KiB))
+    t.writelines([b"x" * (400 * KiB), b"y" * (400 * KiB)])
+    assert t.write_paused
+    peer.send(b"not read while paused")
+    loop.run_for(0.05)
+    assert bytes(proto.data) == b""
+    peer.start_reading()
+    loop.run_until(lambda: len(peer.received) >= 800 * KiB and len(proto.data) >= 21)
+    assert bytes(peer.received) == b"x" * (400 * KiB) + b"y" * (400 * KiB)
+    assert bytes(proto.data) == b"not read while paused"
+    assert proto.resumed and not t.write_paused
+
+
+# --- half-close, reset, errors, closing ---------------------------------------
+
+def test_peer_eof_flushes_pending_output_then_closes_with_eof(loop, conn, log):
+    proto = RecordingEcho()
+    service = make_service(high=16 * MiB, low=4 * MiB)  # never pause: queue it all
+    t, peer = conn(proto, service)
+    payload = counting_pattern(1 * MiB)
+    peer.send(payload, shutdown=True)  # send everything, then half-close; do not read
+    loop.run_until(lambda: t.eof, what="transport saw EOF")
+    assert not t.closed
+    assert t.buffered > 0  # output still pending at EOF time
+    assert proto.lost == []
+    peer.start_reading()
+    loop.run_until(lambda: peer.eof, what="peer saw EOF")
+    assert bytes(peer.received) == payload
+    assert t.closed and t.close_reason == "eof"
+    assert proto.lost == ["eof"]
+    assert t not in service.connections
+    assert service.admission.disconnects == [None]
+    assert service.bytes_in == service.bytes_out == len(payload)
+    closes = log.named("conn.close")
+    assert len(closes) == 1
+    level, fields = closes[0]
+    assert level == "info"
+    assert fields["reason"] == "eof"
+    assert fields["bytes_in"] == fields["bytes_out"] == len(payload)
+    assert fields["service"] == "echo" and fields["peer"] == "unix" and fields["conn"] == t.conn_id
+
+
+def test_eof_received_returning_true_keeps_the_connection(loop, conn):
+    class KeepOpen(Recorder):
+        def eof_received(self):
+            self.transport.write(b"bye")
+            return True
+
+    proto = KeepOpen()
+    t, peer = conn(proto)
+    peer.start_reading()
+    peer.shutdown()
+    loop.run_until(lambda: t.eof and len(peer.received) >= 3)
+    loop.run_for(0.02)
+    assert not t.closed and t.eof
+    assert bytes(peer.received) == b"bye"
+    t.close()
+    loop.run_until(lambda: peer.eof)
+    assert proto.lost == ["done"]
+
+
+def test_peer_reset_closes_with_reset_exactly_once(loop, log):
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname(), timeout=LIMIT)
+    accepted, addr = server.accept()
+    server.close()
+    accepted.setblocking(False)
+    service = make_service(high=64 * MiB, low=1 * MiB)
+    proto = Recorder(on_made=lambda tr: tr.write(counting_pattern(4 * MiB)))
+    t = StreamTransport(loop.reactor, accepted, proto, service, peer="%s:%d" % addr, host=addr[0])
+    service.connections.add(t)
+    t.start(7)
+    assert t.buffered > 0  # data pending towards the client
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # RST
+    loop.run_until(lambda: t.closed, what="transport closed after RST")
+    assert t.close_reason == "reset"
+    loop.run_for(0.02)
+    t.close("again")
+    assert proto.lost == ["reset"]
+    assert service.admission.disconnects == [addr[0]]
+    assert service.errors == 0
+    assert [f["reason"] for _, f in log.named("conn.close")] == ["reset"]
+    assert log.named("error") == []
+
+
+def test_handler_exception_closes_only_that_connection(loop, conn, log):
+    def boom(tr, data):
+        raise RuntimeError("handler bug")
+
+    service = make_service(name="svc")
+    bad = Recorder(on_data=boom)
+    t_bad, p_bad = conn(bad, service)
+    good = RecordingEcho()
+    t_good, p_good = conn(good, service)
+    p_bad.start_reading()
+    p_bad.send(b"trigger")
+    loop.run_until(lambda: p_bad.eof, what="bad connection closed")
+    assert t_bad.closed and t_bad.close_reason == "error"
+    assert bad.lost == ["error"]
+    assert service.errors == 1
+    errors = log.named("error")
+    assert len(errors) == 1
+    level, fields = errors[0]
+    assert level == "error"
+    assert fields["where"] == "svc.data_received"
+    assert isinstance(fields["exc_info"], RuntimeError) and str(fields["exc_info"]) == "handler bug"
+    assert fields["conn"] == t_bad.conn_id
+    # The loop keeps serving the other connection.
+    p_good.start_reading()
+    p_good.send(b"still here")
+    loop.run_until(lambda: len(p_good.received) >= 10)
+    assert bytes(p_good.received) == b"still here"
+    assert not t_good.closed
+    assert t_bad not in service.connections and t_good in service.connections
+
+
+def test_connection_made_raising_closes_with_error(loop, conn, log):
+    def boom(tr):
+        raise ValueError("made")
+
+    proto = Recorder(on_made=boom)
+    service = make_service(name="x")
+    t, peer = conn(proto, service)
+    assert t.closed and t.close_reason == "error"
+    assert proto.lost == ["error"]
+    assert service.errors == 1
+    assert log.named("error")[0][1]["where"] == "x.connection_made"
+
+
+def test_connection_lost_raising_is_logged_and_close_completes(loop, conn, log):
+    class BadLost(Recorder):
+        def connection_lost(self, reason):
+            raise KeyError("lost")
+
+    service = make_service(name="y")
+    t, peer = conn(BadLost(), service)
+    peer.start_reading()
+    t.write(b"abc")
+    t.close()
+    assert t.closed
+    assert service.errors == 1
+    assert log.named("error")[0][1]["where"] == "y.connection_lost"
+    assert len(log.named("conn.close")) == 1
+    loop.run_until(lambda: peer.eof)
+    assert bytes(peer.received) == b"abc"
+
+
+def test_close_twice_is_harmless(loop, conn, log):
+    proto = Recorder()
+    service = make_service()
+    t, peer = conn(proto, service)
+    peer.start_reading()
+    peer.send(b"12345")
+    loop.run_until(lambda: len(proto.data) == 5)
+    t.close()
+    t.close("second")
+    t.close_when_flushed()
+    t.write(b"ignored after close")
+    t.writelines([b"also ignored"])
+    assert proto.lost == ["done"]
+    assert t.close_reason == "done"
+    assert service.admission.disconnects == [None]
+    assert service.bytes_in == 5
+    assert len(log.named("conn.close")) == 1
+    loop.run_until(lambda: peer.eof)
+    assert bytes(peer.received) == b""
+
+
+def test_close_when_flushed_sends_everything_first(loop, conn):
+    proto = Recorder()
+    t, peer = conn(proto)
+    data = counting_pattern(2 * MiB)
+    t.write(data)
+    t.close_when_flushed("custom")
+    assert not t.closed
+    t.write(b"too late")  # refused once closing
+    peer.start_reading()
+    loop.run_until(lambda: peer.eof)
+    assert bytes(peer.received) == data
+    assert proto.lost == ["custom"]
+
+
+# --- the stream handlers ------------------------------------------------------
+
+DAYTIME_RE = re.compile(
+    rb"\A(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), "
+    rb"(January|February|March|April|May|June|July|August|September|October|November|December) "
+    rb"(0[1-9]|[12][0-9]|3[01]), [0-9]{4} ([01][0-9]|2[0-3]):[0-5][0-9]:[0-6][0-9]-[A-Za-z0-9+\-]+\r\n\Z"
+)
+
+
+def test_daytime_sends_one_line_then_closes(loop, conn):
+    t, peer = conn(handlers.Daytime())
+    peer.start_reading()
+    loop.run_until(lambda: peer.eof)
+    assert DAYTIME_RE.match(bytes(peer.received)), bytes(peer.received)
+    year = datetime.now().year
+    assert str(year).encode() in peer.received or str(year - 1).encode() in peer.received
+    assert t.closed and t.close_reason == "done"
+
+
+def test_time_sends_four_bytes_then_closes(loop, conn):
+    before = datetime.now(timezone.utc)
+    t, peer = conn(handlers.Time())
+    peer.start_reading()
+    loop.run_until(lambda: peer.eof)
+    after = datetime.now(timezone.utc)
+    assert len(peer.received) == 4
+    got = struct.unpack(">I", peer.received)[0]
+    epoch = datetime(1900, 1, 1, tzinfo=timezone.utc)
+    low = int((before - epoch).total_seconds()) % 2**32
+    high = int((after - epoch).total_seconds()) % 2**32
+    assert (got - low) % 2**32 <= (high - low) % 2**32
+    assert t.close_reason == "done"
+
+
+def test_discard_reads_and_drops(loop, conn):
+    service = make_service(name="discard")
+    t, peer = conn(handlers.Discard(), service)
+    peer.start_reading()
+    peer.send(b"z" * (3 * MiB), shutdown=True)
+    loop.run_until(lambda: peer.eof)
+    assert peer.received == b""
+    assert t.close_reason == "eof"
+    assert service.bytes_in == 3 * MiB and service.bytes_out == 0
+
+
+def test_chargen_produces_the_pattern_bounded_by_write_high(loop, conn):
+    high, low = 128 * KiB, 32 * KiB
+    service = make_service(name="chargen", high=high, low=low)
+    t, peer = conn(handlers.Chargen(), service)
+    block = len(chargen_cycle()) * (65536 // len(chargen_cycle()))
+    loop.run_until(lambda: t.write_paused, what="chargen paused")
+    loop.run_for(0.05)
+    queued = t.buffered
+    iterations = loop.iterations
+    loop.run_for(0.1)
+    # The peer does not read: nothing more is produced and the loop idles.
+    assert t.buffered == queued
+    assert queued <= high + block
+    assert loop.iterations - iterations < 20
+    # The peer reads: the RFC 864 pattern flows, whole cycles end to end.
+    peer.start_reading()
+    want = 3 * MiB
+    loop.run_until(lambda: len(peer.received) >= want, what="3 MiB of chargen")
+    cycle = chargen_cycle()
+    got = bytes(peer.received[:want])
+    assert got == (cycle * (want // len(cycle) + 1))[:want]
+    assert t.buffered <= high + block
+
+
+def test_chargen_closes_when_peer_goes(loop, conn):
+    proto = handlers.Chargen()
+    t, peer = conn(proto, make_service(name="chargen", high=64 * KiB, low=16 * KiB))
+    peer.start_reading()
+    loop.run_until(lambda: len(peer.received) > 256 * KiB)
+    peer.close()
+    loop.run_until(lambda: t.closed, what="chargen closed")
+    assert t.close_reason in ("reset", "eof")
+
+
+def test_chargen_does_not_spin_while_closing(loop, conn):
+    # Regression: Chargen used to re-arm call_later(0) forever while closing.
+    # write_high far above what one refill writes: chargen never pauses.
+    t, peer = conn(handlers.Chargen(), make_service(name="chargen", high=64 * MiB, low=16 * MiB))
+    peer.shutdown()  # the client half-closes and never reads
+    loop.run_until(lambda: t.eof, what="EOF seen")
+    assert not t.closed and t.buffered > 0  # closing, waiting to flush
+    start = loop.iterations
+    loop.run_for(0.2)
+    assert loop.iterations - start < 50, f"{loop.iterations - start} loop iterations while idle"
+
+
+class FakeTransport:
+    """Enough of a transport for the sans-IO side of Timefmt."""
+
+    def __init__(self):
+        self.written = []
+        self.closed_with = None
+        self.requests = 0
+
+    def write(self, data):
+        self.written.append(bytes(data))
+
+    def close(self, reason="done"):
+        self.closed_with = reason
+
+
+def test_timefmt_lines_fed_one_byte_at_a_time():
+    h = handlers.Timefmt()
+    ft = FakeTransport()
+    h.connection_made(ft)
+    stream = b"hello\n%%\r\n\xff\nno newline yet"
+    for i in range(len(stream)):
+        h.data_received(stream[i:i + 1])
+    assert b"".join(ft.written) == b"hello\r\n%\r\n\r\n"
+    assert ft.requests == 3
+    assert ft.closed_with is None
+    h.data_received(b"\n")
+    assert b"".join(ft.written).endswith(b"no newline yet\r\n")
+
+
+def test_timefmt_all_at_once_and_trailing_partial_line():
+    h = handlers.Timefmt()
+    ft = FakeTransport()
+    h.connection_made(ft)
+    h.data_received(b"a\nb\r\nc\n" + b"%Y" * 200 + b"\npartial")
+    assert ft.written == [b"a\r\nb\r\nc\r\n\r\n"]  # one write per batch; too long -> empty
+    assert ft.requests == 4
+
+
+def test_timefmt_line_length_limit_is_1024_inclusive():
+    h = handlers.Timefmt()
+    ft = FakeTransport()
+    h.connection_made(ft)
+    h.data_received(b"x" * 1024)
+    assert ft.closed_with is None
+    h.data_received(b"x")
+    assert ft.closed_with == "line_too_long"
+
+
+def test_timefmt_over_a_socket(loop, conn):
+    service = make_service(name="timefmt")
+    t, peer = conn(handlers.Timefmt(), service)
+    peer.start_reading()
+    before = datetime.now().year
+    peer.send(b"hello\n%Y\r\n")
+    loop.run_until(lambda: peer.received.count(b"\r\n") >= 2)
+    after = datetime.now().year
+    assert bytes(peer.received) in {b"hello\r\n%d\r\n" % y for y in (before, after)}
+    peer.send(b"x" * 2000)  # an overlong line closes the connection
+    loop.run_until(lambda: peer.eof)
+    assert t.close_reason == "line_too_long"
+    assert service.requests == 2

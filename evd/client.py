@@ -1,0 +1,95 @@
+"""A small blocking client for the framed protocol (used by `evd call`,
+`evd status` and the tests).
+
+It is deliberately simple: one socket with a timeout, the same sans-IO
+`Decoder` the server uses, and one method per step of the protocol.
+"""
+
+from __future__ import annotations
+
+import hmac
+import socket
+
+from evd.framing import Decoder, Frame, encode
+
+DEFAULT_TIMEOUT = 10.0
+# Responses can be as large as a command's output cap plus a header; the
+# client accepts what a default server may send.
+CLIENT_MAX_HEADER = 1 << 20
+CLIENT_MAX_BODY = 1 << 30
+
+
+class ServerError(Exception):
+    """The server answered `ok: false`."""
+
+    def __init__(self, frame: Frame):
+        error = frame.header.get("error") or {}
+        self.frame = frame
+        self.code = error.get("code", "unknown")
+        self.message = error.get("message", "")
+        super().__init__(f"{self.code}: {self.message}")
+
+
+def parse_address(address: str) -> tuple[int, object]:
+    """"HOST:PORT", "[V6]:PORT" or "unix:PATH" -> (family, sockaddr)."""
+    if address.startswith("unix:"):
+        return socket.AF_UNIX, address[5:]
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"bad address {address!r}: expected HOST:PORT or unix:PATH")
+    if host.startswith("[") and host.endswith("]"):
+        return socket.AF_INET6, (host[1:-1], int(port))
+    if host in ("", "*"):
+        host = "127.0.0.1"
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
+
+
+class Client:
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, key: bytes | None = None):
+        family, sockaddr = parse_address(address)
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.decoder = Decoder(CLIENT_MAX_HEADER, CLIENT_MAX_BODY)
+        try:
+            self.sock.connect(sockaddr)
+            self.hello = self.recv().header
+            if key is not None and self.hello.get("auth") == "hmac-sha256":
+                self.authenticate(key)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, header: dict, body: bytes = b"") -> None:
+        self.sock.sendall(encode(header, body))
+
+    def recv(self) -> Frame:
+        """The next frame; ConnectionError if the server closed first."""
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not None:
+                return frame
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            self.decoder.feed(data)
+
+    def call(self, svc: str, body: bytes = b"", **fields) -> Frame:
+        """One request and its response; ServerError if not ok."""
+        self.send({"svc": svc, **fields}, body)
+        frame = self.recv()
+        if not frame.header.get("ok"):
+            raise ServerError(frame)
+        return frame
+
+    def authenticate(self, key: bytes) -> None:
+        nonce = bytes.fromhex(self.hello["nonce"])
+        self.call("auth", mac=hmac.new(key, nonce, "sha256").hexdigest())

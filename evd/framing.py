@@ -1,0 +1,247 @@
+"""The frame codec: bytes in, frames out, and frames back to bytes.
+
+Why a length prefix
+-------------------
+TCP delivers a stream, not messages: one `recv` may hold half a request or
+three and a half.  A delimiter would forbid its byte in a body or force an
+escaping scheme; a length prefix does neither.  A frame is `H` (uint32,
+big-endian), H bytes of UTF-8 JSON object header, then `header["len"]`
+(default 0) bytes of body -- so the body is arbitrary binary, never
+re-encoded, and the reader always knows how many bytes it still awaits.
+
+Why the limits are checked before buffering
+-------------------------------------------
+Every length in a frame comes from the peer.  If the decoder waited for the
+whole header before looking at H, a four-byte prefix claiming 4 GiB would make
+us buffer whatever the peer cares to send.  So H is checked the moment its
+four bytes arrive, and `len` the moment the header is parsed, before a single
+body byte is awaited.  With the transport calling `next_frame` after every
+`feed`, a connection never holds more than one recv chunk plus one legal
+frame (4 + max_header + max_body bytes).
+
+A violation is the remote's fault: `FrameError` (code "bad_frame") names the
+exact problem so the server can send it back in its one error frame before
+closing that connection.  The decoder is then dead -- a stream that has lost
+frame sync cannot be resynchronised -- and repeats the same error.
+
+Why sans-IO
+-----------
+Like h11, this module never touches a socket, a clock or a log.  `Decoder`
+takes bytes (`feed`) and hands out frames (`next_frame`, None meaning "need
+more data"); `encode` turns a header and body into bytes.  Every edge case --
+a prefix split across reads, a frame fed one byte at a time, garbage -- is
+therefore a plain unit test, and the same codec serves the server, the test
+client and any tool.
+
+Invariants:
+- `_buf[_pos:]` is exactly the unconsumed input; `_pending` is the parsed
+  header whose body is still awaited (None between frames).
+- consumed bytes are dropped when they are more than half the buffer, so
+  decoding is O(total bytes) however many frames arrive in one chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# The length prefix: a uint32, big-endian (network order), 4 bytes.
+_PREFIX = struct.Struct(">I")
+PREFIX_LEN = _PREFIX.size
+# The smallest JSON object is "{}": anything shorter cannot be a header.
+MIN_HEADER = 2
+# Headers carry a few small fields (svc, id, a command's args).  64 KiB is
+# generous for those yet bounds what one peer can make us buffer and parse.
+MAX_HEADER = 65536
+# Bodies are echo payloads and command stdin.  1 MiB covers interactive use;
+# larger transfers belong to a protocol with streaming, not to one frame.
+MAX_BODY = 1048576
+# Consumed input is compacted away only once it is at least this large (and
+# more than half the buffer): small frames then cost no memmove at all.
+_COMPACT_MIN = 65536
+# How much of a bad `len` value to quote back in the error message.
+_QUOTE_MAX = 40
+
+_JSON_TYPE = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a frame (remote's fault); str = why."""
+
+    code = "bad_frame"
+
+
+@dataclass(slots=True)
+class Frame:
+    header: dict
+    body: bytes
+
+
+class Decoder:
+    """Turns a byte stream into `Frame`s; see the module docstring."""
+
+    def __init__(self, max_header: int = MAX_HEADER, max_body: int = MAX_BODY):
+        if not MIN_HEADER <= max_header <= 0xFFFFFFFF:
+            raise ValueError(f"max_header must be in [{MIN_HEADER}, 2**32-1], got {max_header}")
+        if max_body < 0:
+            raise ValueError(f"max_body must be >= 0, got {max_body}")
+        self.max_header = max_header
+        self.max_body = max_body
+        self._buf = bytearray()
+        self._pos = 0                       # read offset into _buf
+        self._pending: dict | None = None   # parsed header awaiting its body
+        self._header_len = 0                # its H, for `buffered`
+        self._body_len = 0                  # its body's length
+        self._error: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as (part of) a frame."""
+        n = len(self._buf) - self._pos
+        if self._pending is not None:       # its prefix and header are consumed
+            n += PREFIX_LEN + self._header_len
+        return n
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes; cheap, no parsing happens here."""
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        """Return one whole frame, or None if more data is needed.
+
+        Raises FrameError if the input is not a frame; the decoder is then dead.
+        """
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        try:
+            if self._pending is None and not self._read_header():
+                return None
+            return self._read_body()
+        except FrameError as e:
+            self._error = e
+            self._buf = bytearray()         # nothing here will ever be used
+            self._pos = 0
+            self._pending = None
+            raise
+
+    def frames(self) -> Iterator[Frame]:
+        """Yield every whole frame currently buffered."""
+        while (frame := self.next_frame()) is not None:
+            yield frame
+
+    def _read_header(self) -> bool:
+        """Consume prefix and header if both are here; False = need more."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < PREFIX_LEN:
+            return False
+        (h,) = _PREFIX.unpack_from(buf, pos)
+        if h < MIN_HEADER:                  # checked before the header arrives
+            raise FrameError(f"header length {h} is below the minimum of {MIN_HEADER}")
+        if h > self.max_header:
+            raise FrameError(f"header length {h} exceeds max_header {self.max_header}")
+        start = pos + PREFIX_LEN
+        if len(buf) - start < h:
+            return False
+        header = _parse_header(buf[start:start + h])
+        n = header.get("len", 0)
+        if type(n) is not int or n < 0:     # bool is an int subclass: refused
+            quoted = json.dumps(n, ensure_ascii=False)
+            if len(quoted) > _QUOTE_MAX:
+                quoted = quoted[:_QUOTE_MAX] + "..."
+            raise FrameError(f"len must be a non-negative integer, got {quoted}")
+        if n > self.max_body:               # checked before the body arrives
+            raise FrameError(f"len {n} exceeds max_body {self.max_body}")
+        self._pos = start + h
+        self._pending, self._header_len, self._body_len = header, h, n
+        return True
+
+    def _read_body(self) -> Frame | None:
+        buf, pos, n = self._buf, self._pos, self._body_len
+        if len(buf) - pos < n:
+            return None
+        frame = Frame(self._pending, bytes(buf[pos:pos + n]))
+        self._pending = None
+        pos += n
+        if pos == len(buf):                 # all consumed: reuse the buffer
+            buf.clear()
+            pos = 0
+        elif pos >= _COMPACT_MIN and pos * 2 > len(buf):
+            del buf[:pos]                   # moves < pos bytes: amortised O(1)
+            pos = 0
+        self._pos = pos
+        return frame
+
+
+def _parse_header(raw: bytes | bytearray) -> dict:
+    try:
+        text = raw.decode("utf-8")          # json.loads(bytes) would guess UTF-16/32
+    except UnicodeDecodeError:
+        raise FrameError("header is not valid UTF-8") from None
+    try:
+        header = _loads(text)
+    except json.JSONDecodeError as e:
+        raise FrameError(f"header is not JSON: {e.msg} at char {e.pos}") from None
+    except RecursionError:                  # "[[[[..." deeper than the C stack allows
+        raise FrameError("header is not JSON: nested too deeply") from None
+    except ValueError as e:                 # NaN/Infinity, or an int over 4300 digits
+        raise FrameError(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FrameError(f"header is a JSON {_JSON_TYPE[type(header)]}, not an object")
+    return header
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+# Built once: json.loads/json.dumps with any keyword argument build a new
+# decoder/encoder on every call, and even a kept JSONEncoder builds its C
+# encoder on every encode(): together half the cost of a small frame.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_scan = _DECODER.scan_once
+if json.encoder.c_make_encoder is not None:
+    _c_encode = json.encoder.c_make_encoder(
+        None, _ENCODER.default, json.encoder.encode_basestring, None,
+        ":", ",", False, False, False)
+
+    def _dumps(obj: dict) -> str:
+        return "".join(_c_encode(obj, 0))
+else:  # pragma: no cover -- CPython always has the C accelerator
+    _dumps = _ENCODER.encode
+
+
+def _loads(text: str):
+    """json.loads for a header: the C scanner directly when the text is one
+    object and nothing else, the full decoder (and its errors) otherwise."""
+    if text[:1] == "{":
+        try:
+            obj, end = _scan(text, 0)
+        except (StopIteration, ValueError):
+            pass
+        else:
+            if end == len(text):
+                return obj
+    return _DECODER.decode(text)
+
+
+def encode_parts(header: dict, body: bytes = b"") -> tuple[bytes, bytes]:
+    """Return (prefix + header, body), the body uncopied; `len` is set in a copy.
+
+    ValueError/TypeError (not JSON, NaN, too long) is a local bug, not the peer's.
+    """
+    raw = _dumps({**header, "len": len(body)}).encode("utf-8")
+    if len(raw) > 0xFFFFFFFF:
+        raise ValueError(f"header of {len(raw)} bytes does not fit the uint32 prefix")
+    return _PREFIX.pack(len(raw)) + raw, body
+
+
+def encode(header: dict, body: bytes = b"") -> bytes:
+    """Return one whole frame as bytes; see `encode_parts`."""
+    head, body = encode_parts(header, body)
+    return head + body

@@ -1,0 +1,329 @@
+"""End to end: the framed port, its services, authentication and `evd call`."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BASE_CONFIG, ROOT, WAIT, connect, recv_all, recv_exactly
+from evd.client import Client, ServerError
+from evd.framing import Decoder, encode
+
+
+def framed(evd) -> str:
+    host, port = evd.addr("framed")
+    return f"{host}:{port}"
+
+
+def call(evd, *args, input=None):
+    return subprocess.run([sys.executable, "-m", "evd", "call", "--address", framed(evd), *args],
+                          capture_output=True, timeout=WAIT, cwd=ROOT, input=input)
+
+
+def read_frames(sock, count: int):
+    decoder = Decoder(1 << 20, 1 << 24)
+    frames = []
+    while len(frames) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        decoder.feed(data)
+        frames.extend(decoder.frames())
+    return frames
+
+
+# -- hello and the services ------------------------------------------------------
+
+def test_hello_is_sent_first(evd):
+    with Client(framed(evd)) as client:
+        hello = client.hello
+    assert hello["evd"] == 1 and hello["server"].startswith("evd/")
+    assert hello["services"] == ["echo", "time", "command", "stats"]
+    assert hello["auth"] == "none" and "nonce" not in hello
+
+
+def test_echo_time_stats_through_the_client(evd):
+    with Client(framed(evd)) as client:
+        echo = client.call("echo", b"\x00binary\xff", id=7)
+        assert echo.header == {"id": 7, "ok": True, "len": 8} and echo.body == b"\x00binary\xff"
+        before = time.time()
+        t = client.call("time", id="t", fmt="%Y", tz="utc")
+        assert t.header["id"] == "t" and abs(t.header["epoch"] - before) < 5
+        assert t.header["rfc868"] == (int(t.header["epoch"]) + 2208988800) & 0xFFFFFFFF
+        assert t.body == time.strftime("%Y", time.gmtime()).encode()
+        default = client.call("time")
+        assert re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", default.body)
+        assert default.header["id"] is None
+        stats = json.loads(client.call("stats").body)
+    assert stats["pid"] == evd.proc.pid and stats["version"]
+    assert stats["services"]["framed"]["connections_current"] == 1
+    assert stats["services"]["framed"]["requests"] >= 3
+    assert stats["commands"] == {"running": 0, "total": 0}
+    for key in ("connections_current", "connections_total", "rejected", "bytes_in",
+                "bytes_out", "requests", "errors"):
+        assert key in stats["services"]["echo"]
+
+
+def test_stats_count_raw_services(evd):
+    with connect(evd.addr("echo")) as sock:
+        sock.sendall(b"12345")
+        recv_exactly(sock, 5)
+        with Client(framed(evd)) as client:
+            live = json.loads(client.call("stats").body)["services"]["echo"]
+    assert live["connections_current"] == 1 and live["bytes_in"] == 5 and live["bytes_out"] == 5
+
+
+def test_time_rejects_bad_fmt_and_tz(evd):
+    with Client(framed(evd)) as client:
+        for fields in ({"fmt": "x" * 257}, {"tz": "mars"}, {"fmt": 5}):
+            with pytest.raises(ServerError) as err:
+                client.call("time", **fields)
+            assert err.value.code == "bad_request"
+
+
+def test_command_runs_with_args_and_stdin(evd):
+    with Client(framed(evd)) as client:
+        greet = client.call("command", name="greet", args=["world"], id=1)
+        assert greet.header["exit"] == 0 and greet.header["signal"] is None
+        assert greet.body == b"hello world\n" and greet.header["stdout_len"] == 12
+        assert greet.header["timed_out"] is False and greet.header["truncated"] is False
+    end = evd.wait_for("command.end", name="greet")
+    assert end["exit"] == 0 and end["argv"] == ["echo", "hello", "world"]
+    assert evd.wait_for("command.start", name="greet")["command_pid"] == end["command_pid"]
+
+
+@pytest.mark.parametrize("args", [[";rm -rf /"], ["$(id)"], ["a b"], ["`id`"], ["x" * 65]])
+def test_command_refuses_shell_metacharacters(evd, args):
+    with Client(framed(evd)) as client:
+        with pytest.raises(ServerError) as err:
+            client.call("command", name="greet", args=args)
+    assert err.value.code == "bad_args"
+
+
+def test_error_codes(evd):
+    with Client(framed(evd)) as client:
+        cases = [
+            ({"svc": "nosuch"}, "unknown_service"),
+            ({"id": 1}, "bad_request"),
+            ({"svc": "echo", "id": [1]}, "bad_request"),
+            ({"svc": "command", "name": "rm"}, "unknown_command"),
+            ({"svc": "command", "name": "greet", "args": "x"}, "bad_args"),
+            ({"svc": "auth", "mac": "00"}, "bad_request"),  # no key configured
+        ]
+        for header, code in cases:
+            client.send(header)
+            reply = client.recv()
+            assert reply.header["ok"] is False and reply.header["error"]["code"] == code, header
+        # the connection survives request errors
+        assert client.call("echo", b"alive").body == b"alive"
+
+
+def test_pipelined_thousand_requests_in_one_write(evd):
+    with connect(evd.addr("framed")) as sock:
+        read_frames(sock, 1)  # hello
+        batch = b"".join(encode({"svc": "echo", "id": i}, b"%d" % i) for i in range(1000))
+        batch += encode({"svc": "time", "id": "t"}) + encode({"svc": "stats", "id": "s"})
+        sock.sendall(batch)
+        frames = read_frames(sock, 1002)
+    assert [f.header["id"] for f in frames] == list(range(1000)) + ["t", "s"]
+    assert all(f.body == b"%d" % i for i, f in enumerate(frames[:1000]))
+
+
+BAD_FRAMES = {
+    "H=0": struct.pack("!I", 0),
+    "H=1": struct.pack("!I", 1) + b"{",
+    "H>max_header": struct.pack("!I", 70000),
+    "not JSON": struct.pack("!I", 5) + b"hello",
+    "JSON array": struct.pack("!I", 2) + b"[]",
+    "negative len": struct.pack("!I", 10) + b'{"len":-1}',
+    "oversized len": struct.pack("!I", 16) + b'{"len":99999999}',
+    "invalid UTF-8": struct.pack("!I", 4) + b'"\xff"' + b"}",
+}
+
+
+@pytest.mark.parametrize("name", BAD_FRAMES)
+def test_bad_frames_get_one_error_and_close_only_that_connection(evd, name):
+    with connect(evd.addr("framed")) as bystander, connect(evd.addr("framed")) as sock:
+        read_frames(bystander, 1)
+        read_frames(sock, 1)
+        sock.sendall(BAD_FRAMES[name])
+        decoder = Decoder()
+        decoder.feed(recv_all(sock))  # the server closes after one frame
+        frames = list(decoder.frames())
+        assert len(frames) == 1, name
+        error = frames[0].header
+        assert error["ok"] is False and error["error"]["code"] == "bad_frame" and error["id"] is None
+        bystander.sendall(encode({"svc": "echo", "id": 1}, b"ok"))
+        assert read_frames(bystander, 1)[0].body == b"ok"
+    assert evd.wait_for("conn.close", service="framed", reason="bad_frame")
+
+
+def test_slow_command_does_not_delay_others(evd):
+    with Client(framed(evd)) as slow, Client(framed(evd)) as other:
+        slow.send({"svc": "command", "name": "sleep", "args": ["3"], "id": "slow"})
+        evd.wait_for("command.start", name="sleep")
+        started = time.monotonic()
+        assert other.call("echo", b"quick").body == b"quick"
+        with connect(evd.addr("echo")) as raw:
+            raw.sendall(b"raw")
+            assert recv_exactly(raw, 3) == b"raw"
+        assert time.monotonic() - started < 0.5
+        # and on the slow connection, echo answers before the command does
+        slow.send({"svc": "echo", "id": "e"}, b"e")
+        assert slow.recv().header["id"] == "e"
+        assert slow.recv().header["id"] == "slow"
+
+
+COMMAND_LIMITS = BASE_CONFIG + """
+[services.command]
+timeout = 0.5
+max_output = 1000
+max_concurrent = 1
+
+[commands.yes]
+argv = ["yes"]
+"""
+
+
+def test_command_timeout_output_cap_and_busy(start_evd):
+    evd = start_evd(COMMAND_LIMITS)
+    address = f"{evd.addr('framed')[0]}:{evd.addr('framed')[1]}"
+    with Client(address) as client, Client(address) as second:
+        client.send({"svc": "command", "name": "sleep", "args": ["5"], "id": 1})
+        evd.wait_for("command.start", name="sleep")
+        with pytest.raises(ServerError) as err:
+            second.call("command", name="greet")
+        assert err.value.code == "busy"
+        slept = client.recv().header
+        assert slept["timed_out"] is True and slept["exit"] is None and slept["signal"] == 15
+        yes = client.call("command", name="yes", id=2)
+        assert yes.header["truncated"] is True and len(yes.body) == 1000
+        assert yes.body == b"y\n" * 500
+
+
+AUTH_CONFIG = BASE_CONFIG.replace("[services.framed]\n", '[services.framed]\nkey_file = "{tmp}/key"\n')
+
+
+def test_hmac_authentication(tmp_path, start_evd):
+    key = b"sekrit key"
+    (tmp_path / "key").write_bytes(key + b"\n")
+    os.chmod(tmp_path / "key", 0o600)
+    evd = start_evd(AUTH_CONFIG)
+    address = framed(evd)
+    with Client(address) as anon:
+        assert anon.hello["auth"] == "hmac-sha256" and len(anon.hello["nonce"]) == 64
+        assert anon.call("echo", b"free").body == b"free"
+        with pytest.raises(ServerError) as err:
+            anon.call("command", name="greet")
+        assert err.value.code == "unauthorized"
+    with Client(address, key=key) as authed:
+        assert authed.call("command", name="greet").body == b"hello\n"
+    with connect(evd.addr("framed")) as sock:
+        hello = read_frames(sock, 1)[0].header
+        assert hello["nonce"]
+        for _ in range(3):
+            sock.sendall(encode({"svc": "auth", "mac": hmac.new(b"wrong", b"x", "sha256").hexdigest()}))
+        decoder = Decoder()
+        decoder.feed(recv_all(sock))
+        codes = [f.header["error"]["code"] for f in decoder.frames()]
+    assert codes == ["unauthorized"] * 3
+    assert evd.wait_for("auth.fail")["peer"].startswith("127.0.0.1:")
+    assert evd.wait_for("conn.close", service="framed", reason="auth")
+    # evd call with --key-file
+    out = call(evd, "--key-file", str(tmp_path / "key"), "command", "greet", "there")
+    assert out.returncode == 0 and out.stdout == b"hello there\n"
+
+
+def test_world_readable_key_file_is_refused(tmp_path):
+    (tmp_path / "key").write_bytes(b"k")
+    os.chmod(tmp_path / "key", 0o644)
+    config = tmp_path / "evd.toml"
+    config.write_text(AUTH_CONFIG.format(tmp=tmp_path))
+    out = subprocess.run([sys.executable, "-m", "evd", "run", "-c", str(config)],
+                         capture_output=True, timeout=WAIT, cwd=ROOT)
+    assert out.returncode == 78
+    assert "services.framed.key_file" in out.stderr.decode()
+
+
+# -- evd call --------------------------------------------------------------------
+
+def test_evd_call_commands_and_exit_codes(evd):
+    out = call(evd, "echo", "hello", "there")
+    assert out.returncode == 0 and out.stdout == b"hello there"
+    out = call(evd, "--json", "time", "--fmt", "%Y")
+    header, _, body = out.stdout.partition(b"\n")
+    assert out.returncode == 0 and json.loads(header)["ok"] is True
+    assert body == time.strftime("%Y", time.gmtime()).encode()
+    out = call(evd, "command", "greet", ";rm -rf /")
+    assert out.returncode == 2 and b"bad_args" in out.stderr
+    out = call(evd, "stats")
+    assert out.returncode == 0 and json.loads(out.stdout)["pid"] == evd.proc.pid
+    unix = subprocess.run([sys.executable, "-m", "evd", "call", "--address",
+                           f"unix:{evd.tmp}/framed.sock", "echo", "via unix"],
+                          capture_output=True, timeout=WAIT, cwd=ROOT)
+    assert unix.returncode == 0 and unix.stdout == b"via unix"
+
+
+def test_evd_call_connection_failure_exits_1(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connection refused
+        out = subprocess.run([sys.executable, "-m", "evd", "call", "--address", f"127.0.0.1:{port}",
+                              "echo", "x"], capture_output=True, timeout=WAIT, cwd=ROOT)
+    assert out.returncode == 1 and b"cannot talk to" in out.stderr
+
+
+# -- backpressure ------------------------------------------------------------------
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def test_pipelining_without_reading_is_throttled_then_answered(evd):
+    body = b"p" * 1024
+    frames = [encode({"svc": "echo", "id": i}, body) for i in range(10_000)]
+    with connect(evd.addr("framed")) as sock:
+        read_frames(sock, 1)
+        baseline = rss_kib(evd.proc.pid)
+        sock.setblocking(False)
+        pending = memoryview(b"".join(frames))
+        stalled_at = None
+        deadline = time.monotonic() + WAIT
+        while pending and time.monotonic() < deadline:
+            try:
+                pending = pending[sock.send(pending):]
+            except BlockingIOError:
+                stalled_at = len(pending)
+                break
+        assert stalled_at, "the daemon kept reading though nobody read its replies"
+        grown = rss_kib(evd.proc.pid) - baseline
+        assert grown < 32 * 1024, f"RSS grew {grown} KiB"
+        sock.setblocking(True)
+        sock.settimeout(WAIT)
+        decoder = Decoder(1 << 16, 1 << 20)
+        got = 0
+        while got < 10_000:
+            if pending:
+                try:
+                    sock.setblocking(False)
+                    pending = pending[sock.send(pending):]
+                except BlockingIOError:
+                    pass
+                finally:
+                    sock.setblocking(True)
+                    sock.settimeout(WAIT)
+            decoder.feed(sock.recv(1 << 20))
+            for frame in decoder.frames():
+                assert frame.header["id"] == got and frame.body == body
+                got += 1
+    assert got == 10_000

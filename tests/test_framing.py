@@ -1,0 +1,274 @@
+"""Unit tests of the sans-IO frame codec: no sockets anywhere."""
+
+import json
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evd.framing import MAX_BODY, MAX_HEADER, Decoder, Frame, FrameError, encode, encode_parts
+
+FEW = settings(max_examples=200, deadline=None)
+
+
+def raw_frame(header_bytes: bytes, body: bytes = b"") -> bytes:
+    """A frame built by hand, bypassing `encode`, so it can be wrong."""
+    return struct.pack(">I", len(header_bytes)) + header_bytes + body
+
+
+def decode(chunks, **limits) -> tuple[list[Frame], Decoder]:
+    d = Decoder(**limits)
+    out = []
+    for chunk in chunks:
+        d.feed(chunk)
+        out.extend(d.frames())
+    return out, d
+
+
+def bad_frame(stream: bytes, **limits) -> FrameError:
+    d = Decoder(**limits)
+    d.feed(stream)
+    with pytest.raises(FrameError) as info:
+        d.next_frame()
+    assert info.value.code == "bad_frame"
+    return info.value
+
+
+FRAMES = [({"svc": "echo", "id": 1}, b"hello"), ({}, b""), ({"svc": "time", "fmt": "%H"}, b""),
+          ({"id": "x"}, bytes(range(256)))]
+STREAM = b"".join(encode(h, b) for h, b in FRAMES)
+EXPECTED = [Frame({**h, "len": len(b)}, b) for h, b in FRAMES]
+
+
+# --- the three ways of feeding (h11) -------------------------------------------
+
+def test_all_at_once():
+    frames, d = decode([STREAM])
+    assert frames == EXPECTED
+    assert d.buffered == 0
+
+
+def test_one_byte_at_a_time():
+    frames, d = decode([STREAM[i:i + 1] for i in range(len(STREAM))])
+    assert frames == EXPECTED
+    assert d.buffered == 0
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 5, 12, len(encode({"a": 1}, b"xyz")) - 1])
+def test_trailing_partial_frame_stays_buffered(cut):
+    partial = encode({"a": 1}, b"xyz")[:cut]
+    frames, d = decode([STREAM + partial])
+    assert frames == EXPECTED
+    assert d.buffered == cut
+    assert d.next_frame() is None
+    d.feed(encode({"a": 1}, b"xyz")[cut:])
+    assert d.next_frame() == Frame({"a": 1, "len": 3}, b"xyz")
+    assert d.buffered == 0
+
+
+def test_need_more_data_returns_none():
+    d = Decoder()
+    assert d.next_frame() is None
+    d.feed(b"\x00\x00")
+    assert d.next_frame() is None
+    assert d.buffered == 2
+
+
+def test_len_defaults_to_zero_and_header_is_kept_as_sent():
+    frames, _ = decode([raw_frame(b'{"svc":"stats"}') + raw_frame(b"{}")])
+    assert frames == [Frame({"svc": "stats"}, b""), Frame({}, b"")]
+
+
+def test_body_is_arbitrary_binary_including_fake_prefixes():
+    # A body that looks like a prefix + header of another frame must stay body.
+    body = raw_frame(b'{"len":3}', b"abc") + b"\x00\x00\x00\x00\xff\xff\xff\xff" + bytes(range(256))
+    frames, _ = decode([encode({"svc": "echo"}, body) + encode({"n": 2})])
+    assert frames == [Frame({"svc": "echo", "len": len(body)}, body), Frame({"n": 2, "len": 0}, b"")]
+
+
+# --- every bad_frame case -------------------------------------------------------
+
+@pytest.mark.parametrize("h", [0, 1])
+def test_header_length_below_minimum(h):
+    err = bad_frame(struct.pack(">I", h) + b"{}")
+    assert str(err) == f"header length {h} is below the minimum of 2"
+
+
+def test_header_length_over_limit_raises_on_the_prefix_alone():
+    d = Decoder()
+    d.feed(struct.pack(">I", 0xFFFFFFFF))  # claims 4 GiB; only 4 bytes fed
+    with pytest.raises(FrameError, match="^header length 4294967295 exceeds max_header 65536$"):
+        d.next_frame()
+    err = bad_frame(struct.pack(">I", 70000))
+    assert str(err) == "header length 70000 exceeds max_header 65536"
+
+
+def test_header_length_limit_is_configurable_and_inclusive():
+    header = b'{"a":"' + b"x" * 10 + b'"}'
+    assert decode([raw_frame(header)], max_header=len(header))[0] == [Frame({"a": "x" * 10}, b"")]
+    err = bad_frame(raw_frame(header), max_header=len(header) - 1)
+    assert str(err) == f"header length {len(header)} exceeds max_header {len(header) - 1}"
+
+
+@pytest.mark.parametrize("header, reason", [
+    (b"\xff\xfe", "header is not valid UTF-8"),
+    (b'{"a":"\xc3"}', "header is not valid UTF-8"),
+    (b"\x00{", "header is not JSON: Expecting value at char 0"),
+    (b"hello", "header is not JSON: Expecting value at char 0"),
+    (b'{"a":1', "header is not JSON: Expecting ',' delimiter at char 6"),
+    (b"{} {}", "header is not JSON: Extra data at char 3"),
+    (b'{"a":NaN}', "header is not JSON: NaN is not allowed"),
+    (b"[" * 5000, "header is not JSON: nested too deeply"),
+    (b'{"a":' + b"9" * 5000 + b"}", None),  # int over CPython's 4300-digit limit
+    (b"[1,2]", "header is a JSON array, not an object"),
+    (b'"{}"', "header is a JSON string, not an object"),
+    (b"42", "header is a JSON number, not an object"),
+    (b"true", "header is a JSON boolean, not an object"),
+    (b"null", "header is a JSON null, not an object"),
+])
+def test_header_not_a_json_object(header, reason):
+    err = bad_frame(raw_frame(header))
+    if reason is None:
+        assert str(err).startswith("header is not JSON: ")
+    else:
+        assert str(err) == reason
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("-1", "-1"), ("1.5", "1.5"), ("3.0", "3.0"), ("true", "true"), ("false", "false"),
+    ('"5"', '"5"'), ("null", "null"), ("[1]", "[1]"),
+])
+def test_len_must_be_a_non_negative_integer(value, shown):
+    err = bad_frame(raw_frame(b'{"len":' + value.encode() + b"}"))
+    assert str(err) == f"len must be a non-negative integer, got {shown}"
+
+
+def test_bad_len_quote_is_truncated():
+    err = bad_frame(raw_frame(json.dumps({"len": "x" * 1000}).encode()))
+    assert len(str(err)) < 100 and str(err).endswith("...")
+
+
+def test_len_over_max_body_raises_before_the_body_arrives():
+    err = bad_frame(raw_frame(b'{"len":2000000}'))  # no body bytes fed at all
+    assert str(err) == "len 2000000 exceeds max_body 1048576"
+    assert decode([encode({}, b"abc")], max_body=3)[0] == [Frame({"len": 3}, b"abc")]
+    assert str(bad_frame(encode({}, b"abcd"), max_body=3)) == "len 4 exceeds max_body 3"
+
+
+def test_decoder_stays_dead_after_an_error():
+    d = Decoder()
+    d.feed(encode({"ok": 1}) + raw_frame(b"[]") + encode({"ok": 2}))
+    assert d.next_frame() == Frame({"ok": 1, "len": 0}, b"")
+    with pytest.raises(FrameError) as first:
+        d.next_frame()
+    assert d.buffered == 0  # the rest of the stream is dropped
+    for call in (d.next_frame, lambda: list(d.frames()), lambda: d.feed(encode({"ok": 3}))):
+        with pytest.raises(FrameError) as again:
+            call()
+        assert again.value is first.value
+    assert str(first.value) == "header is a JSON array, not an object"
+
+
+def test_invalid_limits_are_rejected():
+    with pytest.raises(ValueError):
+        Decoder(max_header=1)
+    with pytest.raises(ValueError):
+        Decoder(max_body=-1)
+
+
+# --- encoding -------------------------------------------------------------------
+
+def test_encode_is_compact_utf8_and_does_not_mutate_the_header():
+    header = {"svc": "echo", "note": "héllo ✓", "len": 99}
+    data = encode(header, b"body")
+    raw = '{"svc":"echo","note":"héllo ✓","len":4}'.encode()
+    assert data == struct.pack(">I", len(raw)) + raw + b"body"
+    assert header["len"] == 99
+
+
+def test_encode_parts_passes_the_body_through():
+    body = bytearray(b"big body")
+    head, out = encode_parts({"id": 7}, body)
+    assert out is body
+    assert head + out == encode({"id": 7}, bytes(body))
+
+
+def test_encode_refuses_what_a_peer_would_reject():
+    with pytest.raises(ValueError):
+        encode({"x": float("nan")})
+    with pytest.raises(TypeError):
+        encode({"x": object()})
+
+
+def test_defaults():
+    d = Decoder()
+    assert (d.max_header, d.max_body) == (MAX_HEADER, MAX_BODY) == (65536, 1048576)
+
+
+def test_ten_thousand_frames_in_one_chunk():
+    # Correctness of a large pipelined batch; it also guards against quadratic
+    # consumption (re-slicing the buffer per frame would make this take minutes).
+    stream = b"".join(encode({"id": i}, str(i).encode()) for i in range(10_000))
+    frames, d = decode([stream])
+    assert [f.header["id"] for f in frames] == list(range(10_000))
+    assert all(f.body == str(i).encode() for i, f in enumerate(frames))
+    assert d.buffered == 0
+
+
+def test_consumed_input_is_released():
+    # A steady stream that never ends on a frame boundary (every feed holds the
+    # tail of one frame and the head of the next) must not grow the buffer
+    # without bound: consumed bytes are compacted away.  Peeks at `_buf`.
+    frame = encode({"svc": "echo"}, b"x" * 1000)
+    half = len(frame) // 2
+    d = Decoder()
+    d.feed(frame[:half])
+    for _ in range(2000):  # ~2 MB through the decoder
+        d.feed(frame[half:] + frame[:half])
+        assert [f.body for f in d.frames()] == [b"x" * 1000]
+    assert d.buffered == half
+    assert len(d._buf) < 4 * 65536
+
+
+# --- properties -----------------------------------------------------------------
+
+scalars = st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False, allow_infinity=False)
+headers = st.dictionaries(st.text(max_size=8).filter(lambda k: k != "len"), scalars, max_size=6)
+frame_lists = st.lists(st.tuples(headers, st.binary(max_size=300)), max_size=8)
+
+
+def split(data: st.DataObject, stream: bytes) -> list[bytes]:
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    edges = [0, *cuts, len(stream)]
+    return [stream[a:b] for a, b in zip(edges, edges[1:])]
+
+
+@FEW
+@given(frame_lists, st.data())
+def test_any_split_decodes_to_the_same_frames(frames, data):
+    stream = b"".join(encode(h, b) for h, b in frames)
+    decoded, d = decode(split(data, stream))
+    assert decoded == [Frame({**h, "len": len(b)}, b) for h, b in frames]
+    assert d.buffered == 0
+
+
+@FEW
+@given(st.binary(max_size=2000), st.data())
+def test_garbage_raises_only_frame_error(garbage, data):
+    # Small limits so random prefixes sometimes pass the length checks.
+    d = Decoder(max_header=64, max_body=64)
+    try:
+        for chunk in split(data, garbage):
+            d.feed(chunk)
+            for frame in d.frames():
+                assert isinstance(frame.header, dict) and isinstance(frame.body, bytes)
+    except FrameError as e:
+        assert e.code == "bad_frame" and str(e)
+
+
+@FEW
+@given(st.dictionaries(st.text(), st.text() | st.lists(st.text(), max_size=3), max_size=5), st.binary())
+def test_round_trip_with_unicode(header, body):
+    frames, d = decode([encode(header, body)])
+    assert frames == [Frame({**header, "len": len(body)}, body)]

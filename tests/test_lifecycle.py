@@ -1,0 +1,351 @@
+"""Lifecycle against the real process: evd start/stop/status/reload, the
+pidfile, the SIGTERM drain, SIGHUP reloads, SIGUSR1 and the privilege drop."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import (BASE_CONFIG, ROOT, WAIT, LogFile, connect, logged_config, process_gone,
+                      recv_all, recv_exactly)
+from evd.client import Client
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def echo_once(address: str | tuple, payload: bytes = b"ping") -> bytes:
+    if isinstance(address, str) and address.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(WAIT)
+        sock.connect(address)
+    else:
+        sock = connect(host_port(address) if isinstance(address, str) else address)
+    with sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait(WAIT)
+    return proc.pid
+
+
+def run_evd(*args, timeout=WAIT):
+    return subprocess.run([sys.executable, "-m", "evd", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+# -- evd start / status / reload / stop --------------------------------------------
+
+def test_start_detaches_then_status_reload_stop(control):
+    control.write(logged_config(BASE_CONFIG))
+    out = control("start")
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"evd started, pid \d+\n", out.stdout)
+    pid = control.pids[-1]
+    assert control.pidfile.read_text() == f"{pid}\n"
+    control.log.wait_for("daemon.ready", pid=pid)
+    # Detached: another session, cwd /, umask 022, stdin on /dev/null.
+    assert os.getsid(pid) != os.getsid(0)
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert "Umask:\t0022" in Path(f"/proc/{pid}/status").read_text()
+    assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+    assert echo_once(control.log.addresses()[("echo", "tcp")]) == b"ping"
+
+    status = control("status")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == f"running, pid {pid}"
+    assert any(line.startswith("uptime ") for line in lines), status.stdout  # figures via framed.sock
+
+    assert control("reload").returncode == 0
+    assert control.log.wait_for("config.reload", pid=pid)["ok"] is True
+
+    stop = control("stop")
+    assert stop.returncode == 0 and f"stopped, pid {pid}" in stop.stdout, stop.stderr
+    assert process_gone(pid, 0)
+    assert not control.pidfile.exists()
+    assert not (control.tmp / "framed.sock").exists()
+    assert control.log.wait_for("daemon.stop", pid=pid)["signal"] == "SIGTERM"
+
+    assert (control("status").returncode, control("status").stdout) == (3, "not running\n")
+    assert control("stop").returncode == 0
+    assert control("reload").returncode == 1
+
+
+def test_second_start_says_already_running(control):
+    control.write(logged_config(BASE_CONFIG))
+    pid = control.start()
+    again = control("start")
+    assert again.returncode == 1
+    assert f"already running, pid {pid}" in again.stderr
+    assert control.pidfile.read_text() == f"{pid}\n"
+    assert not process_gone(pid, 0)
+
+
+@pytest.mark.parametrize("holder", ["dead", "unrelated_live"])
+def test_stale_pidfile_never_blocks_start(control, holder):
+    """A pidfile nobody has locked is stale, whatever its pid -- even the pid
+    of a live process (ours), which stop and reload must not signal."""
+    control.write(logged_config(BASE_CONFIG))
+    stale = dead_pid() if holder == "dead" else os.getpid()
+    control.pidfile.write_text(f"{stale}\n")
+    status = control("status")
+    assert status.returncode == 1 and "stale" in status.stdout, status
+    assert control("stop").returncode == 0      # "not running": nothing signalled
+    assert control("reload").returncode == 1
+    pid = control.start()
+    assert pid != stale
+    assert control.pidfile.read_text() == f"{pid}\n"
+    assert control("status").returncode == 0
+
+
+def test_start_config_error_exits_78_and_leaves_nothing(control):
+    control.write(BASE_CONFIG + "\n[limits]\nbogus = 1\n")
+    out = control("start")
+    assert out.returncode == 78
+    assert "limits" in out.stderr
+    assert not control.pidfile.exists()
+
+
+def test_start_port_in_use_fails_on_the_terminal(control):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        control.write(logged_config(BASE_CONFIG).replace(
+            '[services.daytime]\ntcp = ["127.0.0.1:0"]', f'[services.daytime]\ntcp = ["127.0.0.1:{port}"]'))
+        out = control("start")
+    assert out.returncode == 1
+    assert f"127.0.0.1:{port}" in out.stderr and "in use" in out.stderr
+    assert not control.pidfile.exists()
+
+
+def test_start_creates_the_pidfile_directory(control):
+    control.write(logged_config(BASE_CONFIG).replace('pidfile = "{tmp}/evd.pid"', 'pidfile = "{tmp}/run/evd/evd.pid"'))
+    control.pidfile = control.tmp / "run" / "evd" / "evd.pid"
+    pid = control.start()
+    assert control.pidfile.read_text() == f"{pid}\n"
+    assert control("stop").returncode == 0
+    assert not control.pidfile.exists()
+
+
+def test_unusable_pidfile_fails_start_but_run_warns_and_serves(control, start_evd, tmp_path):
+    (tmp_path / "not-a-dir").write_text("")
+    config = BASE_CONFIG.replace('pidfile = "{tmp}/evd.pid"', 'pidfile = "{tmp}/not-a-dir/evd.pid"')
+    control.write(logged_config(config))
+    out = control("start")
+    assert out.returncode == 1 and "not-a-dir" in out.stderr, out.stderr
+    evd = start_evd(config)
+    assert "not-a-dir" in evd.wait_for("pidfile.skip")["error"]
+    assert echo_once(evd.addr("echo")) == b"ping"
+    assert evd.stop() == 0
+
+
+def test_run_holds_the_pidfile_so_status_and_stop_work(start_evd, tmp_path):
+    evd = start_evd()
+    config = str(evd.config_path)
+    status = run_evd("status", "-c", config)
+    assert status.returncode == 0 and status.stdout.startswith(f"running, pid {evd.proc.pid}\n")
+    second = run_evd("run", "-c", config)
+    assert second.returncode == 1 and f"already running, pid {evd.proc.pid}" in second.stderr
+    stop = run_evd("stop", "-c", config)
+    assert stop.returncode == 0, stop.stderr
+    assert evd.proc.wait(WAIT) == 0
+    assert not (tmp_path / "evd.pid").exists()
+
+
+def test_stop_exits_1_when_the_daemon_outlasts_the_timeout(control):
+    control.write(logged_config(BASE_CONFIG))
+    pid = control.start()
+    with Client(f"unix:{control.tmp}/framed.sock", timeout=WAIT) as client:
+        client.send({"svc": "command", "name": "sleep", "args": ["1"]})
+        control.log.wait_for("command.start", name="sleep")
+        out = control("stop", "--timeout", "0.1")  # the drain waits for the command
+        assert out.returncode == 1 and f"pid {pid} did not stop within 0.1 s" in out.stderr
+        assert client.recv().header["exit"] == 0
+    assert process_gone(pid)
+    assert control("stop").returncode == 0
+
+
+# -- SIGTERM: the drain ---------------------------------------------------------------
+
+def test_sigterm_lets_an_inflight_command_finish(start_evd, tmp_path):
+    evd = start_evd()
+    with Client(f"unix:{tmp_path}/framed.sock", timeout=WAIT) as client:
+        client.send({"svc": "command", "name": "sleep", "args": ["1"], "id": 7})
+        evd.wait_for("command.start", name="sleep")
+        evd.send(signal.SIGTERM)
+        # Listeners close at once: new connections are refused ...
+        evd.wait_for("listener.close", service="echo", proto="tcp")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(evd.addr("echo"), timeout=WAIT)
+        # ... while the request under way gets its answer.
+        reply = client.recv()
+    assert reply.header["id"] == 7 and reply.header["ok"] is True and reply.header["exit"] == 0
+    assert evd.proc.wait(WAIT) == 0
+    names = [e["event"] for e in evd.drain_events()]
+    assert names.index("command.end") < names.index("daemon.stop")
+    assert not (tmp_path / "evd.pid").exists()
+
+
+def test_drain_ends_at_shutdown_timeout_killing_the_rest(start_evd, tmp_path):
+    evd = start_evd(BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 0.3"))
+    with Client(f"unix:{tmp_path}/framed.sock", timeout=WAIT) as client:
+        client.send({"svc": "command", "name": "sleep", "args": ["30"], "id": 1})
+        evd.wait_for("command.start", name="sleep")
+        evd.send(signal.SIGTERM)
+        assert evd.proc.wait(WAIT) == 0
+    assert evd.wait_for("command.end", name="sleep")["signal"] == signal.SIGKILL
+    assert evd.wait_for("daemon.stop")["signal"] == "SIGTERM"
+
+
+# -- SIGHUP: reloads ---------------------------------------------------------------
+
+ECHO_BEFORE = '[services.echo]\ntcp = ["127.0.0.1:0"]\nudp = ["127.0.0.1:0"]\nunix = ["{tmp}/echo.sock"]\n'
+ECHO_AFTER = ('[services.echo]\ntcp = []\nudp = ["127.0.0.1:0"]\n'
+              'unix = ["{tmp}/echo.sock", "{tmp}/echo2.sock"]\nmax_connections = 100\n')
+
+
+def test_reload_adds_removes_and_survives_a_broken_config(start_evd, tmp_path):
+    evd = start_evd()
+    steady = connect(evd.addr("echo"))  # on a listener the reload removes
+    steady.sendall(b"before")
+    assert recv_exactly(steady, 6) == b"before"
+
+    after = BASE_CONFIG.replace(ECHO_BEFORE, ECHO_AFTER).replace(
+        "[services.discard]\nenabled = true", "[services.discard]\nenabled = false")
+    evd.config_path.write_text(after.format(tmp=tmp_path))
+    evd.send(signal.SIGHUP)
+    reload = evd.wait_for("config.reload")
+    assert reload["ok"] is True
+    assert reload["added"] == [f"echo unix {tmp_path}/echo2.sock"]
+    assert sorted(reload["removed"]) == ["discard tcp 127.0.0.1:0", "discard udp 127.0.0.1:0",
+                                         "echo tcp 127.0.0.1:0"]
+    assert {"echo", "discard"} <= set(reload["changed"])
+    closed = [(e["service"], e["proto"]) for e in evd.drain_events() if e["event"] == "listener.close"]
+    assert sorted(closed) == [("discard", "tcp"), ("discard", "udp"), ("echo", "tcp")]
+
+    steady.sendall(b"still here")  # its listener is gone, the connection is not
+    assert recv_exactly(steady, 10) == b"still here"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(evd.addr("echo"), timeout=WAIT)
+    assert echo_once(str(tmp_path / "echo2.sock")) == b"ping"
+    with Client("%s:%d" % evd.addr("framed"), timeout=WAIT) as client:  # kept: the same port
+        assert client.call("echo", b"framed").body == b"framed"
+
+    evd.config_path.write_text(after.format(tmp=tmp_path) + "\n[limits]\nbogus = 1\n")
+    evd.send(signal.SIGHUP)
+    failed = evd.wait_for("config.reload", ok=False)
+    assert failed["level"] == "error" and "limits" in failed["error"]
+    steady.sendall(b"and now")
+    assert recv_exactly(steady, 7) == b"and now"
+    assert echo_once(str(tmp_path / "echo2.sock")) == b"ping"
+    steady.close()
+    assert evd.stop() == 0
+
+
+def test_reload_applies_log_level_and_commands(start_evd, tmp_path):
+    evd = start_evd()
+    changed = BASE_CONFIG.replace('level = "info"', 'level = "debug"').replace(
+        '[commands.greet]\nargv = ["echo", "hello"]', '[commands.greet]\nargv = ["echo", "bonjour"]')
+    evd.config_path.write_text(changed.format(tmp=tmp_path))
+    evd.send(signal.SIGHUP)
+    assert {"log", "commands"} <= set(evd.wait_for("config.reload", ok=True)["changed"])
+    with Client(f"unix:{tmp_path}/framed.sock", timeout=WAIT) as client:
+        assert client.call("command", name="greet").body == b"bonjour\n"
+    evd.wait_for("request", svc="command")  # debug now
+    assert evd.stop() == 0
+
+
+def test_reload_that_removes_a_listener_keeps_the_hmac_key(start_evd, tmp_path):
+    """Regression: a loop over removed listeners once overwrote the key."""
+    key = b"sekrit key"
+    (tmp_path / "key").write_bytes(key)
+    os.chmod(tmp_path / "key", 0o600)
+    authed = BASE_CONFIG.replace("[services.framed]\n", '[services.framed]\nkey_file = "{tmp}/key"\n')
+    evd = start_evd(authed)
+    evd.config_path.write_text(authed.replace(ECHO_BEFORE, ECHO_AFTER).format(tmp=tmp_path))
+    evd.send(signal.SIGHUP)
+    assert evd.wait_for("config.reload")["removed"] == ["echo tcp 127.0.0.1:0"]
+    with Client(f"unix:{tmp_path}/framed.sock", timeout=WAIT, key=key) as client:
+        assert client.call("command", name="greet").body == b"hello\n"
+    assert evd.stop() == 0
+
+
+# -- SIGUSR1: logrotate ---------------------------------------------------------------
+
+def test_sigusr1_reopens_the_log_file_after_a_rename(control):
+    control.write(logged_config(BASE_CONFIG))
+    pid = control.start()
+    control.log.wait_for("daemon.ready")
+    echo = control.log.addresses()[("echo", "tcp")]
+    rotated = control.tmp / "evd.log.1"
+    os.rename(control.log.path, rotated)
+    os.kill(pid, signal.SIGUSR1)
+    fresh = LogFile(control.tmp / "evd.log")
+    fresh.wait_for("log.reopen", pid=pid)
+    assert echo_once(echo) == b"ping"
+    fresh.wait_for("conn.close", service="echo")
+    assert not LogFile(rotated).find("conn.open")
+
+
+# -- the privilege drop ------------------------------------------------------------
+
+@pytest.fixture
+def nobody_dir():
+    """A directory `nobody` owns, reachable by it (pytest's tmp_path is not)."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping privileges needs root")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    path = Path(tempfile.mkdtemp(prefix="evd-priv-"))
+    path.chmod(0o755)
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    yield path, nobody
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def test_privilege_drop_to_nobody_keeps_log_and_pidfile_writable(control, nobody_dir):
+    path, nobody = nobody_dir
+    control.tmp, control.config_path = path, path / "evd.toml"
+    control.pidfile, control.log = path / "run" / "evd.pid", LogFile(path / "evd.log")
+    control.write(logged_config(BASE_CONFIG).replace('pidfile = "{tmp}/evd.pid"',
+                                                     'pidfile = "{tmp}/run/evd.pid"\nuser = "nobody"'))
+    control.config_path.chmod(0o644)
+    pid = control.start()
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert re.search(rf"^Uid:\s+{nobody.pw_uid}\s+{nobody.pw_uid}\s+{nobody.pw_uid}\s", status, re.M), status
+    assert re.search(rf"^Gid:\s+{nobody.pw_gid}\s", status, re.M)
+    groups = re.search(r"^Groups:(.*)$", status, re.M).group(1).split()
+    assert {int(g) for g in groups} == set(os.getgrouplist("nobody", nobody.pw_gid))
+    for owned in (control.pidfile, control.pidfile.parent, control.log.path):
+        assert owned.stat().st_uid == nobody.pw_uid, owned
+    control.log.wait_for("daemon.ready")
+    assert echo_once(control.log.addresses()[("echo", "tcp")]) == b"ping"
+    with Client(f"unix:{path}/framed.sock", timeout=WAIT) as client:  # commands still run
+        assert client.call("command", name="greet", args=["x"]).body == b"hello x\n"
+    os.rename(control.log.path, path / "evd.log.1")  # logrotate, then a file nobody creates
+    os.kill(pid, signal.SIGUSR1)
+    LogFile(path / "evd.log").wait_for("log.reopen")
+    assert (path / "evd.log").stat().st_uid == nobody.pw_uid
+    assert control("reload").returncode == 0
+    assert control("stop").returncode == 0
+    assert not control.pidfile.exists()  # removed by nobody, from its own directory

@@ -1,0 +1,142 @@
+"""Who may talk to a service: access lists, connection limits, rates.
+
+This is xinetd's only_from / no_access / instances / per_source / cps, done
+in-process.  It is pure bookkeeping (no sockets), asked once per new TCP
+connection and once per UDP datagram, and told when a connection ends.
+
+Rates are token buckets per client IP.  The bucket table is bounded: a sweep
+drops buckets that have refilled completely (an idle client), and if the table
+still reaches MAX_BUCKETS the oldest half goes -- an attacker cycling through
+source addresses costs at most MAX_BUCKETS small entries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from evd.config import Limits, ServiceConfig
+
+# About 100 bytes each: 64k buckets is a few MiB at worst, and far more
+# distinct clients per `burst / rate` seconds than a small daemon serves.
+MAX_BUCKETS = 65536
+
+# Reasons, as they appear in `conn.reject` and `udp.drop`.
+ACCESS = "access"
+MAX_CONNECTIONS = "max_connections"
+PER_SOURCE = "per_source"
+RATE = "rate"
+
+
+def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's address, IPv4-mapped IPv6 folded to IPv4; None if not IP."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def fold_mapped(net):
+    """An IPv4-mapped IPv6 network (::ffff:10.0.0.0/104) as the IPv4 network
+    it means: peers are folded to IPv4 the same way, so both must be."""
+    if net.version == 6 and net.subnet_of(_MAPPED):
+        return ipaddress.ip_network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
+
+
+class Admission:
+    def __init__(self, service: ServiceConfig):
+        self.current = 0
+        self._per_source: dict[str, int] = {}
+        self._buckets: dict[str, list[float]] = {}  # ip -> [tokens, last]
+        self.apply(service)
+
+    def apply(self, service: ServiceConfig) -> None:
+        """Take new rules (a reload); counts of open connections carry over."""
+        self._only_from = tuple(fold_mapped(n) for n in service.only_from)
+        self._no_access = tuple(fold_mapped(n) for n in service.no_access)
+        limits: Limits = service.limits
+        self._max = limits.max_connections
+        self._per_source_max = limits.per_source
+        self._rate = limits.rate
+        self._burst = float(limits.burst)
+        # With no access lists, the address never needs parsing.
+        self.filters = bool(self._only_from or self._no_access)
+
+    def _allowed(self, host: str) -> bool:
+        ip = parse_ip(host)
+        if ip is None:
+            return True
+        if self._only_from and not any(ip in net for net in self._only_from if net.version == ip.version):
+            return False
+        return not any(ip in net for net in self._no_access if net.version == ip.version)
+
+    def _take_token(self, key: str, now: float) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self.expire(now, force=True)
+            self._buckets[key] = [self._burst - 1.0, now]
+            return True
+        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def expire(self, now: float, force: bool = False) -> None:
+        """Drop buckets that have refilled (their client has been quiet)."""
+        if not self._rate:
+            self._buckets.clear()
+            return
+        full = self._burst / self._rate
+        stale = [k for k, (_, last) in self._buckets.items() if now - last >= full]
+        for key in stale:
+            del self._buckets[key]
+        if force and len(self._buckets) >= MAX_BUCKETS:
+            for key in list(self._buckets)[: len(self._buckets) // 2]:
+                del self._buckets[key]
+
+    @property
+    def buckets(self) -> int:
+        return len(self._buckets)
+
+    def connect(self, host: str | None, now: float) -> str | None:
+        """A new connection from `host` (None for UNIX peers): None to admit
+        (and count it), or the reason to refuse."""
+        if host is not None and self.filters and not self._allowed(host):
+            return ACCESS
+        if self.current >= self._max:
+            return MAX_CONNECTIONS
+        if host is not None:
+            if self._per_source.get(host, 0) >= self._per_source_max:
+                return PER_SOURCE
+            if self._rate and not self._take_token(host, now):
+                return RATE
+            self._per_source[host] = self._per_source.get(host, 0) + 1
+        self.current += 1
+        return None
+
+    def disconnect(self, host: str | None) -> None:
+        self.current -= 1
+        if host is not None:
+            left = self._per_source[host] - 1
+            if left:
+                self._per_source[host] = left
+            else:
+                del self._per_source[host]
+
+    def datagram(self, host: str, now: float) -> str | None:
+        """A datagram from `host`: None to answer, or the reason to drop it."""
+        if self.filters and not self._allowed(host):
+            return ACCESS
+        if self._rate and not self._take_token(host, now):
+            return RATE
+        return None

@@ -9,8 +9,11 @@ request body, cwd `/` and an environment of PATH and LANG only.  The reactor
 watches everything about it: its stdin pipe (written as the child reads),
 stdout and stderr (read as they come, capped at `max_output` together), and
 its exit (a pidfd, readable when the child is gone).  A timeout or the output
-cap sends SIGTERM to the group and SIGKILL a second later.  Nothing here ever
-waits: a command that sleeps for a minute costs the loop nothing.
+cap sends SIGTERM to the group and SIGKILL a second later.  The client gets
+its answer once the command exits and its pipes close; whatever it left
+running in its group gets the same SIGTERM-then-SIGKILL, so no command leaks
+processes.  Nothing here ever waits: a command that sleeps for a minute costs
+the loop nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class Runner:
     def __init__(self, reactor, service_config, commands):
         self.reactor = reactor
         self.running: set[Run] = set()
+        # Finished runs whose group still had members: SIGTERMed, SIGKILL due.
+        self.lingering: set[Run] = set()
         self.total = 0
         self.apply(service_config, commands)
 
@@ -93,6 +98,8 @@ class Runner:
         for run in list(self.running):
             run.kill(signal.SIGKILL)
             run.finish()
+        for run in list(self.lingering):
+            run.kill_rest()
 
 
 class Run:
@@ -183,10 +190,17 @@ class Run:
         """Signal the whole group; after SIGTERM, SIGKILL follows."""
         try:
             os.killpg(self.pid, signum)
-        except ProcessLookupError:
+        except ProcessLookupError:  # the group is empty
             return
         if signum == signal.SIGTERM and self._kill_timer is None:
-            self._kill_timer = self.reactor.call_later(KILL_GRACE, lambda: self.kill(signal.SIGKILL))
+            self._kill_timer = self.reactor.call_later(KILL_GRACE, self.kill_rest)
+
+    def kill_rest(self) -> None:
+        """SIGKILL whatever is left of the group (the grace is over)."""
+        self.reactor.cancel(self._kill_timer)
+        self._kill_timer = None
+        self.runner.lingering.discard(self)
+        self.kill(signal.SIGKILL)
 
     def _maybe_finish(self) -> None:
         if self._exited and not self._open:
@@ -204,7 +218,12 @@ class Run:
             reactor.remove_reader(self._pidfd)
             self.proc.wait()  # only after SIGKILL, at daemon exit
         reactor.cancel(self._timeout)
-        reactor.cancel(self._kill_timer)
+        # The main process is gone; what it left in its group is not wanted.
+        # A pending SIGKILL (after a timeout) stays armed for it.
+        if self._kill_timer is None:
+            self.kill(signal.SIGTERM)
+        if self._kill_timer is not None:
+            self.runner.lingering.add(self)
         if self.proc.stdin and not self.proc.stdin.closed:
             reactor.remove_writer(self.proc.stdin.fileno())
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):

@@ -6,6 +6,7 @@ process group, signals), not from the module's constants.
 from __future__ import annotations
 
 import os
+import select
 import signal
 from types import SimpleNamespace
 
@@ -35,23 +36,6 @@ TABLE = {
     "uptime": spec(["uptime"]),
     "digits": spec(["echo"], args=True, arg_pattern=r"[0-9]+"),
 }
-
-
-def group_states(pgid: int) -> list[str]:
-    """The states (R, S, Z, ...) of the processes in group `pgid`, from /proc."""
-    states = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid:  # state, ppid, pgrp
-            states.append(fields[0])
-    return states
 
 
 class LogRecorder:
@@ -265,14 +249,46 @@ def test_timeout_escalates_to_sigkill(h, monkeypatch):
     assert bytes(res.stdout) == b"ready\n"
 
 
+def wait_dead(pid: int, pgid: int, limit: float = LIMIT) -> bool:
+    """Wait (bounded) until `pid`, a member of group `pgid`, has exited.
+
+    A pidfd turns readable when the process exits (zombie or reaped): no
+    polling.  The group check guards against a reused pid.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if os.getpgid(pid) != pgid:
+            return True  # reaped, and the number went to someone else
+        readable, _, _ = select.select([fd], [], [], limit)
+        return bool(readable)
+    finally:
+        os.close(fd)
+
+
 def test_timeout_kills_the_whole_group(h):
     r = h.runner(service(timeout=0.2))
     # The background child keeps stdout open: only a group kill ends the run.
-    run, res = h.execute(r, ["sh", "-c", "sleep 30 & echo started; wait"])
+    run, res = h.execute(r, ["sh", "-c", "sleep 30 & echo $!; wait"])
     assert res.timed_out is True
-    assert bytes(res.stdout) == b"started\n"
-    # Whatever is left of the group is dead (at most a zombie awaiting init).
-    assert all(state == "Z" for state in group_states(run.pid))
+    straggler = int(bytes(res.stdout))
+    assert wait_dead(straggler, run.pid), "the background child outlived the group kill"
+
+
+def test_what_a_command_leaves_behind_is_killed(h, monkeypatch):
+    monkeypatch.setattr(commands_mod, "KILL_GRACE", 0.1)
+    r = h.runner(service(timeout=30))
+    # The main process exits at once; its child ignores SIGTERM and holds no pipe.
+    run, res = h.execute(r, ["sh", "-c", "(trap '' TERM; exec sleep 30) </dev/null >/dev/null 2>&1 & echo $!"])
+    assert res.exit == 0 and not res.timed_out
+    straggler = int(bytes(res.stdout))
+    assert run in r.lingering
+    # SIGTERM is ignored, so only the SIGKILL after KILL_GRACE ends it; the
+    # loop must run for that timer to fire.
+    h.run_until(lambda: not r.lingering)
+    assert wait_dead(straggler, run.pid), "the leftover child was not killed"
 
 
 def test_output_over_max_output_is_truncated_and_killed(h):

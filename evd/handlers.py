@@ -26,7 +26,9 @@ CHARGEN_BURST = 16
 class Handler:
     """Default events: ignore input, close after the peer's EOF."""
 
-    transport = None
+    # Slots, not a __dict__: a handler per connection, 10,000 idle ones.
+    __slots__ = ("transport",)
+    echoes = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -55,20 +57,26 @@ class Handler:
 
 
 class Echo(Handler):
-    """RFC 862.  The hot path: received bytes go straight to the transport's
-    write, with no method of ours in between."""
+    """RFC 862.  The hot path: `echoes` tells the transport to send back
+    what it receives without calling us at all."""
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.data_received = transport.write
+    __slots__ = ()
+    echoes = True
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
 
 
 class Discard(Handler):
     """RFC 863: the base class already ignores everything."""
 
+    __slots__ = ()
+
 
 class Daytime(Handler):
     """RFC 867: one line on connect, then close."""
+
+    __slots__ = ()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -79,6 +87,8 @@ class Daytime(Handler):
 class Time(Handler):
     """RFC 868: four bytes on connect, then close."""
 
+    __slots__ = ()
+
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.write(services.rfc868(time.time()))
@@ -88,6 +98,8 @@ class Time(Handler):
 class Chargen(Handler):
     """RFC 864: the pattern, as fast as the client reads, never more than
     `write_high` queued (the transport's flow control says when to refill)."""
+
+    __slots__ = ("_timer",)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -125,6 +137,8 @@ class Chargen(Handler):
 class Timefmt(Handler):
     """Each newline-terminated line is a strftime format; the reply is the
     formatted local time and CRLF.  An unusable format gets an empty line."""
+
+    __slots__ = ("_buf",)
 
     def connection_made(self, transport) -> None:
         self.transport = transport

@@ -70,9 +70,9 @@ class EpollPoller:
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
         return self._epoll.poll(-1 if timeout is None else timeout, self.MAX_EVENTS)
 
-    def forget(self, fd: int) -> None:
-        """Nothing to do: closing the descriptor takes it out of the epoll
-        set (evd never dup()s a connection's socket)."""
+    # Closing a descriptor takes it out of the epoll set (evd never dup()s
+    # a connection's socket): forgetting one needs no system call.
+    forget = None
 
 
 class SelectorPoller:
@@ -117,6 +117,7 @@ class Reactor:
             self._selector = SelectorPoller(selector or selectors.DefaultSelector())
         self._read = self._selector.READ
         self._write = self._selector.WRITE
+        self._forget = self._selector.forget
         # fd -> [reader, writer]
         self._handlers: dict[int, list] = {}
         # Descriptors unregistered during the current batch of events: a
@@ -140,7 +141,11 @@ class Reactor:
     # -- file events ------------------------------------------------------
 
     def add_reader(self, fd: int, callback: Callback) -> None:
-        self._set(fd, 0, callback)
+        if fd in self._handlers:
+            self._set(fd, 0, callback)
+        else:  # a new connection: the common case, without the general path
+            self._selector.register(fd, self._read)
+            self._handlers[fd] = [callback, None]
 
     def remove_reader(self, fd: int) -> None:
         self._set(fd, 0, None)
@@ -156,7 +161,8 @@ class Reactor:
         costs no system call (one per connection on the connect path)."""
         if self._handlers.pop(fd, None) is not None:
             self._gone.add(fd)
-            self._selector.forget(fd)
+            if self._forget is not None:
+                self._forget(fd)
 
     def _set(self, fd: int, slot: int, callback: Callback | None) -> None:
         handlers = self._handlers.get(fd)
@@ -315,15 +321,19 @@ class Reactor:
             gone.clear()
             for fd, mask in events:
                 handlers = handlers_of(fd)
-                if handlers is None or fd in gone:
+                if handlers is None or (gone and fd in gone):
                     continue
                 try:
                     # Re-check each slot: an earlier callback in this batch
                     # may have removed it (the connection closed).
-                    if mask & ready_read and handlers[0] is not None:
-                        handlers[0]()
-                    if mask & ready_write and handlers[1] is not None:
-                        handlers[1]()
+                    if mask & ready_read:
+                        callback = handlers[0]
+                        if callback is not None:
+                            callback()
+                    if mask & ready_write:
+                        callback = handlers[1]
+                        if callback is not None:
+                            callback()
                 except Exception as exc:
                     on_error("io", exc)
             if timers and timers[0].when <= self.now:

@@ -20,11 +20,7 @@ from evd.log import log
 
 # One sequence for the whole process, so a `conn` id names one connection in
 # the logs whatever service it belongs to.
-_conn_ids = itertools.count(1)
-
-
-def next_conn_id() -> int:
-    return next(_conn_ids)
+conn_ids = itertools.count(1)
 
 
 class ThrottledLog:

@@ -253,7 +253,7 @@ def conn(loop, log):
         service = service or make_service()
         a, b = sockets or socket.socketpair()
         a.setblocking(False)
-        t = StreamTransport(loop.reactor, a, protocol, service, peer="unix", host=None)
+        t = StreamTransport(loop.reactor, a, protocol, service, host=None)
         service.connections.add(t)
         peer = Peer(loop.reactor, b)
         made.append((t, peer))
@@ -450,7 +450,7 @@ def test_peer_reset_closes_with_reset_exactly_once(loop, log):
     accepted.setblocking(False)
     service = make_service(high=64 * MiB, low=1 * MiB)
     proto = Recorder(on_made=lambda tr: tr.write(counting_pattern(4 * MiB)))
-    t = StreamTransport(loop.reactor, accepted, proto, service, peer="%s:%d" % addr, host=addr[0])
+    t = StreamTransport(loop.reactor, accepted, proto, service, host=addr[0], port=addr[1])
     service.connections.add(t)
     t.start(7)
     assert t.buffered > 0  # data pending towards the client
@@ -716,3 +716,25 @@ def test_timefmt_over_a_socket(loop, conn):
     loop.run_until(lambda: peer.eof)
     assert t.close_reason == "line_too_long"
     assert service.requests == 2
+
+
+def test_accepted_tcp_connections_send_without_nagle_delay(loop, log, monkeypatch):
+    """TCP_NODELAY on every accepted connection (set once on the listener
+    where the kernel passes it on, as Linux does)."""
+    from evd import listeners
+    from evd.config import Address
+
+    monkeypatch.setattr(listeners, "log", log)
+    address = Address("tcp", "127.0.0.1", 0)
+    service = make_service()
+    service.connections_total = 0
+    listener = listeners.StreamListener(loop.reactor, listeners.bind(address), service, address, handlers.Echo)
+    listener.open()
+    client = socket.create_connection(listener.sock.getsockname(), timeout=LIMIT)
+    try:
+        loop.run_until(lambda: service.connections, what="the connection accepted")
+        (t,) = service.connections
+        assert t.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        client.close()
+        listener.close()

@@ -23,7 +23,7 @@ import time
 
 from evd import __version__
 from evd.commands import CommandError
-from evd.framing import Decoder, FrameError, encode_parts
+from evd.framing import Decoder, FrameError, encode_parts, ok_header
 from evd.handlers import Handler
 from evd.log import log
 
@@ -37,6 +37,10 @@ NONCE_BYTES = 32
 # pipelined requests is answered with one write, and no batch grows past
 # what flow control would allow.
 BATCH_MAX = 65536
+# Up to this size a batch is joined and sent with one send: copying a few
+# KiB costs less than sendmsg's per-buffer work (measured: a 90-byte
+# response in two parts, 1.01 vs 0.90 us per send and recv).
+JOIN_MAX = 4096
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -82,9 +86,10 @@ class Framed(Handler):
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
         self._process()
+        if self.draining:
+            self._close_if_idle()
         # A frame trickling in byte by byte keeps the connection from being
         # idle; this clock bounds how long one frame may take to arrive.
-        self._close_if_idle()
         if not self.decoder.buffered or self.transport.write_paused:
             self.partial_since = None
         elif self.partial_since is None:
@@ -117,19 +122,20 @@ class Framed(Handler):
         """Answer every whole frame buffered, as one batch of writes: 16
         pipelined requests cost one sendmsg, not sixteen sends."""
         transport = self.transport
+        next_request = self.decoder.next_request
         self._batch = []
         try:
             while not transport.write_paused and not transport.closed:
                 try:
-                    frame = self.decoder.next_frame()
+                    request = next_request()
                 except FrameError as exc:
                     self._error(None, "bad_frame", str(exc))
                     self._close("bad_frame")
                     return
-                if frame is None:
+                if request is None:
                     return
                 transport.requests += 1
-                self._request(frame.header, frame.body)
+                self._request(*request)
                 if self._batch_size >= BATCH_MAX:
                     self._flush()  # lets write_paused see the queue
         finally:
@@ -137,9 +143,13 @@ class Framed(Handler):
             self._batch = None
 
     def _flush(self) -> None:
-        if self._batch:  # None outside _process
-            self.transport.writelines(self._batch)
-            self._batch.clear()
+        batch = self._batch
+        if batch:  # None outside _process
+            if self._batch_size <= JOIN_MAX:
+                self.transport.write(b"".join(batch))
+            else:
+                self.transport.writelines(batch)
+            batch.clear()
         self._batch_size = 0
 
     def _request(self, header: dict, body: bytes) -> None:
@@ -175,7 +185,10 @@ class Framed(Handler):
         return self._error(rid, "unauthorized", f"{svc} needs an authenticated connection")
 
     def _reply(self, rid, body: bytes = b"", **fields) -> bool:
-        self._send(encode_parts({"id": rid, "ok": True, **fields}, body))
+        if fields:
+            self._send(encode_parts({"id": rid, "ok": True, **fields}, body))
+        else:
+            self._send((ok_header(rid, len(body)), body))
         return True
 
     def _error(self, rid, code: str, message: str) -> bool:
@@ -199,7 +212,8 @@ class Framed(Handler):
     # -- services -------------------------------------------------------------
 
     def _svc_echo(self, rid, header, body) -> bool:
-        return self._reply(rid, body)
+        self._send((ok_header(rid, len(body)), body))  # _reply without the call
+        return True
 
     def _svc_time(self, rid, header, body) -> bool:
         fmt = header.get("fmt", TIME_FORMAT)

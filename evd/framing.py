@@ -43,6 +43,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from dataclasses import dataclass
 # The length prefix: a uint32, big-endian (network order), 4 bytes.
 _PREFIX = struct.Struct(">I")
 PREFIX_LEN = _PREFIX.size
+_unpack_prefix = _PREFIX.unpack_from
+_pack_prefix = _PREFIX.pack
 # The smallest JSON object is "{}": anything shorter cannot be a header.
 MIN_HEADER = 2
 # Headers carry a few small fields (svc, id, a command's args).  64 KiB is
@@ -116,12 +119,58 @@ class Decoder:
 
         Raises FrameError if the input is not a frame; the decoder is then dead.
         """
+        request = self.next_request()
+        return None if request is None else Frame(request[0], bytes(request[1]))
+
+    def frames(self) -> Iterator[Frame]:
+        """Yield every whole frame currently buffered."""
+        while (frame := self.next_frame()) is not None:
+            yield frame
+
+    def next_request(self) -> tuple[dict, bytes | bytearray] | None:
+        """`next_frame` for the server's hot path: (header, body) with the
+        body a bytes-like copy (bytearray), no Frame object, one call per
+        frame whatever it takes to parse it."""
         if self._error is not None:
             raise self._error.with_traceback(None)
         try:
-            if self._pending is None and not self._read_header():
-                return None
-            return self._read_body()
+            buf, pos = self._buf, self._pos
+            header = self._pending
+            if header is None:
+                # The prefix, checked before the header arrives.
+                if len(buf) - pos < PREFIX_LEN:
+                    return None
+                (h,) = _unpack_prefix(buf, pos)
+                if h < MIN_HEADER or h > self.max_header:
+                    raise FrameError(_bad_header_length(h, self.max_header))
+                start = pos + PREFIX_LEN
+                if len(buf) - start < h:
+                    return None
+                header = _parse_header(buf[start:start + h])
+                # The body length, checked before the body arrives.
+                n = header.get("len", 0)
+                if type(n) is not int or n < 0 or n > self.max_body:  # bool is refused
+                    raise FrameError(_bad_len(n, self.max_body))
+                pos = start + h
+                if len(buf) - pos < n:  # the body is not all here yet
+                    self._pos = pos
+                    self._pending, self._header_len, self._body_len = header, h, n
+                    return None
+            else:
+                n = self._body_len
+                if len(buf) - pos < n:
+                    return None
+                self._pending = None
+            end = pos + n
+            body = buf[pos:end] if n else b""
+            if end == len(buf):             # all consumed: reuse the buffer
+                buf.clear()
+                end = 0
+            elif end >= _COMPACT_MIN and end * 2 > len(buf):
+                del buf[:end]               # moves < end bytes: amortised O(1)
+                end = 0
+            self._pos = end
+            return header, body
         except FrameError as e:
             self._error = e
             self._buf = bytearray()         # nothing here will ever be used
@@ -129,61 +178,39 @@ class Decoder:
             self._pending = None
             raise
 
-    def frames(self) -> Iterator[Frame]:
-        """Yield every whole frame currently buffered."""
-        while (frame := self.next_frame()) is not None:
-            yield frame
 
-    def _read_header(self) -> bool:
-        """Consume prefix and header if both are here; False = need more."""
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < PREFIX_LEN:
-            return False
-        (h,) = _PREFIX.unpack_from(buf, pos)
-        if h < MIN_HEADER:                  # checked before the header arrives
-            raise FrameError(f"header length {h} is below the minimum of {MIN_HEADER}")
-        if h > self.max_header:
-            raise FrameError(f"header length {h} exceeds max_header {self.max_header}")
-        start = pos + PREFIX_LEN
-        if len(buf) - start < h:
-            return False
-        header = _parse_header(buf[start:start + h])
-        n = header.get("len", 0)
-        if type(n) is not int or n < 0:     # bool is an int subclass: refused
-            quoted = json.dumps(n, ensure_ascii=False)
-            if len(quoted) > _QUOTE_MAX:
-                quoted = quoted[:_QUOTE_MAX] + "..."
-            raise FrameError(f"len must be a non-negative integer, got {quoted}")
-        if n > self.max_body:               # checked before the body arrives
-            raise FrameError(f"len {n} exceeds max_body {self.max_body}")
-        self._pos = start + h
-        self._pending, self._header_len, self._body_len = header, h, n
-        return True
-
-    def _read_body(self) -> Frame | None:
-        buf, pos, n = self._buf, self._pos, self._body_len
-        if len(buf) - pos < n:
-            return None
-        frame = Frame(self._pending, bytes(buf[pos:pos + n]))
-        self._pending = None
-        pos += n
-        if pos == len(buf):                 # all consumed: reuse the buffer
-            buf.clear()
-            pos = 0
-        elif pos >= _COMPACT_MIN and pos * 2 > len(buf):
-            del buf[:pos]                   # moves < pos bytes: amortised O(1)
-            pos = 0
-        self._pos = pos
-        return frame
+def _bad_header_length(h: int, max_header: int) -> str:
+    if h < MIN_HEADER:
+        return f"header length {h} is below the minimum of {MIN_HEADER}"
+    return f"header length {h} exceeds max_header {max_header}"
 
 
-def _parse_header(raw: bytes | bytearray) -> dict:
+def _bad_len(n, max_body: int) -> str:
+    if type(n) is int and n > max_body:
+        return f"len {n} exceeds max_body {max_body}"
+    quoted = json.dumps(n, ensure_ascii=False)
+    if len(quoted) > _QUOTE_MAX:
+        quoted = quoted[:_QUOTE_MAX] + "..."
+    return f"len must be a non-negative integer, got {quoted}"
+
+
+def _parse_header(raw: bytearray) -> dict:
     try:
         text = raw.decode("utf-8")          # json.loads(bytes) would guess UTF-16/32
     except UnicodeDecodeError:
         raise FrameError("header is not valid UTF-8") from None
+    # The C scanner directly when the text is one object and nothing else
+    # (the common case); the full decoder, with its errors, otherwise.
+    if text[:1] == "{":
+        try:
+            header, end = _scan(text, 0)
+        except (StopIteration, ValueError, RecursionError):
+            pass
+        else:
+            if end == len(text):
+                return header
     try:
-        header = _loads(text)
+        header = _DECODER.decode(text)
     except json.JSONDecodeError as e:
         raise FrameError(f"header is not JSON: {e.msg} at char {e.pos}") from None
     except RecursionError:                  # "[[[[..." deeper than the C stack allows
@@ -199,16 +226,27 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
+def _finite_float(text: str) -> float:
+    """JSON numbers beyond a double (1e400) would parse as infinity, which
+    no response could carry back: refused like NaN and Infinity."""
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number {text[:_QUOTE_MAX]} is out of range")
+    return value
+
+
 # Built once: json.loads/json.dumps with any keyword argument build a new
 # decoder/encoder on every call, and even a kept JSONEncoder builds its C
 # encoder on every encode(): together half the cost of a small frame.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# Headers are written as ASCII (non-ASCII as \u escapes): any string a
+# client sent, lone surrogates included, goes back out as valid JSON.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 _scan = _DECODER.scan_once
+_quote = json.encoder.encode_basestring_ascii
 if json.encoder.c_make_encoder is not None:
     _c_encode = json.encoder.c_make_encoder(
-        None, _ENCODER.default, json.encoder.encode_basestring, None,
-        ":", ",", False, False, False)
+        None, _ENCODER.default, _quote, None, ":", ",", False, False, False)
 
     def _dumps(obj: dict) -> str:
         return "".join(_c_encode(obj, 0))
@@ -216,18 +254,19 @@ else:  # pragma: no cover -- CPython always has the C accelerator
     _dumps = _ENCODER.encode
 
 
-def _loads(text: str):
-    """json.loads for a header: the C scanner directly when the text is one
-    object and nothing else, the full decoder (and its errors) otherwise."""
-    if text[:1] == "{":
-        try:
-            obj, end = _scan(text, 0)
-        except (StopIteration, ValueError):
-            pass
-        else:
-            if end == len(text):
-                return obj
-    return _DECODER.decode(text)
+def ok_header(rid, length: int) -> bytes:
+    """Prefix and header of a plain success, `{"id":ID,"ok":true,"len":N}`:
+    the same bytes as `encode_parts({"id": rid, "ok": True}, body)[0]`,
+    formatted directly when the id is an int or a string (the usual ids)
+    instead of through a dict and the encoder -- a fifth of a framed echo."""
+    kind = type(rid)
+    if kind is int:
+        raw = b'{"id":%d,"ok":true,"len":%d}' % (rid, length)
+    elif kind is str:
+        raw = b'{"id":%s,"ok":true,"len":%d}' % (_quote(rid).encode(), length)
+    else:
+        raw = _dumps({"id": rid, "ok": True, "len": length}).encode()
+    return _pack_prefix(len(raw)) + raw
 
 
 def encode_parts(header: dict, body: bytes = b"") -> tuple[bytes, bytes]:
@@ -235,7 +274,7 @@ def encode_parts(header: dict, body: bytes = b"") -> tuple[bytes, bytes]:
 
     ValueError/TypeError (not JSON, NaN, too long) is a local bug, not the peer's.
     """
-    raw = _dumps({**header, "len": len(body)}).encode("utf-8")
+    raw = _dumps({**header, "len": len(body)}).encode()
     if len(raw) > 0xFFFFFFFF:
         raise ValueError(f"header of {len(raw)} bytes does not fit the uint32 prefix")
     return _PREFIX.pack(len(raw)) + raw, body

@@ -232,7 +232,6 @@ class StreamTransport:
         kernel does not take is queued as with `write`."""
         if self._closing or self.closed:
             return
-        chunks = [c for c in chunks if c]
         if self._out or len(chunks) > SENDMSG_CHUNKS:
             self._enqueue(chunks)
             return
@@ -246,7 +245,7 @@ class StreamTransport:
         self.bytes_out += sent
         for i, chunk in enumerate(chunks):
             if sent < len(chunk):
-                rest = chunks[i:]
+                rest = list(chunks[i:])
                 if sent:
                     rest[0] = memoryview(chunk)[sent:]
                 self._enqueue(rest)
@@ -256,6 +255,7 @@ class StreamTransport:
     def _enqueue(self, chunks) -> None:
         """Queue what the kernel did not take now: watch for writability,
         and stop reading the peer above write_high."""
+        chunks = [c for c in chunks if c]  # an empty chunk would stall _flush
         if not self._out:
             self._out = deque()
             self.reactor.add_writer(self.fd, self._on_write)

@@ -138,6 +138,18 @@ def test_pipelined_thousand_requests_in_one_write(evd):
     assert all(f.body == b"%d" % i for i, f in enumerate(frames[:1000]))
 
 
+def test_any_id_the_client_sent_comes_back(evd):
+    # "\ud800" is valid JSON but no UTF-8 encoder takes the string it means.
+    odd = b'{"svc":"echo","id":"\\ud800 \xc3\xa9"}'
+    with connect(evd.addr("framed")) as sock:
+        read_frames(sock, 1)  # hello
+        sock.sendall(struct.pack("!I", len(odd)) + odd + encode({"svc": "echo", "id": 2}, b"next"))
+        first, second = read_frames(sock, 2)
+    assert first.header == {"id": "\ud800 \u00e9", "ok": True, "len": 0}
+    assert second.header["id"] == 2 and second.body == b"next"
+    assert not [e for e in evd.drain_events() if e.get("event") == "error"]
+
+
 BAD_FRAMES = {
     "H=0": struct.pack("!I", 0),
     "H=1": struct.pack("!I", 1) + b"{",
@@ -147,6 +159,7 @@ BAD_FRAMES = {
     "negative len": struct.pack("!I", 10) + b'{"len":-1}',
     "oversized len": struct.pack("!I", 16) + b'{"len":99999999}',
     "invalid UTF-8": struct.pack("!I", 4) + b'"\xff"' + b"}",
+    "number beyond a double": struct.pack("!I", 12) + b'{"id":1e400}',
 }
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evd.framing import MAX_BODY, MAX_HEADER, Decoder, Frame, FrameError, encode, encode_parts
+from evd.framing import MAX_BODY, MAX_HEADER, Decoder, Frame, FrameError, encode, encode_parts, ok_header
 
 FEW = settings(max_examples=200, deadline=None)
 
@@ -179,12 +179,44 @@ def test_invalid_limits_are_rejected():
 
 # --- encoding -------------------------------------------------------------------
 
-def test_encode_is_compact_utf8_and_does_not_mutate_the_header():
+def test_encode_is_compact_ascii_json_and_does_not_mutate_the_header():
     header = {"svc": "echo", "note": "héllo ✓", "len": 99}
     data = encode(header, b"body")
-    raw = '{"svc":"echo","note":"héllo ✓","len":4}'.encode()
+    raw = b'{"svc":"echo","note":"h\\u00e9llo \\u2713","len":4}'
     assert data == struct.pack(">I", len(raw)) + raw + b"body"
+    assert json.loads(raw) == {**header, "len": 4}
     assert header["len"] == 99
+
+
+def test_any_string_a_peer_sent_encodes_back_even_a_lone_surrogate():
+    # JSON allows "\ud800"; Python parses it to a str no UTF-8 encoder takes.
+    (frame,), _ = decode([raw_frame(b'{"id":"\\ud800"}')])
+    assert frame.header == {"id": "\ud800"}
+    head, _ = encode_parts(frame.header)
+    assert json.loads(head[4:]) == {"id": "\ud800", "len": 0}
+    assert json.loads(ok_header("\ud800", 3)[4:]) == {"id": "\ud800", "ok": True, "len": 3}
+
+
+def test_a_number_beyond_a_double_is_not_a_header():
+    # It would parse as infinity, which no response can carry back.
+    with pytest.raises(FrameError, match="not JSON.*out of range"):
+        decode([raw_frame(b'{"id":1e400}')])
+    (frame,), _ = decode([raw_frame(b'{"id":1e300}')])
+    assert frame.header == {"id": 1e300}
+
+
+json_scalars = (st.none() | st.booleans() | st.integers() | st.text()
+                | st.floats(allow_nan=False, allow_infinity=False))
+
+
+@FEW
+@given(json_scalars, st.integers(min_value=0, max_value=0xFFFFFFFF))
+def test_ok_header_is_the_encoders_header(rid, length):
+    class Sized:  # a body of any length without the bytes
+        def __len__(self):
+            return length
+
+    assert ok_header(rid, length) == encode_parts({"id": rid, "ok": True}, Sized())[0]
 
 
 def test_encode_parts_passes_the_body_through():

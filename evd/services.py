@@ -82,6 +82,9 @@ def datagram_echo(payload: bytes) -> bytes:
     return payload
 
 
+datagram_echo.echoes = True  # the endpoint may answer without calling it
+
+
 def datagram_discard(payload: bytes) -> None:
     return None
 

@@ -41,8 +41,9 @@ from evd.log import log
 # One recv per readable event; 64 KiB matches the loopback MTU and a typical
 # socket buffer, so a busy peer is drained in few calls without big copies.
 RECV_SIZE = 65536
-_BUFFER = bytearray(RECV_SIZE)
-_VIEW = memoryview(_BUFFER)
+# The receive buffer of the whole process (UDP endpoints use it too).
+RECV_BUFFER = bytearray(RECV_SIZE)
+RECV_VIEW = memoryview(RECV_BUFFER)
 # Chunks joined into one sendmsg: far below IOV_MAX (1024), enough to send a
 # whole pipelined batch of replies at once.
 SENDMSG_CHUNKS = 64
@@ -135,7 +136,7 @@ class StreamTransport:
 
     def _on_read(self) -> None:
         try:
-            n = self.sock.recv_into(_BUFFER)
+            n = self.sock.recv_into(RECV_BUFFER)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -144,7 +145,7 @@ class StreamTransport:
         if n:
             self.bytes_in += n
             try:
-                self.protocol.data_received(_VIEW[:n].tobytes())
+                self.protocol.data_received(RECV_VIEW[:n].tobytes())
             except Exception as exc:
                 self._bug("data_received", exc)
             return
@@ -152,7 +153,7 @@ class StreamTransport:
 
     def _on_read_echo(self) -> None:
         try:
-            n = self.sock.recv_into(_BUFFER)
+            n = self.sock.recv_into(RECV_BUFFER)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -163,10 +164,10 @@ class StreamTransport:
             return
         self.bytes_in += n
         if self._out:  # earlier output waits: queue behind it
-            self._enqueue((_VIEW[:n].tobytes(),))
+            self._enqueue((RECV_VIEW[:n].tobytes(),))
             return
         try:
-            sent = self.sock.send(_VIEW[:n])
+            sent = self.sock.send(RECV_VIEW[:n])
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -174,7 +175,7 @@ class StreamTransport:
             return
         self.bytes_out += sent
         if sent != n:  # the buffer is reused: queue a copy of the rest
-            self._enqueue((_VIEW[sent:n].tobytes(),))
+            self._enqueue((RECV_VIEW[sent:n].tobytes(),))
 
     def _on_eof(self) -> None:
         self.eof = True

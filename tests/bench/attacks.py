@@ -26,6 +26,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from benchenv import ensure_venv  # noqa: E402  (tests/bench/benchenv.py, beside this file)
+
+if __name__ == "__main__":
+    ensure_venv(__file__)  # evd's dependencies live there, not in the system Python
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 

@@ -34,30 +34,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-VENV = HERE / ".venv"
-VENV_PY = VENV / "bin" / "python"
-
-
-def ensure_venv() -> None:
-    """Re-run this script inside tests/bench/.venv, creating it if needed."""
-    if Path(sys.prefix).resolve() == VENV.resolve():
-        return
-    stamp = VENV / ".installed"
-    want = hashlib.sha256((HERE / "requirements.txt").read_bytes()
-                          + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if not VENV_PY.exists() or not stamp.exists() or stamp.read_text() != want:
-        print(f"bench: setting up {VENV.relative_to(ROOT)} (evd + {HERE.name}/requirements.txt)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-        subprocess.run([str(VENV_PY), "-m", "pip", "install", "-q", "-e", str(ROOT),
-                        "-r", str(HERE / "requirements.txt")], check=True, timeout=900)
-        stamp.write_text(want)
-    os.execv(str(VENV_PY), [str(VENV_PY), str(Path(__file__).resolve()), *sys.argv[1:]])
-
+from benchenv import HERE, ROOT, VENV_PY, ensure_venv
 
 if __name__ == "__main__":
-    ensure_venv()
+    ensure_venv(__file__)
 
 # Inside the venv from here on.
 import json  # noqa: E402

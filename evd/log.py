@@ -18,12 +18,15 @@ import contextlib
 import json
 import logging
 import os
+import select
 import sys
 import traceback
 
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error")
+# The largest write a pipe keeps whole when several processes write to it.
+ATOMIC_WRITE = select.PIPE_BUF
 
 
 class LogSink:
@@ -50,10 +53,23 @@ class LogSink:
     msg = debug = info = warning = error = critical = fatal = exception = write
 
     def flush(self) -> None:
-        if self._pending:
-            lines = self._pending
-            self._pending = []
-            self._emit("\n".join(lines) + "\n")
+        """Write the batch: whole lines, at most ATOMIC_WRITE bytes a write
+        (one line longer than that goes alone).  Workers share one stderr
+        pipe or log file, and a pipe keeps only writes up to PIPE_BUF in one
+        piece: a bigger one could be cut by another worker's lines."""
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            n = (len(line) if line.isascii() else len(line.encode())) + 1
+            if chunk and size + n > ATOMIC_WRITE:
+                self._emit("\n".join(chunk) + "\n")
+                chunk, size = [], 0
+            chunk.append(line)
+            size += n
+        self._emit("\n".join(chunk) + "\n")
 
     def _emit(self, text: str) -> None:
         try:

@@ -9,9 +9,9 @@ meaning.  The split is CPython's asyncio selector transport, minus futures:
   callback returns); the protocol gets a bytes copy of just what arrived.
   A `recv(64 KiB)` instead would malloc 64 KiB and shrink it on every read,
   and glibc's consolidation of small free chunks on each such large request
-  was 3% of the echo path's CPU.  An echo connection (`protocol.echoes`) skips the
-  copy and the protocol: it sends straight from the shared buffer and copies
-  only what the kernel does not take.
+  was 3% of the echo path's CPU.  An echo connection (`protocol.echoes`)
+  skips the copy and the protocol: it sends straight from the shared buffer
+  and copies only what the kernel does not take.
 - Writing: `write` tries `send` at once; only what the kernel did not take is
   queued (a deque of memoryviews, so a partial send copies nothing) and only
   then is the socket watched for writability.  A queue of many small chunks

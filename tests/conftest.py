@@ -23,8 +23,13 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Hypothesis keeps caches (its Unicode tables) in ./.hypothesis; under
+# .pytest_cache they stay with pytest's own, out of the checkout's top level.
+set_hypothesis_home_dir(str(ROOT / ".pytest_cache" / "hypothesis"))
 WAIT = 10.0  # seconds: the bound on every wait for the daemon
 
 BASE_CONFIG = """\

@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 
 from evd.framing import MAX_BODY, MAX_HEADER, Decoder, Frame, FrameError, encode, encode_parts, ok_header
 
-# No example database: a test run leaves no .hypothesis folder behind.
-FEW = settings(max_examples=200, deadline=None, database=None)
+FEW = settings(max_examples=200, deadline=None)
 
 
 def raw_frame(header_bytes: bytes, body: bytes = b"") -> bytes:

@@ -291,6 +291,16 @@ def test_what_a_command_leaves_behind_is_killed(h, monkeypatch):
     assert wait_dead(straggler, run.pid), "the leftover child was not killed"
 
 
+def test_kill_all_at_shutdown_takes_what_commands_left_behind(h):
+    r = h.runner(service(timeout=30))  # KILL_GRACE (1 s) is not waited for
+    run, res = h.execute(r, ["sh", "-c", "(trap '' TERM; exec sleep 30) </dev/null >/dev/null 2>&1 & echo $!"])
+    straggler = int(bytes(res.stdout))
+    assert run in r.lingering
+    r.kill_all()  # what the daemon does once the drain is over
+    assert not r.lingering
+    assert wait_dead(straggler, run.pid), "the leftover child outlived the daemon's exit"
+
+
 def test_output_over_max_output_is_truncated_and_killed(h):
     cap = 10000
     r = h.runner(service(max_output=cap))

@@ -1,4 +1,4 @@
-"""Admission (evd/admission.py): access lists, connection limits, token
+"""Admission (evd/proto/admission.py): access lists, connection limits, token
 buckets.  Pure bookkeeping, so every test drives it with an explicit `now`.
 
 The service configuration is a small stand-in (SimpleNamespace) with the
@@ -21,18 +21,18 @@ def _import_admission():
     """evd.admission imports evd.config for type names only; if that module
     is not there yet, lend it a stand-in just for the import."""
     try:
-        importlib.import_module("evd.config")
+        importlib.import_module("evd.core.config")
     except ModuleNotFoundError as exc:
-        if exc.name != "evd.config":
+        if exc.name != "evd.core.config":
             raise
-        stub = types.ModuleType("evd.config")
+        stub = types.ModuleType("evd.core.config")
         stub.Limits = stub.ServiceConfig = SimpleNamespace
-        sys.modules["evd.config"] = stub
+        sys.modules["evd.core.config"] = stub
         try:
-            return importlib.import_module("evd.admission")
+            return importlib.import_module("evd.proto.admission")
         finally:
-            del sys.modules["evd.config"]
-    return importlib.import_module("evd.admission")
+            del sys.modules["evd.core.config"]
+    return importlib.import_module("evd.proto.admission")
 
 
 admission_mod = _import_admission()
@@ -305,7 +305,7 @@ def test_bucket_table_bound_prefers_dropping_refilled_buckets(monkeypatch):
 def test_ipv4_mapped_networks_in_the_rules_match_ipv4_peers():
     import ipaddress as _ip
     from types import SimpleNamespace as _NS
-    from evd.admission import ACCESS, Admission as _Adm
+    from evd.proto.admission import ACCESS, Admission as _Adm
     limits = _NS(max_connections=10, per_source=10, rate=0.0, burst=1)
     rule = _NS(only_from=(_ip.ip_network("::ffff:10.0.0.0/104"),), no_access=(), limits=limits)
     adm = _Adm(rule)

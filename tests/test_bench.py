@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from evd import bench
+from evd.tools import bench
 
 from conftest import ROOT
 

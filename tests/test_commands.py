@@ -1,4 +1,4 @@
-"""The command runner (evd/commands.py) with a real Reactor and real child
+"""The command runner (evd/handlers/commands.py) with a real Reactor and real child
 processes.  Expected values come from SPEC section 5 (environment, cwd,
 process group, signals), not from the module's constants.
 """
@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import evd.commands as commands_mod
-from evd.commands import CommandError, Runner
-from evd.reactor import Reactor
+import evd.handlers.commands as commands_mod
+from evd.handlers.commands import CommandError, Runner
+from evd.core.reactor import Reactor
 
 LIMIT = 5.0
 # SPEC section 3: the default arg_pattern.

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from evd import config
-from evd.config import Address, ConfigError, Limits, parse
+from evd.core import config
+from evd.core.config import Address, ConfigError, Limits, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = config.embedded_text()

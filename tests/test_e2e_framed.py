@@ -15,8 +15,8 @@ import time
 import pytest
 
 from conftest import BASE_CONFIG, ROOT, WAIT, connect, recv_all, recv_exactly
-from evd.client import Client, ServerError
-from evd.framing import Decoder, encode
+from evd.tools.client import Client, ServerError
+from evd.proto.framing import Decoder, encode
 
 
 def framed(evd) -> str:

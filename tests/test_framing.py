@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evd.framing import MAX_BODY, MAX_HEADER, Decoder, Frame, FrameError, encode, encode_parts, ok_header
+from evd.proto.framing import MAX_BODY, MAX_HEADER, Decoder, Frame, FrameError, encode, encode_parts, ok_header
 
 FEW = settings(max_examples=200, deadline=None)
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import (BASE_CONFIG, ROOT, WAIT, LogFile, connect, logged_config, process_gone,
                       recv_all, recv_exactly)
-from evd.client import Client
+from evd.tools.client import Client
 
 
 def host_port(address: str) -> tuple[str, int]:

@@ -1,11 +1,11 @@
-"""The log sink's batches (evd/log.py): what reaches the file, and in which
+"""The log sink's batches (evd/core/log.py): what reaches the file, and in which
 writes.  No daemon here: a recording file stands in for stderr."""
 
 from __future__ import annotations
 
 import json
 
-from evd.log import ATOMIC_WRITE, LogSink
+from evd.core.log import ATOMIC_WRITE, LogSink
 
 
 class Recording:

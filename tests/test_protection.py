@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import BASE_CONFIG, WAIT, connect, recv_all, recv_exactly
-from evd.framing import Decoder, encode
+from evd.proto.framing import Decoder, encode
 
 
 def with_service(service: str, extra: str) -> str:

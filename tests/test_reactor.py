@@ -1,4 +1,4 @@
-"""The reactor (evd/reactor.py) on real file descriptors and real signals.
+"""The reactor (evd/core/reactor.py) on real file descriptors and real signals.
 
 Every `run()` is bounded by a guard timer that stops the loop and marks the
 test as timed out; conditions are met from inside callbacks, never by
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from evd.reactor import Reactor
+from evd.core.reactor import Reactor
 
 LIMIT = 5.0  # seconds: the bound on every run of the loop
 

@@ -1,4 +1,4 @@
-"""Unit tests of the raw services' logic (evd/services.py): no sockets.
+"""Unit tests of the raw services' logic (evd/proto/services.py): no sockets.
 
 Every expected value is built here from the RFC's definition (datetime for
 RFC 868, the printable-ASCII ring for RFC 864), never taken from the module.
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evd import services
+from evd.proto import services
 
 EPOCH_1900 = datetime(1900, 1, 1, tzinfo=timezone.utc)
 EPOCH_1970 = datetime(1970, 1, 1, tzinfo=timezone.utc)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, WAIT, NotifySocket, connect, recv_all
-from evd import systemd
-from evd.client import Client
-from evd.config import Address
+from evd.system import systemd
+from evd.tools.client import Client
+from evd.core.config import Address
 
 MINIMAL = """\
 [daemon]

@@ -1,4 +1,4 @@
-"""StreamTransport (evd/transport.py) and the stream handlers (evd/handlers.py)
+"""StreamTransport (evd/net/transport.py) and the stream handlers (evd/handlers/raw.py)
 on real sockets: a socketpair (or loopback TCP where TCP matters) and a real
 Reactor.  The far end of each socket is a `Peer` driven by the same loop, so
 the test never blocks on a socket and never sleeps; every run is bounded.
@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import evd.transport as transport_mod
-from evd import handlers
-from evd.reactor import Reactor
-from evd.transport import RECV_SIZE, StreamTransport
+import evd.net.transport as transport_mod
+from evd.handlers import raw as handlers
+from evd.core.reactor import Reactor
+from evd.net.transport import RECV_SIZE, StreamTransport
 
 LIMIT = 5.0
 KiB = 1024
@@ -721,8 +721,8 @@ def test_timefmt_over_a_socket(loop, conn):
 def test_accepted_tcp_connections_send_without_nagle_delay(loop, log, monkeypatch):
     """TCP_NODELAY on every accepted connection (set once on the listener
     where the kernel passes it on, as Linux does)."""
-    from evd import listeners
-    from evd.config import Address
+    from evd.net import listeners
+    from evd.core.config import Address
 
     monkeypatch.setattr(listeners, "log", log)
     address = Address("tcp", "127.0.0.1", 0)

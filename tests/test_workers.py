@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BASE_CONFIG, WAIT, connect, process_gone, recv_all, recv_exactly
-from evd.client import Client
+from evd.tools.client import Client
 
 WORKERS = BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 5.0\nworkers = 2")
 # Connections tried before concluding the kernel never picks a worker: with

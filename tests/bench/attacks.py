@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from conftest import EvdProcess  # noqa: E402
-from evd.framing import encode  # noqa: E402
+from evd.proto.framing import encode  # noqa: E402
 
 CONFIG = """\
 [daemon]

@@ -1,7 +1,7 @@
 """The raw services' logic, sans I/O: bytes and clocks in, bytes out.
 
 Nothing here touches a socket, so each RFC's details are unit-tested
-directly.  `handlers.py` wraps these for streams; `listeners.py` calls the
+directly.  `handlers/raw.py` wraps these for streams; `net/listeners.py` calls the
 `DATAGRAM` functions for UDP.
 """
 

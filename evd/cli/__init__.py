@@ -7,8 +7,8 @@ import json
 import sys
 
 from evd import __version__
-from evd import config as config_mod
-from evd.log import LEVELS
+from evd.core import config as config_mod
+from evd.core.log import LEVELS
 
 EX_OK = 0
 EX_FAIL = 1
@@ -39,8 +39,8 @@ def cmd_check_config(args) -> int:
 
 
 def _prepare(args, pidfile_required: bool):
-    """Steps 1-5 of launch.py: (Launch, None) or (None, exit status)."""
-    from evd import launch
+    """Steps 1-5 of server/launch.py: (Launch, None) or (None, exit status)."""
+    from evd.server import launch
 
     config = load_config(args)
     if config is None:
@@ -57,7 +57,7 @@ def _prepare(args, pidfile_required: bool):
 
 
 def cmd_run(args) -> int:
-    from evd import launch
+    from evd.server import launch
 
     prepared, status = _prepare(args, pidfile_required=False)
     if prepared is None:
@@ -70,7 +70,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_start(args) -> int:
-    from evd import launch
+    from evd.server import launch
 
     prepared, status = _prepare(args, pidfile_required=True)
     if prepared is None:
@@ -87,7 +87,7 @@ def cmd_start(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from evd import control
+    from evd.tools import lifecycle as control
 
     config = load_config(args)
     if config is None:
@@ -99,7 +99,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_reload(args) -> int:
-    from evd import control
+    from evd.tools import lifecycle as control
 
     config = load_config(args)
     if config is None:
@@ -110,7 +110,7 @@ def cmd_reload(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from evd import control
+    from evd.tools import lifecycle as control
 
     config = load_config(args)
     if config is None:
@@ -180,7 +180,7 @@ def _read_key(path: str, explicit: bool) -> bytes | None:
 
 
 def cmd_call(args) -> int:
-    from evd.client import Client, ServerError
+    from evd.tools.client import Client, ServerError
 
     address, key = args.address, None
     if address is None or args.key_file is None:
@@ -256,7 +256,7 @@ def _bench_address(args) -> str | None:
 
 
 def cmd_bench(args) -> int:
-    from evd import bench
+    from evd.tools import bench
 
     address = _bench_address(args)
     if address is None:

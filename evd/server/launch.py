@@ -30,14 +30,16 @@ import time
 
 import daemon as python_daemon
 
-from evd import __version__, systemd
-from evd import config as config_mod
-from evd.daemon import Daemon, bind_all, listener_keys, raise_nofile_limit, read_key
-from evd.listeners import BindError
-from evd.log import log
-from evd.pidfile import AlreadyRunning, Pidfile, PidfileError
-from evd.privileges import PrivilegeError, drop, resolve
-from evd.supervisor import Supervisor, bind_slots
+from evd import __version__
+
+from evd.system import systemd
+from evd.core import config as config_mod
+from evd.server.daemon import Daemon, bind_all, listener_keys, raise_nofile_limit, read_key
+from evd.net.listeners import BindError
+from evd.core.log import log
+from evd.system.pidfile import AlreadyRunning, Pidfile, PidfileError
+from evd.system.privileges import PrivilegeError, drop, resolve
+from evd.server.supervisor import Supervisor, bind_slots
 
 # How long `evd start` waits for the daemon to say it listens.  Binding is
 # done before detaching, so this only covers the fork and the services'

@@ -25,11 +25,11 @@ import socket
 import stat
 import sys
 
-from evd import transport as transport_mod
-from evd.config import Address
-from evd.log import log
-from evd.service import conn_ids
-from evd.transport import RECV_BUFFER, RECV_VIEW, StreamTransport
+from evd.net import transport as transport_mod
+from evd.core.config import Address
+from evd.core.log import log
+from evd.handlers.service import conn_ids
+from evd.net.transport import RECV_BUFFER, RECV_VIEW, StreamTransport
 
 AF_INET6, AF_UNIX = int(socket.AF_INET6), int(socket.AF_UNIX)
 IPPROTO_TCP, TCP_NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY

@@ -46,11 +46,11 @@ import signal
 import time
 from dataclasses import replace
 
-from evd import config as config_mod
-from evd.daemon import RETIRE, Daemon, listener_keys, other_changes, read_key, reread
-from evd.listeners import BindError, bind, format_address
-from evd.log import log
-from evd.reactor import Reactor
+from evd.core import config as config_mod
+from evd.server.daemon import RETIRE, Daemon, listener_keys, other_changes, read_key, reread
+from evd.net.listeners import BindError, bind, format_address
+from evd.core.log import log
+from evd.core.reactor import Reactor
 
 # Between a worker that died young and its replacement.  Long enough that a
 # worker failing at start costs little CPU, short enough to recover quickly.

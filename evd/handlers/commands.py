@@ -25,7 +25,7 @@ import signal
 import subprocess
 import time
 
-from evd.log import log
+from evd.core.log import log
 
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Between SIGTERM and SIGKILL: time for a well-behaved program to clean up.

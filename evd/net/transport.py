@@ -36,7 +36,7 @@ from __future__ import annotations
 import errno
 from collections import deque
 
-from evd.log import log
+from evd.core.log import log
 
 # One recv per readable event; 64 KiB matches the loopback MTU and a typical
 # socket buffer, so a busy peer is drained in few calls without big copies.

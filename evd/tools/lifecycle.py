@@ -1,7 +1,7 @@
 """The operator's side of a running daemon: `evd stop`, `reload`, `status`.
 
 All three find the daemon through its pidfile and trust the lock, not the
-pid (see pidfile.py): locked means running, present but unlocked means
+pid (see system/pidfile.py): locked means running, present but unlocked means
 stale.  They are clients, so they may wait -- always with a bound.
 
 Waiting for a stop uses a pidfd: it becomes readable when the process exits,
@@ -17,8 +17,8 @@ import os
 import select
 import signal
 
-from evd.client import Client
-from evd.pidfile import probe
+from evd.tools.client import Client
+from evd.system.pidfile import probe
 
 EX_OK = 0
 EX_FAIL = 1

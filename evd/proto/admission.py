@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from evd.config import Limits, ServiceConfig
+from evd.core.config import Limits, ServiceConfig
 
 # About 100 bytes each: 64k buckets is a few MiB at worst, and far more
 # distinct clients per `burst / rate` seconds than a small daemon serves.

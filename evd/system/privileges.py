@@ -15,7 +15,7 @@ import grp
 import os
 import pwd
 
-from evd.config import ConfigError
+from evd.core.config import ConfigError
 
 
 class PrivilegeError(Exception):

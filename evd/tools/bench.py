@@ -46,7 +46,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_any
 
-from evd.framing import Decoder, FrameError, encode
+from evd.proto.framing import Decoder, FrameError, encode
 
 MODES = ("tcp", "udp", "connect", "framed", "idle")
 DEFAULT_CONNECTIONS = {"tcp": 50, "udp": 20, "connect": 20, "framed": 50, "idle": 1000}

@@ -23,8 +23,8 @@ import os
 import socket
 import time
 
-from evd.config import Address
-from evd.log import log
+from evd.core.config import Address
+from evd.core.log import log
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 

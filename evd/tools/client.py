@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import socket
 
-from evd.framing import Decoder, Frame, encode
+from evd.proto.framing import Decoder, Frame, encode
 
 DEFAULT_TIMEOUT = 10.0
 # Responses can be as large as a command's output cap plus a header; the

@@ -4,7 +4,7 @@ A handler (asyncio would say "protocol") gets events from its transport:
 `connection_made(transport)`, `data_received(data)`, `eof_received()` (return
 True to keep the connection open after the peer's EOF), `resume_writing()`
 (the output queue drained below `write_low`) and `connection_lost(reason)`.
-The service logic itself lives in `services.py`; these classes only glue it
+The service logic itself lives in `proto/services.py`; these classes only glue it
 to a transport.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from evd import services
+from evd.proto import services
 
 # timefmt over TCP: the longest line we wait for.  A format is at most
 # TIMEFMT_MAX bytes; anything this long without a newline is not a client

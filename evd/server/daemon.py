@@ -12,7 +12,7 @@ port refuses connections.  Services outlive their listeners: connections of
 a service whose listener was removed run to their natural end.
 
 The same class runs a worker of a supervisor (`worker` set, see
-supervisor.py): its sockets are shared with the supervisor, which owns the
+server/supervisor.py): its sockets are shared with the supervisor, which owns the
 listener set, the pidfile and systemd; a worker's reload applies the rest.
 """
 
@@ -24,17 +24,19 @@ import signal
 import time
 from dataclasses import fields
 
-from evd import __version__, config as config_mod
-from evd import transport as transport_mod
-from evd.commands import Runner
-from evd.framed import Context, Framed
-from evd.handlers import STREAM_HANDLERS
-from evd.listeners import GUARD_PORTS, BindError, DatagramEndpoint, StreamListener, bind
-from evd.log import log
-from evd.reactor import Reactor
-from evd.service import Service
-from evd.services import datagram_handler
-from evd.systemd import Notifier
+from evd import __version__
+
+from evd.core import config as config_mod
+from evd.net import transport as transport_mod
+from evd.handlers.commands import Runner
+from evd.handlers.framed import Context, Framed
+from evd.handlers.raw import STREAM_HANDLERS
+from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, StreamListener, bind
+from evd.core.log import log
+from evd.core.reactor import Reactor
+from evd.handlers.service import Service
+from evd.proto.services import datagram_handler
+from evd.system.systemd import Notifier
 
 # Services that have listeners of their own (command and stats are reached
 # through the framed dispatcher only).

@@ -22,10 +22,10 @@ import os
 import time
 
 from evd import __version__
-from evd.commands import CommandError
-from evd.framing import Decoder, FrameError, encode_parts, ok_header
-from evd.handlers import Handler
-from evd.log import log
+from evd.handlers.commands import CommandError
+from evd.proto.framing import Decoder, FrameError, encode_parts, ok_header
+from evd.handlers.raw import Handler
+from evd.core.log import log
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # strftime output grows with its input; 256 characters is plenty for a format.

@@ -1,0 +1,1 @@
+"""Primitives every layer uses: the reactor, the configuration, the log."""

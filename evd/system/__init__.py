@@ -1,0 +1,2 @@
+"""The operating system: systemd's protocols, privilege dropping, the
+pidfile."""

@@ -109,8 +109,12 @@ class EvdProcess:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "evd", "run", "-c", str(self.config_path), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            cwd=ROOT, env=full_env, pass_fds=pass_fds,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=full_env,
+            pass_fds=pass_fds,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -135,14 +139,18 @@ class EvdProcess:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {event} {fields} within {timeout}s; log:\n" + "\n".join(self.raw[-30:]))
+                raise AssertionError(
+                    f"no {event} {fields} within {timeout}s; log:\n" + "\n".join(self.raw[-30:])
+                )
             try:
                 item = self._queue.get(timeout=left)
             except queue.Empty:
                 continue
             if item is None:
                 self._queue.put(None)
-                raise AssertionError(f"evd exited before {event} {fields}; log:\n" + "\n".join(self.raw[-30:]))
+                raise AssertionError(
+                    f"evd exited before {event} {fields}; log:\n" + "\n".join(self.raw[-30:])
+                )
             self.events.append(item)
             if item.get("event") == event and all(item.get(k) == v for k, v in fields.items()):
                 return item
@@ -157,14 +165,18 @@ class EvdProcess:
                     return seen
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no new {event} {fields} within {timeout}s; log:\n" + "\n".join(self.raw[-30:]))
+                raise AssertionError(
+                    f"no new {event} {fields} within {timeout}s; log:\n" + "\n".join(self.raw[-30:])
+                )
             try:
                 item = self._queue.get(timeout=left)
             except queue.Empty:
                 continue
             if item is None:
                 self._queue.put(None)
-                raise AssertionError(f"evd exited before {event} {fields}; log:\n" + "\n".join(self.raw[-30:]))
+                raise AssertionError(
+                    f"evd exited before {event} {fields}; log:\n" + "\n".join(self.raw[-30:])
+                )
             self.events.append(item)
 
     def drain_events(self) -> list[dict]:
@@ -202,7 +214,7 @@ class EvdProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(WAIT)
-                raise AssertionError("evd did not stop in time")
+                raise AssertionError("evd did not stop in time") from None
         self._reader.join(WAIT)
         self.drain_events()
         return self.proc.returncode
@@ -212,8 +224,9 @@ class EvdProcess:
 def start_evd(tmp_path):
     started: list[EvdProcess] = []
 
-    def start(config: str = BASE_CONFIG, args=(), env=None, wait_ready=True, prefix=(),
-              pass_fds=()) -> EvdProcess:
+    def start(
+        config: str = BASE_CONFIG, args=(), env=None, wait_ready=True, prefix=(), pass_fds=()
+    ) -> EvdProcess:
         evd = EvdProcess(tmp_path, config, args, env, prefix, pass_fds)
         started.append(evd)
         return evd.ready() if wait_ready else evd
@@ -259,6 +272,7 @@ def recv_all(sock: socket.socket) -> bytes:
 
 # -- daemons started with `evd start` -------------------------------------------
 
+
 def process_gone(pid: int, timeout: float = WAIT) -> bool:
     """Wait (bounded) for `pid` to exit, through a pidfd: readable at exit,
     zombie or not (this container's init does not reap orphans)."""
@@ -289,7 +303,7 @@ class LogFile:
                 data = f.read()
         except FileNotFoundError:
             return
-        complete = data[:data.rfind(b"\n") + 1]
+        complete = data[: data.rfind(b"\n") + 1]
         self._offset += len(complete)
         for line in complete.splitlines():
             try:
@@ -299,8 +313,11 @@ class LogFile:
 
     def find(self, event: str, **fields) -> list[dict]:
         self._read_new()
-        return [e for e in self.events
-                if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
+        return [
+            e
+            for e in self.events
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
 
     def wait_for(self, event: str, timeout: float = WAIT, **fields) -> dict:
         """The first `event` with `fields`; polls the file (a log line is the
@@ -338,9 +355,14 @@ class Control:
         return self.config_path
 
     def __call__(self, *args, timeout: float = 3 * WAIT) -> subprocess.CompletedProcess:
-        out = subprocess.run([sys.executable, "-m", "evd", *args, "-c", str(self.config_path)],
-                             capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                             stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            [sys.executable, "-m", "evd", *args, "-c", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )
         if args[0] == "start" and out.returncode == 0:
             self.pids.append(int(out.stdout.split()[-1]))
         return out
@@ -375,7 +397,7 @@ def control(tmp_path):
 
 def logged_config(config: str) -> str:
     """`config` with the log going to {tmp}/evd.log (for `evd start`)."""
-    return config.replace('[log]\n', '[log]\nfile = "{tmp}/evd.log"\n', 1)
+    return config.replace("[log]\n", '[log]\nfile = "{tmp}/evd.log"\n', 1)
 
 
 class NotifySocket:
@@ -393,8 +415,14 @@ class NotifySocket:
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-            pid = next((struct.unpack("iII", d)[0] for level, kind, d in ancillary
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+            pid = next(
+                (
+                    struct.unpack("iII", d)[0]
+                    for level, kind, d in ancillary
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+                ),
+                None,
+            )
             lines = data.decode().split("\n")
             if line in lines:
                 return dict(item.split("=", 1) for item in lines), pid

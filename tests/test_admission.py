@@ -46,9 +46,11 @@ def nets(*cidrs):
 
 def config(only_from=(), no_access=(), max_connections=1000, per_source=1000, rate=0.0, burst=10):
     return SimpleNamespace(
-        only_from=nets(*only_from), no_access=nets(*no_access),
-        limits=SimpleNamespace(max_connections=max_connections, per_source=per_source,
-                               rate=rate, burst=burst),
+        only_from=nets(*only_from),
+        no_access=nets(*no_access),
+        limits=SimpleNamespace(
+            max_connections=max_connections, per_source=per_source, rate=rate, burst=burst
+        ),
     )
 
 
@@ -62,48 +64,59 @@ def admit(adm, host, now=0.0):
 
 # --- parse_ip -----------------------------------------------------------------
 
-@pytest.mark.parametrize("host, expected", [
-    ("192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
-    ("2001:db8::1", ipaddress.IPv6Address("2001:db8::1")),
-    ("::ffff:192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
-    ("::FFFF:10.1.2.3", ipaddress.IPv4Address("10.1.2.3")),
-    ("fe80::1%eth0", ipaddress.IPv6Address("fe80::1")),
-    ("unix", None),
-    ("", None),
-    ("example.com", None),
-])
+
+@pytest.mark.parametrize(
+    "host, expected",
+    [
+        ("192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
+        ("2001:db8::1", ipaddress.IPv6Address("2001:db8::1")),
+        ("::ffff:192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
+        ("::FFFF:10.1.2.3", ipaddress.IPv4Address("10.1.2.3")),
+        ("fe80::1%eth0", ipaddress.IPv6Address("fe80::1")),
+        ("unix", None),
+        ("", None),
+        ("example.com", None),
+    ],
+)
 def test_parse_ip(host, expected):
     assert parse_ip(host) == expected
 
 
 # --- access lists ---------------------------------------------------------------
 
-@pytest.mark.parametrize("host, allowed", [
-    ("10.1.2.3", True),
-    ("10.255.255.255", True),
-    ("11.0.0.1", False),
-    ("192.168.1.10", True),
-    ("192.168.1.11", False),
-    ("::ffff:10.9.9.9", True),     # IPv4-mapped: judged as its IPv4 address
-    ("::ffff:11.0.0.1", False),
-    ("2001:db8:1::5", True),
-    ("2001:db8:2::5", False),
-    ("::1", False),
-])
+
+@pytest.mark.parametrize(
+    "host, allowed",
+    [
+        ("10.1.2.3", True),
+        ("10.255.255.255", True),
+        ("11.0.0.1", False),
+        ("192.168.1.10", True),
+        ("192.168.1.11", False),
+        ("::ffff:10.9.9.9", True),  # IPv4-mapped: judged as its IPv4 address
+        ("::ffff:11.0.0.1", False),
+        ("2001:db8:1::5", True),
+        ("2001:db8:2::5", False),
+        ("::1", False),
+    ],
+)
 def test_only_from(host, allowed):
     adm = Admission(config(only_from=["10.0.0.0/8", "192.168.1.10/32", "2001:db8:1::/48"]))
     assert admit(adm, host) == (None if allowed else "access")
 
 
-@pytest.mark.parametrize("host, allowed", [
-    ("10.1.2.3", True),
-    ("10.6.6.6", False),
-    ("::ffff:10.6.6.6", False),
-    ("::ffff:10.7.0.1", True),
-    ("2001:db8::bad", False),
-    ("2001:db8::900d", True),
-    ("203.0.113.9", True),
-])
+@pytest.mark.parametrize(
+    "host, allowed",
+    [
+        ("10.1.2.3", True),
+        ("10.6.6.6", False),
+        ("::ffff:10.6.6.6", False),
+        ("::ffff:10.7.0.1", True),
+        ("2001:db8::bad", False),
+        ("2001:db8::900d", True),
+        ("203.0.113.9", True),
+    ],
+)
 def test_no_access_alone(host, allowed):
     adm = Admission(config(no_access=["10.6.0.0/16", "2001:db8::bad/128"]))
     assert admit(adm, host) == (None if allowed else "access")
@@ -112,10 +125,10 @@ def test_no_access_alone(host, allowed):
 def test_no_access_is_checked_after_only_from():
     adm = Admission(config(only_from=["10.0.0.0/8", "::1/128"], no_access=["10.0.0.0/24", "::1"]))
     assert admit(adm, "10.0.1.1") is None
-    assert admit(adm, "10.0.0.7") == "access"        # inside only_from, but refused
+    assert admit(adm, "10.0.0.7") == "access"  # inside only_from, but refused
     assert admit(adm, "::ffff:10.0.0.7") == "access"
     assert admit(adm, "::1") == "access"
-    assert admit(adm, "172.16.0.1") == "access"      # outside only_from
+    assert admit(adm, "172.16.0.1") == "access"  # outside only_from
 
 
 def test_ipv4_only_list_refuses_ipv6_and_vice_versa():
@@ -151,6 +164,7 @@ def test_without_lists_no_filtering():
 
 
 # --- concurrency limits -------------------------------------------------------
+
 
 def test_max_connections():
     adm = Admission(config(max_connections=3))
@@ -207,6 +221,7 @@ def test_apply_keeps_open_counts():
 
 
 # --- token buckets ------------------------------------------------------------
+
 
 def test_rate_burst_then_refusal_then_refill():
     rate, burst = 2.0, 3
@@ -305,7 +320,10 @@ def test_bucket_table_bound_prefers_dropping_refilled_buckets(monkeypatch):
 def test_ipv4_mapped_networks_in_the_rules_match_ipv4_peers():
     import ipaddress as _ip
     from types import SimpleNamespace as _NS
-    from evd.proto.admission import ACCESS, Admission as _Adm
+
+    from evd.proto.admission import ACCESS
+    from evd.proto.admission import Admission as _Adm
+
     limits = _NS(max_connections=10, per_source=10, rate=0.0, burst=1)
     rule = _NS(only_from=(_ip.ip_network("::ffff:10.0.0.0/104"),), no_access=(), limits=limits)
     adm = _Adm(rule)

@@ -20,7 +20,8 @@ LAYERS = {
     "__main__": 0,
     "cli": 1,
     # client side: tools that talk to a daemon (the daemon never imports them)
-    "tools.lifecycle": 2, "tools.bench": 2,
+    "tools.lifecycle": 2,
+    "tools.bench": 2,
     "tools.client": 3,
     # the daemon process: start-up, workers, one daemon, its reload plan
     "server.launch": 10,
@@ -32,20 +33,28 @@ LAYERS = {
     "net.transport": 21,
     # connection handlers and a service's running state
     "handlers.framed": 30,
-    "handlers.raw": 31, "handlers.commands": 31, "handlers.service": 31,
+    "handlers.raw": 31,
+    "handlers.commands": 31,
+    "handlers.service": 31,
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
-    "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
+    "proto.framing": 41,
+    "proto.services": 41,
+    "proto.admission": 41,
     # the operating system: systemd, privileges, the pidfile
-    "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50,
+    "system.systemd": 50,
+    "system.privileges": 50,
+    "system.pidfile": 50,
     # primitives
-    "core.reactor": 60, "core.config": 60, "core.log": 60,
+    "core.reactor": 60,
+    "core.config": 60,
+    "core.log": 60,
     "__init__": 70,
 }
 
 
 def module_name(path: Path) -> str:
-    """"cli", "server.daemon", "__init__" (a package is named by its folder)."""
+    """ "cli", "server.daemon", "__init__" (a package is named by its folder)."""
     parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
     if parts[-1] == "__init__" and len(parts) > 1:
         parts.pop()
@@ -69,13 +78,18 @@ def evd_imports(path: Path) -> set[str]:
             found.update(a.name[4:] for a in node.names if a.name.startswith("evd."))
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "evd":
-                found.update(a.name if layer_of(a.name) is not None and a.name != "__version__" else "__init__"
-                             for a in node.names)
+                found.update(
+                    a.name if layer_of(a.name) is not None and a.name != "__version__" else "__init__"
+                    for a in node.names
+                )
             elif node.module.startswith("evd."):
                 base = node.module[4:]
                 for alias in node.names:  # `from evd.net import transport` names a module
-                    found.add(f"{base}.{alias.name}" if layer_of(f"{base}.{alias.name}") is not None
-                              and f"{base}.{alias.name}" in MODULES else base)
+                    found.add(
+                        f"{base}.{alias.name}"
+                        if layer_of(f"{base}.{alias.name}") is not None and f"{base}.{alias.name}" in MODULES
+                        else base
+                    )
     return found
 
 

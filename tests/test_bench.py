@@ -13,15 +13,20 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from evd.tools import bench
 
-from conftest import ROOT
-
 
 def evd_bench(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evd", "bench", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "evd", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def run_json(*args: str) -> dict:
@@ -37,15 +42,28 @@ def address(evd, service: str, proto: str = "tcp") -> str:
     return f"{host}:{port}"
 
 
-@pytest.mark.parametrize("mode, service, proto, extra", [
-    ("tcp", "echo", "tcp", ["-n", "4", "-s", "100"]),
-    ("udp", "echo", "udp", ["-n", "4"]),
-    ("connect", "echo", "tcp", ["-n", "4"]),
-    ("framed", "framed", "tcp", ["-n", "3", "-D", "4", "-P", "2"]),
-])
+@pytest.mark.parametrize(
+    "mode, service, proto, extra",
+    [
+        ("tcp", "echo", "tcp", ["-n", "4", "-s", "100"]),
+        ("udp", "echo", "udp", ["-n", "4"]),
+        ("connect", "echo", "tcp", ["-n", "4"]),
+        ("framed", "framed", "tcp", ["-n", "3", "-D", "4", "-P", "2"]),
+    ],
+)
 def test_a_one_second_run_counts_requests_and_no_errors(evd, mode, service, proto, extra):
-    result = run_json(mode, "--address", address(evd, service, proto), "-d", "1", "-w", "0",
-                      "--server-pid", str(evd.proc.pid), *extra)
+    result = run_json(
+        mode,
+        "--address",
+        address(evd, service, proto),
+        "-d",
+        "1",
+        "-w",
+        "0",
+        "--server-pid",
+        str(evd.proc.pid),
+        *extra,
+    )
     assert result["mode"] == mode
     assert result["requests"] > 0 and result["req_s"] > 0
     assert result["errors"] == 0, result
@@ -55,15 +73,16 @@ def test_a_one_second_run_counts_requests_and_no_errors(evd, mode, service, prot
 
 
 def test_idle_holds_connections_then_checks_them(evd):
-    result = run_json("idle", "--address", address(evd, "echo"), "-n", "200", "-d", "1",
-                      "--server-pid", str(evd.proc.pid))
+    result = run_json(
+        "idle", "--address", address(evd, "echo"), "-n", "200", "-d", "1", "--server-pid", str(evd.proc.pid)
+    )
     assert result["held"] == 200
     assert result["requests"] > 0 and result["errors"] == 0, result
     assert result["rss_after_kb"] >= result["rss_before_kb"] > 0
 
 
 def test_the_default_address_comes_from_the_config(evd, tmp_path):
-    config = tmp_path / "client.toml"       # the daemon's own file says port 0
+    config = tmp_path / "client.toml"  # the daemon's own file says port 0
     config.write_text(f'[services.echo]\ntcp = ["{address(evd, "echo")}"]\n')
     proc = evd_bench("tcp", "-c", str(config), "-n", "2", "-d", "0.3", "-w", "0")
     assert proc.returncode == 0, proc.stderr
@@ -100,4 +119,4 @@ def test_payloads_are_distinct_and_sized():
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]        # bound, never listening: refused
+        return sock.getsockname()[1]  # bound, never listening: refused

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 import evd.handlers.commands as commands_mod
-from evd.handlers.commands import CommandError, Runner
 from evd.core.reactor import Reactor
+from evd.handlers.commands import CommandError, Runner
 
 LIMIT = 5.0
 # SPEC section 3: the default arg_pattern.
@@ -102,6 +102,7 @@ def h(log):
 
 # --- argv validation ------------------------------------------------------------
 
+
 def test_argv_known_command_without_args(h):
     r = h.runner()
     assert r.argv("uptime", None) == ["uptime"]
@@ -135,10 +136,28 @@ def test_argv_args_must_be_a_list_of_strings(h, args):
     assert info.value.code == "bad_args"
 
 
-@pytest.mark.parametrize("arg", [
-    ";rm -rf /", "$(id)", "`id`", "a b", "a|b", "a&b", "a>b", "../../etc/passwd",
-    "", "x" * 65, "abc\n", "\nabc", "ä", "a\x00b", "*", "~root", "--opt=$HOME",
-])
+@pytest.mark.parametrize(
+    "arg",
+    [
+        ";rm -rf /",
+        "$(id)",
+        "`id`",
+        "a b",
+        "a|b",
+        "a&b",
+        "a>b",
+        "../../etc/passwd",
+        "",
+        "x" * 65,
+        "abc\n",
+        "\nabc",
+        "ä",
+        "a\x00b",
+        "*",
+        "~root",
+        "--opt=$HOME",
+    ],
+)
 def test_argv_default_pattern_refuses_shell_metacharacters(h, arg):
     with pytest.raises(CommandError) as info:
         h.runner().argv("greet", ["fine", arg])
@@ -156,6 +175,7 @@ def test_argv_custom_pattern_must_match_whole_argument(h):
 
 # --- running ------------------------------------------------------------------
 
+
 def test_echo_hello(h, log):
     r = h.runner()
     run, res = h.execute(r, ["echo", "hello"])
@@ -171,7 +191,7 @@ def test_echo_hello(h, log):
 
 
 def test_exit_status_and_stderr(h):
-    run, res = h.execute(h.runner(), ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    _run, res = h.execute(h.runner(), ["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert res.exit == 3 and res.signal is None
     assert bytes(res.stdout) == b"out\n"
     assert bytes(res.stderr) == b"err\n"
@@ -229,7 +249,7 @@ def test_loop_keeps_running_while_a_command_runs(h):
 
 def test_timeout_kills_the_command(h):
     r = h.runner(service(timeout=0.2))
-    run, res = h.execute(r, ["sleep", "10"])
+    _run, res = h.execute(r, ["sleep", "10"])
     assert res.timed_out is True
     assert res.exit is None
     assert res.signal in (signal.SIGTERM, signal.SIGKILL)
@@ -242,8 +262,9 @@ def test_timeout_escalates_to_sigkill(h, monkeypatch):
     monkeypatch.setattr(commands_mod, "KILL_GRACE", 0.1)  # keep the test fast
     r = h.runner(service(timeout=0.1))
     # Ignores SIGTERM: only SIGKILL (KILL_GRACE later) ends it.
-    run, res = h.execute(r, ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"],
-                         limit=LIMIT)
+    _run, res = h.execute(
+        r, ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"], limit=LIMIT
+    )
     assert res.timed_out is True
     assert res.signal == 9
     assert bytes(res.stdout) == b"ready\n"
@@ -281,7 +302,9 @@ def test_what_a_command_leaves_behind_is_killed(h, monkeypatch):
     monkeypatch.setattr(commands_mod, "KILL_GRACE", 0.1)
     r = h.runner(service(timeout=30))
     # The main process exits at once; its child ignores SIGTERM and holds no pipe.
-    run, res = h.execute(r, ["sh", "-c", "(trap '' TERM; exec sleep 30) </dev/null >/dev/null 2>&1 & echo $!"])
+    run, res = h.execute(
+        r, ["sh", "-c", "(trap '' TERM; exec sleep 30) </dev/null >/dev/null 2>&1 & echo $!"]
+    )
     assert res.exit == 0 and not res.timed_out
     straggler = int(bytes(res.stdout))
     assert run in r.lingering
@@ -293,7 +316,9 @@ def test_what_a_command_leaves_behind_is_killed(h, monkeypatch):
 
 def test_kill_all_at_shutdown_takes_what_commands_left_behind(h):
     r = h.runner(service(timeout=30))  # KILL_GRACE (1 s) is not waited for
-    run, res = h.execute(r, ["sh", "-c", "(trap '' TERM; exec sleep 30) </dev/null >/dev/null 2>&1 & echo $!"])
+    run, res = h.execute(
+        r, ["sh", "-c", "(trap '' TERM; exec sleep 30) </dev/null >/dev/null 2>&1 & echo $!"]
+    )
     straggler = int(bytes(res.stdout))
     assert run in r.lingering
     r.kill_all()  # what the daemon does once the drain is over
@@ -304,7 +329,7 @@ def test_kill_all_at_shutdown_takes_what_commands_left_behind(h):
 def test_output_over_max_output_is_truncated_and_killed(h):
     cap = 10000
     r = h.runner(service(max_output=cap))
-    run, res = h.execute(r, ["yes"])
+    _run, res = h.execute(r, ["yes"])
     assert res.truncated is True
     assert not res.timed_out
     assert res.signal in (signal.SIGTERM, signal.SIGKILL)
@@ -318,8 +343,8 @@ def test_max_output_counts_stdout_and_stderr_together(h):
     _, res = h.execute(r, ["sh", "-c", "yes out & exec yes err >&2"])
     assert res.truncated is True
     assert len(res.stdout) + len(res.stderr) == cap
-    assert bytes(res.stdout) == (b"out\n" * cap)[:len(res.stdout)]
-    assert bytes(res.stderr) == (b"err\n" * cap)[:len(res.stderr)]
+    assert bytes(res.stdout) == (b"out\n" * cap)[: len(res.stdout)]
+    assert bytes(res.stderr) == (b"err\n" * cap)[: len(res.stderr)]
 
 
 def test_output_exactly_max_output_is_not_truncated(h):

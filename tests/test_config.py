@@ -33,6 +33,7 @@ def round_trip(c: config.Config) -> config.Config:
 
 # -- the embedded default ---------------------------------------------------------
 
+
 def test_repository_copy_is_the_embedded_default():
     assert (ROOT / "etc" / "evd.toml").read_bytes() == (ROOT / "evd" / "default.toml").read_bytes()
 
@@ -65,7 +66,14 @@ def test_embedded_default_values():
     assert (s["command"].timeout, s["command"].max_output, s["command"].max_concurrent) == (10.0, 1048576, 8)
     assert all(svc.limits == c.limits for svc in s.values())
     assert [svc.name for svc in c.enabled_services()] == [
-        "echo", "daytime", "time", "timefmt", "framed", "command", "stats"]
+        "echo",
+        "daytime",
+        "time",
+        "timefmt",
+        "framed",
+        "command",
+        "stats",
+    ]
     assert list(c.commands) == ["uptime", "greet"]
     assert c.commands["uptime"] == config.CommandSpec("uptime", ("uptime",), False, r"^[A-Za-z0-9._-]{1,64}$")
     assert c.commands["greet"].argv == ("echo", "hello") and c.commands["greet"].args
@@ -89,6 +97,7 @@ def test_every_key_of_the_default_file_is_commented():
 
 # -- values and types -------------------------------------------------------------
 
+
 def test_partial_sections_keep_other_defaults():
     c = parse("[limits]\nrate = 5\n[services.echo]\ntcp = []\n")
     assert c.limits.rate == 5.0 and isinstance(c.limits.rate, float)
@@ -97,8 +106,10 @@ def test_partial_sections_keep_other_defaults():
 
 
 def test_wrong_types():
-    errors = errors_of('[limits]\nrate = "fast"\nburst = 1.5\nmax_body = true\n'
-                       "idle_timeout = false\n[log]\nlevel = 3\n[services.echo]\nenabled = 1\n")
+    errors = errors_of(
+        '[limits]\nrate = "fast"\nburst = 1.5\nmax_body = true\n'
+        "idle_timeout = false\n[log]\nlevel = 3\n[services.echo]\nenabled = 1\n"
+    )
     assert errors == [
         "log.level: expected a string, got integer",
         "limits.rate: expected a number, got string",
@@ -110,10 +121,12 @@ def test_wrong_types():
 
 
 def test_ranges_and_choices():
-    errors = errors_of('[daemon]\nworkers = 0\nshutdown_timeout = -1\npidfile = "evd.pid"\n'
-                       '[log]\nlevel = "trace"\nformat = "xml"\nfile = "rel.log"\n'
-                       "[limits]\nmax_header = 1\nrate = -0.5\nmax_connections = 0\nper_source = 0\n"
-                       "burst = 0\nrate2 = 1\n")
+    errors = errors_of(
+        '[daemon]\nworkers = 0\nshutdown_timeout = -1\npidfile = "evd.pid"\n'
+        '[log]\nlevel = "trace"\nformat = "xml"\nfile = "rel.log"\n'
+        "[limits]\nmax_header = 1\nrate = -0.5\nmax_connections = 0\nper_source = 0\n"
+        "burst = 0\nrate2 = 1\n"
+    )
     assert errors == [
         "daemon.workers: must be at least 1",
         "daemon.shutdown_timeout: must be at least 0",
@@ -135,15 +148,21 @@ def test_non_finite_float():
 
 
 def test_water_marks():
-    assert one_error("[limits]\nwrite_low = 262144\n") == \
-        "limits.write_low: must be less than write_high (262144)"
-    assert one_error("[services.echo]\nwrite_high = 100\n") == \
-        "services.echo.write_low: must be less than write_high (100)"
+    assert (
+        one_error("[limits]\nwrite_low = 262144\n")
+        == "limits.write_low: must be less than write_high (262144)"
+    )
+    assert (
+        one_error("[services.echo]\nwrite_high = 100\n")
+        == "services.echo.write_low: must be less than write_high (100)"
+    )
 
 
 def test_unknown_sections_services_and_keys():
-    errors = errors_of("colour = 1\n[extra]\n[services.ssh]\n[services.echo]\nport = 7\n"
-                       '[services.stats]\nrate = 1\n[daemon]\nuser = "nobody"\nhome = "/"\n')
+    errors = errors_of(
+        "colour = 1\n[extra]\n[services.ssh]\n[services.echo]\nport = 7\n"
+        '[services.stats]\nrate = 1\n[daemon]\nuser = "nobody"\nhome = "/"\n'
+    )
     assert errors == [
         "colour: unknown section",
         "extra: unknown section",
@@ -165,15 +184,21 @@ def test_sections_of_the_wrong_shape():
 
 
 def test_many_errors_reported_together():
-    errors = errors_of('[log]\nlevel = "loud"\n[services.echo]\ntcp = ["nowhere"]\n'
-                       '[services.time]\nonly_from = ["10.0.0.1/8"]\n[commands.x]\nargv = []\n')
+    errors = errors_of(
+        '[log]\nlevel = "loud"\n[services.echo]\ntcp = ["nowhere"]\n'
+        '[services.time]\nonly_from = ["10.0.0.1/8"]\n[commands.x]\nargv = []\n'
+    )
     assert [e.split(":")[0] for e in errors] == [
-        "log.level", "services.echo.tcp[0]", "services.time.only_from[0]", "commands.x.argv"]
+        "log.level",
+        "services.echo.tcp[0]",
+        "services.time.only_from[0]",
+        "commands.x.argv",
+    ]
 
 
 def test_toml_syntax_error_names_line_and_column():
     with pytest.raises(ConfigError) as info:
-        parse("[log]\nlevel = \"info\"\nformat = json\n", "/etc/evd/evd.toml")
+        parse('[log]\nlevel = "info"\nformat = json\n', "/etc/evd/evd.toml")
     (error,) = info.value.errors
     assert error.startswith("/etc/evd/evd.toml: TOML syntax error: ")
     assert "(at line 3, column 10)" in error
@@ -181,37 +206,46 @@ def test_toml_syntax_error_names_line_and_column():
 
 # -- addresses --------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, host, port, shown", [
-    ("127.0.0.1:7007", "127.0.0.1", 7007, "127.0.0.1:7007"),
-    ("[::1]:7007", "::1", 7007, "[::1]:7007"),
-    ("[0:0::1]:80", "::1", 80, "[::1]:80"),
-    ("*:7007", "*", 7007, "*:7007"),
-    ("0.0.0.0:0", "0.0.0.0", 0, "0.0.0.0:0"),
-    ("[::]:65535", "::", 65535, "[::]:65535"),
-])
+
+@pytest.mark.parametrize(
+    "text, host, port, shown",
+    [
+        ("127.0.0.1:7007", "127.0.0.1", 7007, "127.0.0.1:7007"),
+        ("[::1]:7007", "::1", 7007, "[::1]:7007"),
+        ("[0:0::1]:80", "::1", 80, "[::1]:80"),
+        ("*:7007", "*", 7007, "*:7007"),
+        ("0.0.0.0:0", "0.0.0.0", 0, "0.0.0.0:0"),
+        ("[::]:65535", "::", 65535, "[::]:65535"),
+    ],
+)
 def test_good_addresses(text, host, port, shown):
     address = parse(f'[services.echo]\ntcp = ["{text}"]\n').services["echo"].tcp[0]
     assert address == Address("tcp", host, port)
     assert str(address) == shown
 
 
-@pytest.mark.parametrize("text, why", [
-    ("localhost:7007", "host must be an IP literal or * (no hostnames)"),
-    ("::1:7007", "an IPv6 host needs brackets: [ADDR]:PORT"),
-    ("[::g]:7007", "[::g] is not an IPv6 literal"),
-    ("127.0.0.1:65536", "expected HOST:PORT with PORT an integer 0..65535"),
-    ("127.0.0.1", "expected HOST:PORT with PORT an integer 0..65535"),
-    ("127.0.0.1:-1", "expected HOST:PORT with PORT an integer 0..65535"),
-    ("300.0.0.1:7", "host must be an IP literal or * (no hostnames)"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("localhost:7007", "host must be an IP literal or * (no hostnames)"),
+        ("::1:7007", "an IPv6 host needs brackets: [ADDR]:PORT"),
+        ("[::g]:7007", "[::g] is not an IPv6 literal"),
+        ("127.0.0.1:65536", "expected HOST:PORT with PORT an integer 0..65535"),
+        ("127.0.0.1", "expected HOST:PORT with PORT an integer 0..65535"),
+        ("127.0.0.1:-1", "expected HOST:PORT with PORT an integer 0..65535"),
+        ("300.0.0.1:7", "host must be an IP literal or * (no hostnames)"),
+    ],
+)
 def test_bad_addresses(text, why):
     error = one_error(f'[services.echo]\ntcp = ["127.0.0.1:1", "{text}"]\n')
     assert error == f'services.echo.tcp[1]: bad address "{text}": {why}'
 
 
 def test_address_list_types():
-    assert one_error('[services.echo]\nudp = "127.0.0.1:7"\n') == \
-        "services.echo.udp: expected an array of strings, got string"
+    assert (
+        one_error('[services.echo]\nudp = "127.0.0.1:7"\n')
+        == "services.echo.udp: expected an array of strings, got string"
+    )
     assert one_error("[services.echo]\nudp = [7]\n") == "services.echo.udp[0]: expected a string, got integer"
 
 
@@ -220,38 +254,54 @@ def test_unix_paths():
     assert c.services["echo"].unix == (Address("unix", "/run/evd/echo.sock", 0),)
     assert str(c.services["echo"].unix[0]) == "/run/evd/echo.sock"
     assert c.services["echo"].addresses[-1].proto == "unix"
-    assert one_error('[services.echo]\nunix = ["echo.sock"]\n') == \
-        'services.echo.unix[0]: bad address "echo.sock": must be an absolute path'
+    assert (
+        one_error('[services.echo]\nunix = ["echo.sock"]\n')
+        == 'services.echo.unix[0]: bad address "echo.sock": must be an absolute path'
+    )
     assert one_error('[services.echo]\nunix = [""]\n').startswith('services.echo.unix[0]: bad address ""')
     long = "/" + "x" * 107
     assert "UNIX socket limit" in one_error(f'[services.echo]\nunix = ["{long}"]\n')
 
 
 def test_framed_has_no_udp_and_command_no_addresses():
-    assert one_error('[services.framed]\nudp = ["127.0.0.1:7070"]\n') == \
-        "services.framed.udp: framed is TCP/UNIX only"
-    assert one_error('[services.command]\ntcp = ["127.0.0.1:1"]\n') == \
-        "services.command.tcp: command has no listeners of its own; it is reached through services.framed"
+    assert (
+        one_error('[services.framed]\nudp = ["127.0.0.1:7070"]\n')
+        == "services.framed.udp: framed is TCP/UNIX only"
+    )
+    assert (
+        one_error('[services.command]\ntcp = ["127.0.0.1:1"]\n')
+        == "services.command.tcp: command has no listeners of its own; it is reached through services.framed"
+    )
 
 
 # -- listener conflicts -----------------------------------------------------------
 
+
 def test_same_listener_in_two_services():
-    assert one_error('[services.daytime]\ntcp = ["127.0.0.1:7007"]\n') == \
-        "services.daytime.tcp[0]: tcp 127.0.0.1:7007 is already used by services.echo.tcp[0]"
+    assert (
+        one_error('[services.daytime]\ntcp = ["127.0.0.1:7007"]\n')
+        == "services.daytime.tcp[0]: tcp 127.0.0.1:7007 is already used by services.echo.tcp[0]"
+    )
 
 
 def test_same_listener_twice_in_one_service():
-    assert one_error('[services.echo]\nudp = ["[::1]:9", "[::1]:9"]\n') == \
-        "services.echo.udp[1]: udp [::1]:9 is already used by services.echo.udp[0]"
-    assert one_error('[services.echo]\nunix = ["/tmp/e.sock"]\n[services.framed]\nunix = ["/tmp/e.sock"]\n') == \
-        "services.framed.unix[0]: unix /tmp/e.sock is already used by services.echo.unix[0]"
+    assert (
+        one_error('[services.echo]\nudp = ["[::1]:9", "[::1]:9"]\n')
+        == "services.echo.udp[1]: udp [::1]:9 is already used by services.echo.udp[0]"
+    )
+    assert (
+        one_error('[services.echo]\nunix = ["/tmp/e.sock"]\n[services.framed]\nunix = ["/tmp/e.sock"]\n')
+        == "services.framed.unix[0]: unix /tmp/e.sock is already used by services.echo.unix[0]"
+    )
 
 
 @pytest.mark.parametrize("wildcard", ["*", "0.0.0.0", "[::]"])
 def test_wildcard_overlaps_a_specific_address(wildcard):
     error = one_error(f'[services.daytime]\ntcp = ["{wildcard}:7007"]\n')
-    assert error == f"services.daytime.tcp[0]: tcp {wildcard}:7007 overlaps 127.0.0.1:7007 of services.echo.tcp[0]"
+    assert (
+        error
+        == f"services.daytime.tcp[0]: tcp {wildcard}:7007 overlaps 127.0.0.1:7007 of services.echo.tcp[0]"
+    )
 
 
 def test_listeners_that_do_not_conflict():
@@ -264,24 +314,33 @@ def test_listeners_that_do_not_conflict():
 
 # -- access lists -----------------------------------------------------------------
 
+
 def test_access_lists():
-    svc = parse('[services.echo]\nonly_from = ["10.0.0.0/8", "192.168.1.7", "2001:db8::/32"]\n'
-                'no_access = ["::1"]\n').services["echo"]
-    assert svc.only_from == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.168.1.7/32"),
-                             ipaddress.ip_network("2001:db8::/32"))
+    svc = parse(
+        '[services.echo]\nonly_from = ["10.0.0.0/8", "192.168.1.7", "2001:db8::/32"]\nno_access = ["::1"]\n'
+    ).services["echo"]
+    assert svc.only_from == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.168.1.7/32"),
+        ipaddress.ip_network("2001:db8::/32"),
+    )
     assert svc.no_access == (ipaddress.ip_network("::1/128"),)
 
 
 def test_bad_cidrs():
-    errors = errors_of('[services.echo]\nonly_from = ["192.168.1.1/24", "example.com"]\n'
-                       'no_access = ["10.0.0.0/33"]\n')
-    assert errors[0] == 'services.echo.only_from[0]: bad CIDR "192.168.1.1/24": 192.168.1.1/24 has host bits set'
+    errors = errors_of(
+        '[services.echo]\nonly_from = ["192.168.1.1/24", "example.com"]\nno_access = ["10.0.0.0/33"]\n'
+    )
+    assert (
+        errors[0] == 'services.echo.only_from[0]: bad CIDR "192.168.1.1/24": 192.168.1.1/24 has host bits set'
+    )
     assert errors[1].startswith('services.echo.only_from[1]: bad CIDR "example.com": ')
     assert errors[2].startswith('services.echo.no_access[0]: bad CIDR "10.0.0.0/33": ')
     assert len(errors) == 3
 
 
 # -- limits per service -----------------------------------------------------------
+
 
 def test_service_limits_override_the_global_ones():
     c = parse("[limits]\nrate = 10\nburst = 20\n[services.echo]\nrate = 0\nmax_connections = 5\n")
@@ -293,17 +352,23 @@ def test_service_limits_override_the_global_ones():
 
 
 def test_service_limit_errors_name_the_service():
-    assert one_error('[services.framed]\nmax_header = 0\n') == "services.framed.max_header: must be at least 2"
-    assert one_error('[services.command]\nrate = 1\n') == "services.command.rate: unknown key"
+    assert (
+        one_error("[services.framed]\nmax_header = 0\n") == "services.framed.max_header: must be at least 2"
+    )
+    assert one_error("[services.command]\nrate = 1\n") == "services.command.rate: unknown key"
 
 
 # -- framed and command -----------------------------------------------------------
 
+
 def test_dispatch_and_auth_required():
-    framed = parse('[services.framed]\ndispatch = ["echo"]\nauth_required = ["echo", "stats"]\n'
-                   ).services["framed"]
+    framed = parse('[services.framed]\ndispatch = ["echo"]\nauth_required = ["echo", "stats"]\n').services[
+        "framed"
+    ]
     assert framed.dispatch == ("echo",) and framed.auth_required == ("echo", "stats")
-    errors = errors_of('[services.framed]\ndispatch = ["echo", "daytime"]\nauth_required = ["time", "time"]\n')
+    errors = errors_of(
+        '[services.framed]\ndispatch = ["echo", "daytime"]\nauth_required = ["time", "time"]\n'
+    )
     assert errors == [
         'services.framed.dispatch: "daytime" cannot be dispatched (choose from echo, time, command, stats)',
         "services.framed.auth_required: lists a service twice",
@@ -313,8 +378,10 @@ def test_dispatch_and_auth_required():
 def test_command_service_keys():
     cmd = parse("[services.command]\ntimeout = 2\nmax_output = 0\nmax_concurrent = 1\n").services["command"]
     assert (cmd.timeout, cmd.max_output, cmd.max_concurrent) == (2.0, 0, 1)
-    assert one_error("[services.command]\nmax_concurrent = 0\n") == \
-        "services.command.max_concurrent: must be at least 1"
+    assert (
+        one_error("[services.command]\nmax_concurrent = 0\n")
+        == "services.command.max_concurrent: must be at least 1"
+    )
 
 
 def test_key_file_permissions(tmp_path):
@@ -322,8 +389,10 @@ def test_key_file_permissions(tmp_path):
     key.write_text("secret\n")
     key.chmod(0o644)
     text = f'[services.framed]\nkey_file = "{key}"\n'
-    assert one_error(text) == \
-        f"services.framed.key_file: {key} is accessible by group/others (mode 0644); chmod 600 it"
+    assert (
+        one_error(text)
+        == f"services.framed.key_file: {key} is accessible by group/others (mode 0644); chmod 600 it"
+    )
     key.chmod(0o600)
     assert parse(text).services["framed"].key_file == str(key)
     key.chmod(0o640)
@@ -332,13 +401,18 @@ def test_key_file_permissions(tmp_path):
 
 def test_key_file_missing_or_relative(tmp_path):
     missing = tmp_path / "nope"
-    assert one_error(f'[services.framed]\nkey_file = "{missing}"\n') == \
-        f"services.framed.key_file: {missing}: cannot read: [Errno 2] No such file or directory"
-    assert one_error('[services.framed]\nkey_file = "key"\n') == \
-        "services.framed.key_file: must be an absolute path"
+    assert (
+        one_error(f'[services.framed]\nkey_file = "{missing}"\n')
+        == f"services.framed.key_file: {missing}: cannot read: [Errno 2] No such file or directory"
+    )
+    assert (
+        one_error('[services.framed]\nkey_file = "key"\n')
+        == "services.framed.key_file: must be an absolute path"
+    )
 
 
 # -- commands ---------------------------------------------------------------------
+
 
 def test_a_commands_table_replaces_the_defaults():
     c = parse('[commands.date]\nargv = ["date", "-u"]\n')
@@ -349,8 +423,10 @@ def test_a_commands_table_replaces_the_defaults():
 
 
 def test_command_errors():
-    errors = errors_of('[commands."bad name"]\nargv = ["x"]\n[commands.a]\nargs = "yes"\n'
-                       '[commands.b]\nargv = ["ls", ""]\narg_pattern = "(["\n[commands.c]\nargv = ["x"]\nenv = 1\n')
+    errors = errors_of(
+        '[commands."bad name"]\nargv = ["x"]\n[commands.a]\nargs = "yes"\n'
+        '[commands.b]\nargv = ["ls", ""]\narg_pattern = "(["\n[commands.c]\nargv = ["x"]\nenv = 1\n'
+    )
     assert errors[0].startswith("commands.bad name: bad command name")
     assert errors[1] == "commands.a.args: expected a boolean, got string"
     assert errors[2].startswith("commands.a.argv: missing")
@@ -361,6 +437,7 @@ def test_command_errors():
 
 
 # -- dump -------------------------------------------------------------------------
+
 
 def test_dump_round_trips_the_default():
     c = parse(EMBEDDED)
@@ -375,17 +452,22 @@ def test_dump_writes_every_effective_key():
     assert "shutdown_timeout = 10.0" in text and "rate = 200.0" in text
 
 
-@pytest.mark.parametrize("text", [
-    '[daemon]\nuser = "nobody"\ngroup = "nogroup"\nworkers = 4\nshutdown_timeout = 0\n'
-    '[log]\nlevel = "debug"\nformat = "console"\nfile = "/var/log/evd/evd.log"\n',
-    '[limits]\nrate = 0\nidle_timeout = 1.5e3\n[services.echo]\ntcp = ["*:7", "[::1]:8"]\nudp = []\n'
-    'unix = ["/run/evd/e.sock"]\nonly_from = ["10.0.0.0/8", "::1"]\nno_access = ["10.1.0.0/16"]\nburst = 3\n'
-    '[services.chargen]\nenabled = true\nudp = []\n[services.framed]\ndispatch = ["echo"]\nauth_required = []\n',
-    "[commands]\n[services.command]\nenabled = false\n[services.stats]\nenabled = false\n",
-    '[commands."odd.name"]\nargv = ["printf", "it\'s \\"quoted\\"\\\\ \\t\\u007f\\u00e9"]\nargs = true\n'
-    "arg_pattern = '^\\d+(\\.\\d+)?$'\n"
-    '[commands.other]\nargv = ["x"]\narg_pattern = "^it\'s\\\\w$"\n',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[daemon]\nuser = "nobody"\ngroup = "nogroup"\nworkers = 4\nshutdown_timeout = 0\n'
+        '[log]\nlevel = "debug"\nformat = "console"\nfile = "/var/log/evd/evd.log"\n',
+        '[limits]\nrate = 0\nidle_timeout = 1.5e3\n[services.echo]\ntcp = ["*:7", "[::1]:8"]\nudp = []\n'
+        'unix = ["/run/evd/e.sock"]\nonly_from = ["10.0.0.0/8", "::1"]\n'
+        'no_access = ["10.1.0.0/16"]\nburst = 3\n'
+        "[services.chargen]\nenabled = true\nudp = []\n"
+        '[services.framed]\ndispatch = ["echo"]\nauth_required = []\n',
+        "[commands]\n[services.command]\nenabled = false\n[services.stats]\nenabled = false\n",
+        '[commands."odd.name"]\nargv = ["printf", "it\'s \\"quoted\\"\\\\ \\t\\u007f\\u00e9"]\nargs = true\n'
+        "arg_pattern = '^\\d+(\\.\\d+)?$'\n"
+        '[commands.other]\nargv = ["x"]\narg_pattern = "^it\'s\\\\w$"\n',
+    ],
+)
 def test_dump_round_trips_other_configs(text):
     c = parse(text, "/etc/evd/evd.toml")
     assert c != parse("")
@@ -399,6 +481,7 @@ def test_dump_keeps_regex_backslashes_readable():
 
 
 # -- finding the file -------------------------------------------------------------
+
 
 def test_resolve_path_order(tmp_path, monkeypatch):
     monkeypatch.delenv("EVD_CONFIG", raising=False)

@@ -13,10 +13,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import BASE_CONFIG, ROOT, WAIT, connect, recv_all, recv_exactly
-from evd.tools.client import Client, ServerError
+
 from evd.proto.framing import Decoder, encode
+from evd.tools.client import Client, ServerError
 
 
 def framed(evd) -> str:
@@ -25,8 +25,13 @@ def framed(evd) -> str:
 
 
 def call(evd, *args, input=None):
-    return subprocess.run([sys.executable, "-m", "evd", "call", "--address", framed(evd), *args],
-                          capture_output=True, timeout=WAIT, cwd=ROOT, input=input)
+    return subprocess.run(
+        [sys.executable, "-m", "evd", "call", "--address", framed(evd), *args],
+        capture_output=True,
+        timeout=WAIT,
+        cwd=ROOT,
+        input=input,
+    )
 
 
 def read_frames(sock, count: int):
@@ -42,6 +47,7 @@ def read_frames(sock, count: int):
 
 
 # -- hello and the services ------------------------------------------------------
+
 
 def test_hello_is_sent_first(evd):
     with Client(framed(evd)) as client:
@@ -68,8 +74,15 @@ def test_echo_time_stats_through_the_client(evd):
     assert stats["services"]["framed"]["connections_current"] == 1
     assert stats["services"]["framed"]["requests"] >= 3
     assert stats["commands"] == {"running": 0, "total": 0}
-    for key in ("connections_current", "connections_total", "rejected", "bytes_in",
-                "bytes_out", "requests", "errors"):
+    for key in (
+        "connections_current",
+        "connections_total",
+        "rejected",
+        "bytes_in",
+        "bytes_out",
+        "requests",
+        "errors",
+    ):
         assert key in stats["services"]["echo"]
 
 
@@ -196,7 +209,9 @@ def test_slow_command_does_not_delay_others(evd):
         assert slow.recv().header["id"] == "slow"
 
 
-COMMAND_LIMITS = BASE_CONFIG + """
+COMMAND_LIMITS = (
+    BASE_CONFIG
+    + """
 [services.command]
 timeout = 0.5
 max_output = 1000
@@ -205,6 +220,7 @@ max_concurrent = 1
 [commands.yes]
 argv = ["yes"]
 """
+)
 
 
 def test_command_timeout_output_cap_and_busy(start_evd):
@@ -261,13 +277,15 @@ def test_world_readable_key_file_is_refused(tmp_path):
     os.chmod(tmp_path / "key", 0o644)
     config = tmp_path / "evd.toml"
     config.write_text(AUTH_CONFIG.format(tmp=tmp_path))
-    out = subprocess.run([sys.executable, "-m", "evd", "run", "-c", str(config)],
-                         capture_output=True, timeout=WAIT, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "evd", "run", "-c", str(config)], capture_output=True, timeout=WAIT, cwd=ROOT
+    )
     assert out.returncode == 78
     assert "services.framed.key_file" in out.stderr.decode()
 
 
 # -- evd call --------------------------------------------------------------------
+
 
 def test_evd_call_commands_and_exit_codes(evd):
     out = call(evd, "echo", "hello", "there")
@@ -280,9 +298,12 @@ def test_evd_call_commands_and_exit_codes(evd):
     assert out.returncode == 2 and b"bad_args" in out.stderr
     out = call(evd, "stats")
     assert out.returncode == 0 and json.loads(out.stdout)["pid"] == evd.proc.pid
-    unix = subprocess.run([sys.executable, "-m", "evd", "call", "--address",
-                           f"unix:{evd.tmp}/framed.sock", "echo", "via unix"],
-                          capture_output=True, timeout=WAIT, cwd=ROOT)
+    unix = subprocess.run(
+        [sys.executable, "-m", "evd", "call", "--address", f"unix:{evd.tmp}/framed.sock", "echo", "via unix"],
+        capture_output=True,
+        timeout=WAIT,
+        cwd=ROOT,
+    )
     assert unix.returncode == 0 and unix.stdout == b"via unix"
 
 
@@ -290,12 +311,17 @@ def test_evd_call_connection_failure_exits_1(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connection refused
-        out = subprocess.run([sys.executable, "-m", "evd", "call", "--address", f"127.0.0.1:{port}",
-                              "echo", "x"], capture_output=True, timeout=WAIT, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-m", "evd", "call", "--address", f"127.0.0.1:{port}", "echo", "x"],
+            capture_output=True,
+            timeout=WAIT,
+            cwd=ROOT,
+        )
     assert out.returncode == 1 and b"cannot talk to" in out.stderr
 
 
 # -- backpressure ------------------------------------------------------------------
+
 
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
@@ -314,7 +340,7 @@ def test_pipelining_without_reading_is_throttled_then_answered(evd):
         deadline = time.monotonic() + WAIT
         while pending and time.monotonic() < deadline:
             try:
-                pending = pending[sock.send(pending):]
+                pending = pending[sock.send(pending) :]
             except BlockingIOError:
                 stalled_at = len(pending)
                 break
@@ -329,7 +355,7 @@ def test_pipelining_without_reading_is_throttled_then_answered(evd):
             if pending:
                 try:
                     sock.setblocking(False)
-                    pending = pending[sock.send(pending):]
+                    pending = pending[sock.send(pending) :]
                 except BlockingIOError:
                     pass
                 finally:

@@ -13,14 +13,13 @@ import sys
 import threading
 
 import pytest
-
 from conftest import BASE_CONFIG, ROOT, WAIT, connect, need, recv_all, recv_exactly
 
-RFC868_EPOCH = datetime.datetime(1900, 1, 1, tzinfo=datetime.timezone.utc)
+RFC868_EPOCH = datetime.datetime(1900, 1, 1, tzinfo=datetime.UTC)
 
 
 def rfc868_now() -> int:
-    return int((datetime.datetime.now(datetime.timezone.utc) - RFC868_EPOCH).total_seconds())
+    return int((datetime.datetime.now(datetime.UTC) - RFC868_EPOCH).total_seconds())
 
 
 def udp_request(address, payload: bytes, timeout: float = WAIT, family=socket.AF_INET) -> bytes:
@@ -32,6 +31,7 @@ def udp_request(address, payload: bytes, timeout: float = WAIT, family=socket.AF
 
 
 # -- logs and lifecycle --------------------------------------------------------
+
 
 def test_json_log_lines_and_listener_events(evd):
     start = evd.events[0]
@@ -76,11 +76,13 @@ def test_conn_open_and_close_are_logged_once_with_counts(evd):
 
 # -- echo ----------------------------------------------------------------------
 
+
 def test_echo_tcp_with_nc(evd):
     need("nc")
     host, port = evd.addr("echo")
-    out = subprocess.run(["nc", "-N", host, str(port)], input=b"hello evd\n",
-                         capture_output=True, timeout=WAIT)
+    out = subprocess.run(
+        ["nc", "-N", host, str(port)], input=b"hello evd\n", capture_output=True, timeout=WAIT
+    )
     assert out.stdout == b"hello evd\n"
 
 
@@ -88,16 +90,21 @@ def test_echo_tcp_with_socat(evd):
     need("socat")
     host, port = evd.addr("echo")
     payload = os.urandom(100_000)
-    out = subprocess.run(["socat", "-t", "5", "-", f"TCP:{host}:{port}"], input=payload,
-                         capture_output=True, timeout=WAIT)
+    out = subprocess.run(
+        ["socat", "-t", "5", "-", f"TCP:{host}:{port}"], input=payload, capture_output=True, timeout=WAIT
+    )
     assert out.stdout == payload
 
 
 def test_echo_udp_with_socat(evd):
     need("socat")
     host, port = evd.addr("echo", "udp")
-    out = subprocess.run(["socat", "-T", "2", "-", f"UDP:{host}:{port}"], input=b"ping over udp",
-                         capture_output=True, timeout=WAIT)
+    out = subprocess.run(
+        ["socat", "-T", "2", "-", f"UDP:{host}:{port}"],
+        input=b"ping over udp",
+        capture_output=True,
+        timeout=WAIT,
+    )
     assert out.stdout == b"ping over udp"
 
 
@@ -205,6 +212,7 @@ def test_udp_loop_guard_covers_evds_own_ports(evd):
 
 # -- discard, chargen, daytime, time, timefmt ----------------------------------
 
+
 def test_discard_reads_and_answers_nothing(evd):
     with connect(evd.addr("discard")) as sock:
         sock.sendall(b"z" * 100_000)
@@ -216,7 +224,7 @@ def test_discard_reads_and_answers_nothing(evd):
 
 def _chargen_pattern(lines: int) -> bytes:
     ring = bytes(range(32, 127))
-    return b"".join((ring * 2)[i % 95:i % 95 + 72] + b"\r\n" for i in range(lines))
+    return b"".join((ring * 2)[i % 95 : i % 95 + 72] + b"\r\n" for i in range(lines))
 
 
 def test_chargen_tcp_pattern(evd):
@@ -228,7 +236,7 @@ def test_chargen_tcp_pattern(evd):
 def test_chargen_udp_one_line_per_datagram(evd):
     address = evd.addr("chargen", "udp")
     lines = [udp_request(address, b"") for _ in range(3)]
-    assert lines == [_chargen_pattern(3)[i * 74:(i + 1) * 74] for i in range(3)]
+    assert lines == [_chargen_pattern(3)[i * 74 : (i + 1) * 74] for i in range(3)]
 
 
 DAYTIME = re.compile(rb"[A-Z][a-z]+day, [A-Z][a-z]+ \d\d, \d{4} \d\d:\d\d:\d\d-\S+\r\n")
@@ -279,18 +287,23 @@ def test_timefmt_tcp_lines(evd):
 
 # -- start-up errors -------------------------------------------------------------
 
+
 def run_evd(args, timeout=WAIT, **kw):
-    return subprocess.run([sys.executable, "-m", "evd", *args], capture_output=True,
-                          timeout=timeout, cwd=ROOT, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "evd", *args], capture_output=True, timeout=timeout, cwd=ROOT, **kw
+    )
 
 
-@pytest.mark.parametrize("snippet, key", [
-    ("[services.echo]\nbogus = 1\n", "services.echo.bogus"),
-    ('[services.echo]\ntcp = ["999.0.0.1:7"]\n', "services.echo.tcp[0]"),
-    ('[services.echo]\nonly_from = ["10.0.0.0/33"]\n', "services.echo.only_from[0]"),
-    ('[limits]\nrate = "fast"\n', "limits.rate"),
-    ("[services.nosuch]\nenabled = true\n", "services.nosuch"),
-])
+@pytest.mark.parametrize(
+    "snippet, key",
+    [
+        ("[services.echo]\nbogus = 1\n", "services.echo.bogus"),
+        ('[services.echo]\ntcp = ["999.0.0.1:7"]\n', "services.echo.tcp[0]"),
+        ('[services.echo]\nonly_from = ["10.0.0.0/33"]\n', "services.echo.only_from[0]"),
+        ('[limits]\nrate = "fast"\n', "limits.rate"),
+        ("[services.nosuch]\nenabled = true\n", "services.nosuch"),
+    ],
+)
 def test_config_errors_exit_78_naming_the_key(tmp_path, snippet, key):
     path = tmp_path / "bad.toml"
     path.write_text(snippet)
@@ -313,11 +326,14 @@ def test_port_in_use_exits_1_with_one_line(tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         config = tmp_path / "evd.toml"
-        config.write_text(BASE_CONFIG.format(tmp=tmp_path).replace(
-            '[services.echo]\ntcp = ["127.0.0.1:0"]', f'[services.echo]\ntcp = ["127.0.0.1:{port}"]'))
+        config.write_text(
+            BASE_CONFIG.format(tmp=tmp_path).replace(
+                '[services.echo]\ntcp = ["127.0.0.1:0"]', f'[services.echo]\ntcp = ["127.0.0.1:{port}"]'
+            )
+        )
         out = run_evd(["run", "-c", str(config), "--log-level", "warning"])
     assert out.returncode == 1
-    lines = [l for l in out.stderr.decode().splitlines() if not l.startswith("{")]
+    lines = [line for line in out.stderr.decode().splitlines() if not line.startswith("{")]
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], out.stderr
 
 

@@ -1,5 +1,6 @@
 """Unit tests of the sans-IO frame codec: no sockets anywhere."""
 
+import itertools
 import json
 import struct
 
@@ -7,7 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evd.proto.framing import MAX_BODY, MAX_HEADER, Decoder, Frame, FrameError, encode, encode_parts, ok_header
+from evd.proto.framing import (
+    MAX_BODY,
+    MAX_HEADER,
+    Decoder,
+    Frame,
+    FrameError,
+    encode,
+    encode_parts,
+    ok_header,
+)
 
 FEW = settings(max_examples=200, deadline=None)
 
@@ -35,13 +45,18 @@ def bad_frame(stream: bytes, **limits) -> FrameError:
     return info.value
 
 
-FRAMES = [({"svc": "echo", "id": 1}, b"hello"), ({}, b""), ({"svc": "time", "fmt": "%H"}, b""),
-          ({"id": "x"}, bytes(range(256)))]
+FRAMES = [
+    ({"svc": "echo", "id": 1}, b"hello"),
+    ({}, b""),
+    ({"svc": "time", "fmt": "%H"}, b""),
+    ({"id": "x"}, bytes(range(256))),
+]
 STREAM = b"".join(encode(h, b) for h, b in FRAMES)
 EXPECTED = [Frame({**h, "len": len(b)}, b) for h, b in FRAMES]
 
 
 # --- the three ways of feeding (h11) -------------------------------------------
+
 
 def test_all_at_once():
     frames, d = decode([STREAM])
@@ -50,7 +65,7 @@ def test_all_at_once():
 
 
 def test_one_byte_at_a_time():
-    frames, d = decode([STREAM[i:i + 1] for i in range(len(STREAM))])
+    frames, d = decode([STREAM[i : i + 1] for i in range(len(STREAM))])
     assert frames == EXPECTED
     assert d.buffered == 0
 
@@ -89,6 +104,7 @@ def test_body_is_arbitrary_binary_including_fake_prefixes():
 
 # --- every bad_frame case -------------------------------------------------------
 
+
 @pytest.mark.parametrize("h", [0, 1])
 def test_header_length_below_minimum(h):
     err = bad_frame(struct.pack(">I", h) + b"{}")
@@ -98,7 +114,7 @@ def test_header_length_below_minimum(h):
 def test_header_length_over_limit_raises_on_the_prefix_alone():
     d = Decoder()
     d.feed(struct.pack(">I", 0xFFFFFFFF))  # claims 4 GiB; only 4 bytes fed
-    with pytest.raises(FrameError, match="^header length 4294967295 exceeds max_header 65536$"):
+    with pytest.raises(FrameError, match=r"^header length 4294967295 exceeds max_header 65536$"):
         d.next_frame()
     err = bad_frame(struct.pack(">I", 70000))
     assert str(err) == "header length 70000 exceeds max_header 65536"
@@ -111,22 +127,25 @@ def test_header_length_limit_is_configurable_and_inclusive():
     assert str(err) == f"header length {len(header)} exceeds max_header {len(header) - 1}"
 
 
-@pytest.mark.parametrize("header, reason", [
-    (b"\xff\xfe", "header is not valid UTF-8"),
-    (b'{"a":"\xc3"}', "header is not valid UTF-8"),
-    (b"\x00{", "header is not JSON: Expecting value at char 0"),
-    (b"hello", "header is not JSON: Expecting value at char 0"),
-    (b'{"a":1', "header is not JSON: Expecting ',' delimiter at char 6"),
-    (b"{} {}", "header is not JSON: Extra data at char 3"),
-    (b'{"a":NaN}', "header is not JSON: NaN is not allowed"),
-    (b"[" * 5000, "header is not JSON: nested too deeply"),
-    (b'{"a":' + b"9" * 5000 + b"}", None),  # int over CPython's 4300-digit limit
-    (b"[1,2]", "header is a JSON array, not an object"),
-    (b'"{}"', "header is a JSON string, not an object"),
-    (b"42", "header is a JSON number, not an object"),
-    (b"true", "header is a JSON boolean, not an object"),
-    (b"null", "header is a JSON null, not an object"),
-])
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        (b"\xff\xfe", "header is not valid UTF-8"),
+        (b'{"a":"\xc3"}', "header is not valid UTF-8"),
+        (b"\x00{", "header is not JSON: Expecting value at char 0"),
+        (b"hello", "header is not JSON: Expecting value at char 0"),
+        (b'{"a":1', "header is not JSON: Expecting ',' delimiter at char 6"),
+        (b"{} {}", "header is not JSON: Extra data at char 3"),
+        (b'{"a":NaN}', "header is not JSON: NaN is not allowed"),
+        (b"[" * 5000, "header is not JSON: nested too deeply"),
+        (b'{"a":' + b"9" * 5000 + b"}", None),  # int over CPython's 4300-digit limit
+        (b"[1,2]", "header is a JSON array, not an object"),
+        (b'"{}"', "header is a JSON string, not an object"),
+        (b"42", "header is a JSON number, not an object"),
+        (b"true", "header is a JSON boolean, not an object"),
+        (b"null", "header is a JSON null, not an object"),
+    ],
+)
 def test_header_not_a_json_object(header, reason):
     err = bad_frame(raw_frame(header))
     if reason is None:
@@ -135,10 +154,19 @@ def test_header_not_a_json_object(header, reason):
         assert str(err) == reason
 
 
-@pytest.mark.parametrize("value, shown", [
-    ("-1", "-1"), ("1.5", "1.5"), ("3.0", "3.0"), ("true", "true"), ("false", "false"),
-    ('"5"', '"5"'), ("null", "null"), ("[1]", "[1]"),
-])
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("-1", "-1"),
+        ("1.5", "1.5"),
+        ("3.0", "3.0"),
+        ("true", "true"),
+        ("false", "false"),
+        ('"5"', '"5"'),
+        ("null", "null"),
+        ("[1]", "[1]"),
+    ],
+)
 def test_len_must_be_a_non_negative_integer(value, shown):
     err = bad_frame(raw_frame(b'{"len":' + value.encode() + b"}"))
     assert str(err) == f"len must be a non-negative integer, got {shown}"
@@ -179,6 +207,7 @@ def test_invalid_limits_are_rejected():
 
 # --- encoding -------------------------------------------------------------------
 
+
 def test_encode_is_compact_ascii_json_and_does_not_mutate_the_header():
     header = {"svc": "echo", "note": "héllo ✓", "len": 99}
     data = encode(header, b"body")
@@ -199,14 +228,15 @@ def test_any_string_a_peer_sent_encodes_back_even_a_lone_surrogate():
 
 def test_a_number_beyond_a_double_is_not_a_header():
     # It would parse as infinity, which no response can carry back.
-    with pytest.raises(FrameError, match="not JSON.*out of range"):
+    with pytest.raises(FrameError, match=r"not JSON.*out of range"):
         decode([raw_frame(b'{"id":1e400}')])
     (frame,), _ = decode([raw_frame(b'{"id":1e300}')])
     assert frame.header == {"id": 1e300}
 
 
-json_scalars = (st.none() | st.booleans() | st.integers() | st.text()
-                | st.floats(allow_nan=False, allow_infinity=False))
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False, allow_infinity=False)
+)
 
 
 @FEW
@@ -265,7 +295,9 @@ def test_consumed_input_is_released():
 
 # --- properties -----------------------------------------------------------------
 
-scalars = st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False, allow_infinity=False)
+scalars = (
+    st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False, allow_infinity=False)
+)
 headers = st.dictionaries(st.text(max_size=8).filter(lambda k: k != "len"), scalars, max_size=6)
 frame_lists = st.lists(st.tuples(headers, st.binary(max_size=300)), max_size=8)
 
@@ -273,7 +305,7 @@ frame_lists = st.lists(st.tuples(headers, st.binary(max_size=300)), max_size=8)
 def split(data: st.DataObject, stream: bytes) -> list[bytes]:
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
     edges = [0, *cuts, len(stream)]
-    return [stream[a:b] for a, b in zip(edges, edges[1:])]
+    return [stream[a:b] for a, b in itertools.pairwise(edges)]
 
 
 @FEW
@@ -302,5 +334,5 @@ def test_garbage_raises_only_frame_error(garbage, data):
 @FEW
 @given(st.dictionaries(st.text(), st.text() | st.lists(st.text(), max_size=3), max_size=5), st.binary())
 def test_round_trip_with_unicode(header, body):
-    frames, d = decode([encode(header, body)])
+    frames, _d = decode([encode(header, body)])
     assert frames == [Frame({**header, "len": len(body)}, body)]

@@ -10,7 +10,6 @@ import subprocess
 import threading
 import time
 
-
 from conftest import BASE_CONFIG, ROOT, WAIT, EvdProcess, need, recv_all
 
 
@@ -27,10 +26,14 @@ def haproxy_config(instances, echo_port: int, framed_port: int) -> str:
     text = text.replace("bind 127.0.0.1:7070", f"bind 127.0.0.1:{framed_port}")
     for n, evd in enumerate(instances, start=1):
         echo, framed = evd.addr("echo")[1], evd.addr("framed")[1]
-        text = re.sub(rf"server evd{n} 127\.0\.0\.1:\d+7007 check port \d+",
-                      f"server evd{n} 127.0.0.1:{echo} check port {framed}", text)
-        text = re.sub(rf"server evd{n} 127\.0\.0\.1:\d+7070 check",
-                      f"server evd{n} 127.0.0.1:{framed} check", text)
+        text = re.sub(
+            rf"server evd{n} 127\.0\.0\.1:\d+7007 check port \d+",
+            f"server evd{n} 127.0.0.1:{echo} check port {framed}",
+            text,
+        )
+        text = re.sub(
+            rf"server evd{n} 127\.0\.0\.1:\d+7070 check", f"server evd{n} 127.0.0.1:{framed} check", text
+        )
     assert "17007" not in text and "27070" not in text, "etc/haproxy.cfg changed shape"
     return text
 
@@ -55,8 +58,9 @@ def test_two_instances_behind_haproxy_survive_a_sigterm(tmp_path):
     echo_port, framed_port = free_port(), free_port()
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(haproxy_config(instances, echo_port, framed_port))
-    proxy = subprocess.Popen([haproxy, "-db", "-f", str(cfg)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = subprocess.Popen(
+        [haproxy, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         # Both instances get traffic (round robin once both are up).
         deadline = time.monotonic() + WAIT
@@ -68,8 +72,7 @@ def test_two_instances_behind_haproxy_survive_a_sigterm(tmp_path):
             except (ConnectionRefusedError, ConnectionResetError):
                 continue  # haproxy still starting
             for i, evd in enumerate(instances):
-                if any(e["event"] == "conn.open" and e["service"] == "echo"
-                       for e in evd.drain_events()):
+                if any(e["event"] == "conn.open" and e["service"] == "echo" for e in evd.drain_events()):
                     served.add(i)
 
         results, stop = [], threading.Event()
@@ -113,6 +116,7 @@ def test_two_instances_behind_haproxy_survive_a_sigterm(tmp_path):
 
 def test_shipped_haproxy_cfg_is_valid():
     haproxy = need("haproxy")
-    out = subprocess.run([haproxy, "-c", "-f", str(ROOT / "etc" / "haproxy.cfg")],
-                         capture_output=True, timeout=WAIT)
+    out = subprocess.run(
+        [haproxy, "-c", "-f", str(ROOT / "etc" / "haproxy.cfg")], capture_output=True, timeout=WAIT
+    )
     assert out.returncode == 0, out.stderr

@@ -14,9 +14,18 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import (
+    BASE_CONFIG,
+    ROOT,
+    WAIT,
+    LogFile,
+    connect,
+    logged_config,
+    process_gone,
+    recv_all,
+    recv_exactly,
+)
 
-from conftest import (BASE_CONFIG, ROOT, WAIT, LogFile, connect, logged_config, process_gone,
-                      recv_all, recv_exactly)
 from evd.tools.client import Client
 
 
@@ -46,11 +55,18 @@ def dead_pid() -> int:
 
 
 def run_evd(*args, timeout=WAIT):
-    return subprocess.run([sys.executable, "-m", "evd", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "evd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # -- evd start / status / reload / stop --------------------------------------------
+
 
 def test_start_detaches_then_status_reload_stop(control):
     control.write(logged_config(BASE_CONFIG))
@@ -107,7 +123,7 @@ def test_stale_pidfile_never_blocks_start(control, holder):
     control.pidfile.write_text(f"{stale}\n")
     status = control("status")
     assert status.returncode == 1 and "stale" in status.stdout, status
-    assert control("stop").returncode == 0      # "not running": nothing signalled
+    assert control("stop").returncode == 0  # "not running": nothing signalled
     assert control("reload").returncode == 1
     pid = control.start()
     assert pid != stale
@@ -128,8 +144,11 @@ def test_start_port_in_use_fails_on_the_terminal(control):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        control.write(logged_config(BASE_CONFIG).replace(
-            '[services.daytime]\ntcp = ["127.0.0.1:0"]', f'[services.daytime]\ntcp = ["127.0.0.1:{port}"]'))
+        control.write(
+            logged_config(BASE_CONFIG).replace(
+                '[services.daytime]\ntcp = ["127.0.0.1:0"]', f'[services.daytime]\ntcp = ["127.0.0.1:{port}"]'
+            )
+        )
         out = control("start")
     assert out.returncode == 1
     assert f"127.0.0.1:{port}" in out.stderr and "in use" in out.stderr
@@ -137,7 +156,9 @@ def test_start_port_in_use_fails_on_the_terminal(control):
 
 
 def test_start_creates_the_pidfile_directory(control):
-    control.write(logged_config(BASE_CONFIG).replace('pidfile = "{tmp}/evd.pid"', 'pidfile = "{tmp}/run/evd/evd.pid"'))
+    control.write(
+        logged_config(BASE_CONFIG).replace('pidfile = "{tmp}/evd.pid"', 'pidfile = "{tmp}/run/evd/evd.pid"')
+    )
     control.pidfile = control.tmp / "run" / "evd" / "evd.pid"
     pid = control.start()
     assert control.pidfile.read_text() == f"{pid}\n"
@@ -185,6 +206,7 @@ def test_stop_exits_1_when_the_daemon_outlasts_the_timeout(control):
 
 # -- SIGTERM: the drain ---------------------------------------------------------------
 
+
 def test_sigterm_lets_an_inflight_command_finish(start_evd, tmp_path):
     evd = start_evd()
     with Client(f"unix:{tmp_path}/framed.sock", timeout=WAIT) as client:
@@ -218,8 +240,10 @@ def test_drain_ends_at_shutdown_timeout_killing_the_rest(start_evd, tmp_path):
 # -- SIGHUP: reloads ---------------------------------------------------------------
 
 ECHO_BEFORE = '[services.echo]\ntcp = ["127.0.0.1:0"]\nudp = ["127.0.0.1:0"]\nunix = ["{tmp}/echo.sock"]\n'
-ECHO_AFTER = ('[services.echo]\ntcp = []\nudp = ["127.0.0.1:0"]\n'
-              'unix = ["{tmp}/echo.sock", "{tmp}/echo2.sock"]\nmax_connections = 100\n')
+ECHO_AFTER = (
+    '[services.echo]\ntcp = []\nudp = ["127.0.0.1:0"]\n'
+    'unix = ["{tmp}/echo.sock", "{tmp}/echo2.sock"]\nmax_connections = 100\n'
+)
 
 
 def test_reload_adds_removes_and_survives_a_broken_config(start_evd, tmp_path):
@@ -229,14 +253,18 @@ def test_reload_adds_removes_and_survives_a_broken_config(start_evd, tmp_path):
     assert recv_exactly(steady, 6) == b"before"
 
     after = BASE_CONFIG.replace(ECHO_BEFORE, ECHO_AFTER).replace(
-        "[services.discard]\nenabled = true", "[services.discard]\nenabled = false")
+        "[services.discard]\nenabled = true", "[services.discard]\nenabled = false"
+    )
     evd.config_path.write_text(after.format(tmp=tmp_path))
     evd.send(signal.SIGHUP)
     reload = evd.wait_for("config.reload")
     assert reload["ok"] is True
     assert reload["added"] == [f"echo unix {tmp_path}/echo2.sock"]
-    assert sorted(reload["removed"]) == ["discard tcp 127.0.0.1:0", "discard udp 127.0.0.1:0",
-                                         "echo tcp 127.0.0.1:0"]
+    assert sorted(reload["removed"]) == [
+        "discard tcp 127.0.0.1:0",
+        "discard udp 127.0.0.1:0",
+        "echo tcp 127.0.0.1:0",
+    ]
     assert {"echo", "discard"} <= set(reload["changed"])
     closed = [(e["service"], e["proto"]) for e in evd.drain_events() if e["event"] == "listener.close"]
     assert sorted(closed) == [("discard", "tcp"), ("discard", "udp"), ("echo", "tcp")]
@@ -246,7 +274,7 @@ def test_reload_adds_removes_and_survives_a_broken_config(start_evd, tmp_path):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(evd.addr("echo"), timeout=WAIT)
     assert echo_once(str(tmp_path / "echo2.sock")) == b"ping"
-    with Client("%s:%d" % evd.addr("framed"), timeout=WAIT) as client:  # kept: the same port
+    with Client("{}:{}".format(*evd.addr("framed")), timeout=WAIT) as client:  # kept: the same port
         assert client.call("echo", b"framed").body == b"framed"
 
     evd.config_path.write_text(after.format(tmp=tmp_path) + "\n[limits]\nbogus = 1\n")
@@ -263,7 +291,8 @@ def test_reload_adds_removes_and_survives_a_broken_config(start_evd, tmp_path):
 def test_reload_applies_log_level_and_commands(start_evd, tmp_path):
     evd = start_evd()
     changed = BASE_CONFIG.replace('level = "info"', 'level = "debug"').replace(
-        '[commands.greet]\nargv = ["echo", "hello"]', '[commands.greet]\nargv = ["echo", "bonjour"]')
+        '[commands.greet]\nargv = ["echo", "hello"]', '[commands.greet]\nargv = ["echo", "bonjour"]'
+    )
     evd.config_path.write_text(changed.format(tmp=tmp_path))
     evd.send(signal.SIGHUP)
     assert {"log", "commands"} <= set(evd.wait_for("config.reload", ok=True)["changed"])
@@ -290,6 +319,7 @@ def test_reload_that_removes_a_listener_keeps_the_hmac_key(start_evd, tmp_path):
 
 # -- SIGUSR1: logrotate ---------------------------------------------------------------
 
+
 def test_sigusr1_reopens_the_log_file_after_a_rename(control):
     control.write(logged_config(BASE_CONFIG))
     pid = control.start()
@@ -306,6 +336,7 @@ def test_sigusr1_reopens_the_log_file_after_a_rename(control):
 
 
 # -- the privilege drop ------------------------------------------------------------
+
 
 @pytest.fixture
 def nobody_dir():
@@ -327,8 +358,11 @@ def test_privilege_drop_to_nobody_keeps_log_and_pidfile_writable(control, nobody
     path, nobody = nobody_dir
     control.tmp, control.config_path = path, path / "evd.toml"
     control.pidfile, control.log = path / "run" / "evd.pid", LogFile(path / "evd.log")
-    control.write(logged_config(BASE_CONFIG).replace('pidfile = "{tmp}/evd.pid"',
-                                                     'pidfile = "{tmp}/run/evd.pid"\nuser = "nobody"'))
+    control.write(
+        logged_config(BASE_CONFIG).replace(
+            'pidfile = "{tmp}/evd.pid"', 'pidfile = "{tmp}/run/evd.pid"\nuser = "nobody"'
+        )
+    )
     control.config_path.chmod(0o644)
     pid = control.start()
     status = Path(f"/proc/{pid}/status").read_text()

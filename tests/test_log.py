@@ -47,7 +47,7 @@ def test_a_large_batch_goes_out_in_whole_lines_of_at_most_pipe_buf_bytes():
     for text in out.writes:
         assert text.endswith("\n") and len(text.encode()) <= ATOMIC_WRITE
     # Each write is as full as whole lines allow.
-    for text, following in zip(out.writes, out.writes[1:]):
+    for text, following in zip(out.writes, out.writes[1:], strict=False):
         first_next = following.split("\n", 1)[0] + "\n"
         assert len(text.encode()) + len(first_next.encode()) > ATOMIC_WRITE
 

@@ -15,8 +15,8 @@ import struct
 import time
 
 import pytest
-
 from conftest import BASE_CONFIG, WAIT, connect, recv_all, recv_exactly
+
 from evd.proto.framing import Decoder, encode
 
 
@@ -42,7 +42,7 @@ def udp_from(source: str, address, payload: bytes, timeout: float) -> bytes | No
         sock.sendto(payload, address)
         try:
             return sock.recvfrom(65535)[0]
-        except socket.timeout:
+        except TimeoutError:
             return None
 
 
@@ -75,6 +75,7 @@ def cpu_seconds(pid: int) -> float:
 
 # -- access control ---------------------------------------------------------------
 
+
 def test_only_from_refuses_other_sources_tcp_and_udp(start_evd):
     evd = start_evd(with_service("echo", 'only_from = ["127.0.0.1/32"]\n'))
     assert_refused(connect_from("127.0.0.2", evd.addr("echo")))
@@ -100,8 +101,9 @@ def test_no_access_is_checked_after_only_from(start_evd):
 
 
 def test_ipv4_mapped_peers_on_a_dual_stack_listener_match_ipv4_rules(start_evd):
-    config = BASE_CONFIG.replace('[services.echo]\ntcp = ["127.0.0.1:0"]',
-                                 '[services.echo]\nonly_from = ["127.0.0.1"]\ntcp = ["*:0"]')
+    config = BASE_CONFIG.replace(
+        '[services.echo]\ntcp = ["127.0.0.1:0"]', '[services.echo]\nonly_from = ["127.0.0.1"]\ntcp = ["*:0"]'
+    )
     evd = start_evd(config)
     port = evd.addr("echo")[1]
     with connect_from("127.0.0.1", ("127.0.0.1", port)) as ok:
@@ -119,6 +121,7 @@ def test_ipv4_mapped_peers_on_a_dual_stack_listener_match_ipv4_rules(start_evd):
 
 
 # -- limits ------------------------------------------------------------------------
+
 
 def test_max_connections(start_evd):
     evd = start_evd(with_service("echo", "max_connections = 3\n"))
@@ -180,7 +183,7 @@ def test_datagram_rate_token_bucket(start_evd):
         while True:
             try:
                 replies.append(sock.recvfrom(100)[0])
-            except socket.timeout:
+            except TimeoutError:
                 break
     assert replies == [b"0", b"1", b"2", b"3"]
     assert evd.wait_for("udp.drop", service="echo", reason="rate")
@@ -215,14 +218,17 @@ def test_slowloris_frame_is_closed(start_evd):
             except OSError:
                 break
             time.sleep(0.2)  # pacing the attacker
-            closed = next((e for e in evd.drain_events()
-                           if e["event"] == "conn.close" and e["service"] == "framed"), None)
+            closed = next(
+                (e for e in evd.drain_events() if e["event"] == "conn.close" and e["service"] == "framed"),
+                None,
+            )
             if closed:
                 break
     assert closed and closed["reason"] == "frame_timeout"
 
 
 # -- backpressure and memory ---------------------------------------------------------
+
 
 def flood_without_reading(address, total: int, chunk: bytes) -> tuple[socket.socket, int]:
     """Send up to `total` bytes, never reading, until the daemon stops taking
@@ -272,6 +278,7 @@ def test_chargen_reader_that_stops_reading_keeps_memory_bounded(evd):
 
 # -- descriptor exhaustion -----------------------------------------------------------
 
+
 def test_descriptor_exhaustion_backs_off_and_recovers(evd):
     address = evd.addr("echo")
     first = connect(address)
@@ -303,6 +310,7 @@ def test_descriptor_exhaustion_backs_off_and_recovers(evd):
 
 
 # -- abrupt peers --------------------------------------------------------------------
+
 
 def test_vanishing_and_resetting_mid_frame_disturb_nobody(evd):
     address = evd.addr("framed")

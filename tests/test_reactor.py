@@ -8,6 +8,7 @@ sleeping.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import selectors
 import signal
@@ -58,6 +59,7 @@ def stop_after(reactor: Reactor, delay: float) -> None:
 
 
 # --- file events --------------------------------------------------------------
+
 
 def test_reader_fires_with_data(reactor, pair):
     a, b = pair()
@@ -113,6 +115,7 @@ def test_removing_another_fds_reader_in_the_same_batch(reactor, pair):
             fired.append(me)
             reactor.remove_reader(me.fileno())
             reactor.remove_reader(other.fileno())
+
         return on_read
 
     reactor.add_reader(a1.fileno(), make(a1, a2))
@@ -226,6 +229,7 @@ def test_remove_of_unregistered_fd_is_harmless(reactor, pair):
 
 # --- timers -------------------------------------------------------------------
 
+
 def test_timers_fire_in_order_of_due_time(reactor):
     order = []
     for delay in (0.03, 0.0, 0.02, 0.01):
@@ -269,7 +273,7 @@ def test_timer_returning_a_number_repeats_and_none_stops(reactor):
     reactor.call_later(0.2, reactor.stop)
     run_bounded(reactor)
     assert len(calls) == 5
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert all(g >= 0.005 for g in gaps), gaps
 
 
@@ -350,6 +354,7 @@ def test_timer_returning_zero_yields_to_the_loop_between_calls(reactor):
 
 # --- before-sleep hooks and stop ----------------------------------------------
 
+
 def test_before_sleep_runs_every_iteration(reactor):
     trace = []
     reactor.add_before_sleep(lambda: trace.append("hook"))
@@ -406,6 +411,7 @@ def test_stop_from_io_callback_ends_run_and_run_can_resume(reactor, pair):
 
 
 # --- signals ------------------------------------------------------------------
+
 
 def test_signal_callback_runs_in_the_loop_not_in_the_handler(reactor):
     calls = []
@@ -481,6 +487,7 @@ def test_close_restores_old_signal_disposition_and_wakeup_fd():
 
 # --- errors -------------------------------------------------------------------
 
+
 def test_raising_callbacks_go_to_on_error_and_the_loop_continues(reactor, pair):
     a, b = pair()
     errors = []
@@ -505,11 +512,13 @@ def test_raising_callbacks_go_to_on_error_and_the_loop_continues(reactor, pair):
     b.send(b"x")
     reactor.call_later(0.05, reactor.stop)  # the loop is still alive to run this
     run_bounded(reactor)
-    assert sorted(errors) == sorted([
-        ("io", ValueError, "reader"),
-        ("before_sleep", KeyError, "'hook'"),
-        ("timer", RuntimeError, "timer"),
-    ])
+    assert sorted(errors) == sorted(
+        [
+            ("io", ValueError, "reader"),
+            ("before_sleep", KeyError, "'hook'"),
+            ("timer", RuntimeError, "timer"),
+        ]
+    )
 
 
 def test_raising_signal_callback_goes_to_on_error(reactor):
@@ -558,6 +567,7 @@ def test_default_on_error_reraises_out_of_run(reactor, pair):
 
 # --- the selector seam --------------------------------------------------------
 
+
 class RecordingSelector(selectors.SelectSelector):
     """A different backend than the default, recording what the reactor asks."""
 
@@ -588,6 +598,7 @@ def test_injected_selector_is_used(pair):
     a, b = pair()
     got = []
     try:
+
         def on_read():
             got.append(a.recv(10))
             reactor.remove_reader(a.fileno())

@@ -10,7 +10,7 @@ import os
 import re
 import struct
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from evd.proto import services
 
-EPOCH_1900 = datetime(1900, 1, 1, tzinfo=timezone.utc)
-EPOCH_1970 = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH_1900 = datetime(1900, 1, 1, tzinfo=UTC)
+EPOCH_1970 = datetime(1970, 1, 1, tzinfo=UTC)
 
 WEEKDAYS = "Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday"
 MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
@@ -41,10 +41,7 @@ def chargen_lines() -> list[bytes]:
     ring; line i is the 72 characters starting at position i, then CRLF."""
     ring = [chr(c) for c in range(32, 127)]
     assert len(ring) == 95
-    return [
-        "".join(ring[(i + k) % 95] for k in range(72)).encode("ascii") + b"\r\n"
-        for i in range(95)
-    ]
+    return ["".join(ring[(i + k) % 95] for k in range(72)).encode("ascii") + b"\r\n" for i in range(95)]
 
 
 LINES = chargen_lines()
@@ -69,6 +66,7 @@ def tz():
 
 # --- RFC 868 time -------------------------------------------------------------
 
+
 def test_rfc868_unix_epoch_is_2208988800():
     assert (EPOCH_1970 - EPOCH_1900).total_seconds() == 2208988800  # the RFC's own figure
     assert services.rfc868(0.0) == struct.pack(">I", 2208988800)
@@ -82,10 +80,10 @@ def test_rfc868_fraction_is_truncated_not_rounded():
 
 def test_rfc868_wraps_at_2036():
     wrap = EPOCH_1900 + timedelta(seconds=2**32)  # 2036-02-07T06:28:16Z
-    assert wrap == datetime(2036, 2, 7, 6, 28, 16, tzinfo=timezone.utc)
+    assert wrap == datetime(2036, 2, 7, 6, 28, 16, tzinfo=UTC)
     assert services.rfc868(wrap.timestamp()) == b"\x00\x00\x00\x00"
     assert services.rfc868(wrap.timestamp() - 1) == b"\xff\xff\xff\xff"
-    after = datetime(2040, 1, 1, tzinfo=timezone.utc)
+    after = datetime(2040, 1, 1, tzinfo=UTC)
     expected = int((after - EPOCH_1900).total_seconds()) - 2**32
     assert services.rfc868(after.timestamp()) == struct.pack(">I", expected)
 
@@ -93,14 +91,14 @@ def test_rfc868_wraps_at_2036():
 @settings(max_examples=200, deadline=None)
 @given(st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2105, 12, 31)))
 def test_rfc868_matches_datetime_arithmetic(naive):
-    instant = naive.replace(microsecond=0, tzinfo=timezone.utc)
+    instant = naive.replace(microsecond=0, tzinfo=UTC)
     assert services.rfc868(instant.timestamp()) == rfc868_expected(instant)
 
 
 def test_datagram_time_is_now():
-    before = datetime.now(timezone.utc).replace(microsecond=0)
+    before = datetime.now(UTC).replace(microsecond=0)
     reply = services.datagram_handler("time")(b"anything")
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     assert len(reply) == 4
     got = struct.unpack(">I", reply)[0]
     low = struct.unpack(">I", rfc868_expected(before))[0]
@@ -110,11 +108,12 @@ def test_datagram_time_is_now():
 
 # --- RFC 867 daytime ----------------------------------------------------------
 
+
 def test_daytime_known_instant_in_utc(tz):
     tz("UTC")
     # 1970-01-01 was a Thursday.
     assert services.daytime(0.0) == b"Thursday, January 01, 1970 00:00:00-UTC\r\n"
-    instant = datetime(2024, 2, 29, 13, 5, 9, tzinfo=timezone.utc)  # a Thursday too
+    instant = datetime(2024, 2, 29, 13, 5, 9, tzinfo=UTC)  # a Thursday too
     assert services.daytime(instant.timestamp()) == b"Thursday, February 29, 2024 13:05:09-UTC\r\n"
 
 
@@ -122,7 +121,7 @@ def test_daytime_uses_the_local_zone(tz):
     tz("EST5EDT")
     # 0 UTC is 19:00 on Wednesday 31 December 1969 in New York (standard time).
     assert services.daytime(0.0) == b"Wednesday, December 31, 1969 19:00:00-EST\r\n"
-    summer = datetime(2023, 7, 4, 16, 0, 0, tzinfo=timezone.utc)  # Tuesday, EDT = UTC-4
+    summer = datetime(2023, 7, 4, 16, 0, 0, tzinfo=UTC)  # Tuesday, EDT = UTC-4
     assert services.daytime(summer.timestamp()) == b"Tuesday, July 04, 2023 12:00:00-EDT\r\n"
 
 
@@ -136,16 +135,16 @@ def test_daytime_format_matches_rfc867_form(tz, zone):
 
 def test_datagram_daytime_is_now(tz):
     tz("UTC")
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     reply = services.datagram_handler("daytime")(b"")
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     assert DAYTIME_RE.match(reply), reply
-    allowed = {d.strftime("%A, %B %d, %Y %H:%M:%S").encode() + b"-UTC\r\n"
-               for d in (before, after)}
+    allowed = {d.strftime("%A, %B %d, %Y %H:%M:%S").encode() + b"-UTC\r\n" for d in (before, after)}
     assert reply in allowed
 
 
 # --- timefmt ------------------------------------------------------------------
+
 
 def test_timefmt_empty_request_uses_default_format(tz):
     tz("UTC")
@@ -154,7 +153,7 @@ def test_timefmt_empty_request_uses_default_format(tz):
 
 def test_timefmt_formats_local_time(tz):
     tz("UTC")
-    instant = datetime(2031, 12, 24, 18, 30, 5, tzinfo=timezone.utc).timestamp()
+    instant = datetime(2031, 12, 24, 18, 30, 5, tzinfo=UTC).timestamp()
     assert services.timefmt(b"%Y/%m/%d %H-%M-%S", instant) == b"2031/12/24 18-30-05"
     assert services.timefmt(b"literal text", instant) == b"literal text"
     assert services.timefmt(b"%%", instant) == b"%"
@@ -182,7 +181,7 @@ def test_timefmt_nul_is_none(request_):
 def test_datagram_timefmt_strips_line_ending(tz):
     tz("UTC")
     handler = services.datagram_handler("timefmt")
-    year = {str(datetime.now(timezone.utc).year).encode(), str(datetime.now(timezone.utc).year + 1).encode()}
+    year = {str(datetime.now(UTC).year).encode(), str(datetime.now(UTC).year + 1).encode()}
     assert handler(b"%Y\r\n") in year
     assert handler(b"%Y\n") in year
     assert handler(b"plain") == b"plain"
@@ -192,6 +191,7 @@ def test_datagram_timefmt_strips_line_ending(tz):
 
 # --- RFC 864 chargen ----------------------------------------------------------
 
+
 def test_chargen_cycle_is_the_rfc864_pattern():
     assert services.CHARGEN_CYCLE == b"".join(LINES)
     assert len(services.CHARGEN_CYCLE) == 95 * 74
@@ -199,9 +199,9 @@ def test_chargen_cycle_is_the_rfc864_pattern():
 
 def test_chargen_first_lines_spelled_out():
     # The first lines of RFC 864's own example.
-    assert LINES[0] == b' !"#$%&\'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefg\r\n'
-    assert LINES[1] == b'!"#$%&\'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefgh\r\n'
-    assert LINES[94] == b'~ !"#$%&\'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdef\r\n'
+    assert LINES[0] == b" !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefg\r\n"
+    assert LINES[1] == b"!\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefgh\r\n"
+    assert LINES[94] == b"~ !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdef\r\n"
     assert services.CHARGEN_CYCLE.startswith(LINES[0] + LINES[1])
 
 
@@ -244,6 +244,7 @@ def test_datagram_chargen_ignores_payload_and_instances_are_independent():
 
 
 # --- the datagram table -------------------------------------------------------
+
 
 @pytest.mark.parametrize("payload", [b"", b"x", bytes(range(256)), b"\x00" * 65507])
 def test_datagram_echo_returns_payload(payload):

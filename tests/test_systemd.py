@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, WAIT, NotifySocket, connect, recv_all
+
+from evd.core.config import Address
 from evd.system import systemd
 from evd.tools.client import Client
-from evd.core.config import Address
 
 MINIMAL = """\
 [daemon]
@@ -143,8 +143,11 @@ def test_socket_activation_by_name(start_evd, tmp_path, activate):
     evd = start_evd(MINIMAL, prefix=prefix, pass_fds=fds)
     assert evd.events[0]["pid"] == evd.proc.pid  # exec'd, not forked
     adopted = {(e["service"], e["proto"]): e["address"] for e in evd.events if e["event"] == "systemd.adopt"}
-    assert adopted == {("echo", "tcp"): name_of(tcp), ("time", "udp"): name_of(udp),
-                       ("framed", "unix"): str(tmp_path / "framed.sock")}
+    assert adopted == {
+        ("echo", "tcp"): name_of(tcp),
+        ("time", "udp"): name_of(udp),
+        ("framed", "unix"): str(tmp_path / "framed.sock"),
+    }
     assert evd.wait_for("systemd.socket", name="bogus-tcp")["level"] == "warning"
     assert evd.addresses[("echo", "tcp")] == name_of(tcp)
     assert evd.addresses[("time", "udp")] == name_of(udp)
@@ -172,8 +175,9 @@ def test_socket_activation_by_address(start_evd, tmp_path, activate):
     instead of adopting would fail."""
     tcp = bound(socket.SOCK_STREAM, ("127.0.0.1", 0))
     prefix, fds = activate([tcp])
-    config = MINIMAL.replace('[services.echo]\ntcp = ["127.0.0.1:0"]',
-                             f'[services.echo]\ntcp = ["{name_of(tcp)}"]')
+    config = MINIMAL.replace(
+        '[services.echo]\ntcp = ["127.0.0.1:0"]', f'[services.echo]\ntcp = ["{name_of(tcp)}"]'
+    )
     evd = start_evd(config, prefix=prefix, pass_fds=fds)
     assert evd.wait_for("systemd.adopt")["address"] == name_of(tcp)
     assert evd.addresses[("echo", "tcp")] == name_of(tcp)
@@ -212,6 +216,7 @@ def test_match_prefers_name_then_address(tmp_path):
 
 # -- the unit files ------------------------------------------------------------------
 
+
 def evd_executable() -> str:
     """The installed `evd` if there is one, else this Python running -m evd."""
     for candidate in (shutil.which("evd"), str(Path(sys.executable).parent / "evd")):
@@ -230,12 +235,24 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
     for unit in ("evd.service", "evd.socket"):
         text = (ROOT / "systemd" / unit).read_text()
         (tmp_path / unit).write_text(text.replace("/usr/local/bin/evd run", evd_executable()))
-    out = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / "evd.socket"), str(tmp_path / "evd.service")],
-                         capture_output=True, text=True, timeout=3 * WAIT, cwd=tmp_path)
+    out = subprocess.run(
+        [analyze, "verify", "--man=no", str(tmp_path / "evd.socket"), str(tmp_path / "evd.service")],
+        capture_output=True,
+        text=True,
+        timeout=3 * WAIT,
+        cwd=tmp_path,
+    )
     ours = [line for line in (out.stdout + out.stderr).splitlines() if "evd." in line]
     assert out.returncode == 0 and not ours, out.stdout + out.stderr
     service = (ROOT / "systemd" / "evd.service").read_text()
-    for setting in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "DynamicUser=yes",
-                    "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "ProtectSystem=strict",
-                    "RuntimeDirectory=evd", "LogsDirectory=evd", "KillMode=mixed"):
+    for setting in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "DynamicUser=yes",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "ProtectSystem=strict",
+        "RuntimeDirectory=evd",
+        "LogsDirectory=evd",
+        "KillMode=mixed",
+    ):
         assert f"\n{setting}\n" in service, setting

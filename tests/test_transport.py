@@ -10,14 +10,14 @@ import array
 import re
 import socket
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
 
 import evd.net.transport as transport_mod
-from evd.handlers import raw as handlers
 from evd.core.reactor import Reactor
+from evd.handlers import raw as handlers
 from evd.net.transport import RECV_SIZE, StreamTransport
 
 LIMIT = 5.0
@@ -40,6 +40,7 @@ def counting_pattern(size: int) -> bytes:
 
 # --- stand-ins and drivers ----------------------------------------------------
 
+
 class Admission:
     def __init__(self):
         self.disconnects = []
@@ -55,8 +56,12 @@ def make_service(name="echo", high=256 * KiB, low=64 * KiB):
     return SimpleNamespace(
         name=name,
         config=SimpleNamespace(limits=SimpleNamespace(write_high=high, write_low=low)),
-        connections=set(), admission=Admission(),
-        bytes_in=0, bytes_out=0, requests=0, errors=0,
+        connections=set(),
+        admission=Admission(),
+        bytes_in=0,
+        bytes_out=0,
+        requests=0,
+        errors=0,
     )
 
 
@@ -69,6 +74,7 @@ class LogRecorder:
     def _record(level):
         def method(self, event, **fields):
             self.events.append((level, event, fields))
+
         return method
 
     debug = _record("debug")
@@ -269,6 +275,7 @@ def conn(loop, log):
 
 # --- echo, round trips, order -------------------------------------------------
 
+
 def test_echo_round_trip(loop, conn, log):
     t, peer = conn(handlers.Echo())
     peer.start_reading()
@@ -280,7 +287,7 @@ def test_echo_round_trip(loop, conn, log):
 
 
 def test_echo_many_small_messages_in_order(loop, conn):
-    t, peer = conn(handlers.Echo())
+    _t, peer = conn(handlers.Echo())
     peer.start_reading()
     expected = b"".join(b"message %d\n" % i for i in range(2000))
     peer.send(expected)
@@ -296,11 +303,11 @@ def test_partial_sends_keep_byte_order(loop, conn):
     sizes = [1, 3, 7, 65536 + 5, 100000, 1, 300000, 2]
     pos = 0
     for size in sizes:
-        t.write(data[pos:pos + size])
+        t.write(data[pos : pos + size])
         pos += size
-    t.writelines([data[pos:pos + 11], b"", memoryview(data)[pos + 11:pos + 500000]])
+    t.writelines([data[pos : pos + 11], b"", memoryview(data)[pos + 11 : pos + 500000]])
     pos += 500000
-    t.write(bytearray(data[pos:pos + 1 * MiB]))
+    t.write(bytearray(data[pos : pos + 1 * MiB]))
     pos += 1 * MiB
     t.write(data[pos:])
     assert t.buffered > 0  # the kernel did not take 4 MiB at once
@@ -347,6 +354,7 @@ def test_writelines_of_many_chunks_with_nothing_queued(loop, conn):
 
 
 # --- flow control -------------------------------------------------------------
+
 
 def test_flow_control_pauses_above_high_and_resumes_below_low(loop, conn):
     high, low = 64 * KiB, 16 * KiB
@@ -395,6 +403,7 @@ def test_writelines_over_high_pauses_reading(loop, conn):
 
 
 # --- half-close, reset, errors, closing ---------------------------------------
+
 
 def test_peer_eof_flushes_pending_output_then_closes_with_eof(loop, conn, log):
     proto = RecordingEcho()
@@ -504,7 +513,7 @@ def test_connection_made_raising_closes_with_error(loop, conn, log):
 
     proto = Recorder(on_made=boom)
     service = make_service(name="x")
-    t, peer = conn(proto, service)
+    t, _peer = conn(proto, service)
     assert t.closed and t.close_reason == "error"
     assert proto.lost == ["error"]
     assert service.errors == 1
@@ -584,14 +593,14 @@ def test_daytime_sends_one_line_then_closes(loop, conn):
 
 
 def test_time_sends_four_bytes_then_closes(loop, conn):
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     t, peer = conn(handlers.Time())
     peer.start_reading()
     loop.run_until(lambda: peer.eof)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     assert len(peer.received) == 4
     got = struct.unpack(">I", peer.received)[0]
-    epoch = datetime(1900, 1, 1, tzinfo=timezone.utc)
+    epoch = datetime(1900, 1, 1, tzinfo=UTC)
     low = int((before - epoch).total_seconds()) % 2**32
     high = int((after - epoch).total_seconds()) % 2**32
     assert (got - low) % 2**32 <= (high - low) % 2**32
@@ -676,7 +685,7 @@ def test_timefmt_lines_fed_one_byte_at_a_time():
     h.connection_made(ft)
     stream = b"hello\n%%\r\n\xff\nno newline yet"
     for i in range(len(stream)):
-        h.data_received(stream[i:i + 1])
+        h.data_received(stream[i : i + 1])
     assert b"".join(ft.written) == b"hello\r\n%\r\n\r\n"
     assert ft.requests == 3
     assert ft.closed_with is None
@@ -721,14 +730,16 @@ def test_timefmt_over_a_socket(loop, conn):
 def test_accepted_tcp_connections_send_without_nagle_delay(loop, log, monkeypatch):
     """TCP_NODELAY on every accepted connection (set once on the listener
     where the kernel passes it on, as Linux does)."""
-    from evd.net import listeners
     from evd.core.config import Address
+    from evd.net import listeners
 
     monkeypatch.setattr(listeners, "log", log)
     address = Address("tcp", "127.0.0.1", 0)
     service = make_service()
     service.connections_total = 0
-    listener = listeners.StreamListener(loop.reactor, listeners.bind(address), service, address, handlers.Echo)
+    listener = listeners.StreamListener(
+        loop.reactor, listeners.bind(address), service, address, handlers.Echo
+    )
     listener.open()
     client = socket.create_connection(listener.sock.getsockname(), timeout=LIMIT)
     try:

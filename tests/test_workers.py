@@ -9,8 +9,8 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from conftest import BASE_CONFIG, WAIT, connect, process_gone, recv_all, recv_exactly
+
 from evd.tools.client import Client
 
 WORKERS = BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 5.0\nworkers = 2")
@@ -41,7 +41,7 @@ def test_workers_share_every_port_and_stats_say_who_answered(start_evd, tmp_path
     ready = evd.wait_for("daemon.ready")
     assert ready["pid"] == evd.proc.pid and ready["workers"] == 2
     pids = worker_pids(evd)
-    framed = "%s:%d" % evd.addr("framed")
+    framed = "{}:{}".format(*evd.addr("framed"))
     seen = {}
     for _ in range(TRIES):
         worker = stats(framed)["worker"]
@@ -57,8 +57,9 @@ def test_workers_share_every_port_and_stats_say_who_answered(start_evd, tmp_path
     with Client(f"unix:{tmp_path}/framed.sock", timeout=WAIT) as client:
         assert client.call("echo", b"unix").body == b"unix"
     for pid in pids.values():
-        evd.wait_for("listener.open", pid=pid, service="echo", proto="udp",
-                     address=evd.addresses[("echo", "udp")])
+        evd.wait_for(
+            "listener.open", pid=pid, service="echo", proto="udp", address=evd.addresses[("echo", "udp")]
+        )
     assert evd.stop() == 0
     assert all(process_gone(pid) for pid in pids.values())
     assert not (tmp_path / "framed.sock").exists() and not (tmp_path / "evd.pid").exists()
@@ -73,7 +74,7 @@ def test_a_killed_worker_is_restarted(start_evd):
     assert exited["worker"] == 0 and exited["signal"] == signal.SIGKILL and exited["level"] == "warning"
     successor = evd.wait_for_since(mark, "worker.start", worker=0)["worker_pid"]
     assert successor != victim and not process_gone(successor, 0)
-    framed = "%s:%d" % evd.addr("framed")
+    framed = "{}:{}".format(*evd.addr("framed"))
     for _ in range(TRIES):  # slot 0's socket was kept: the new worker serves it
         if stats(framed)["worker"] == {"index": 0, "pid": successor}:
             break
@@ -107,7 +108,10 @@ def test_reload_passes_on_or_replaces_workers_without_dropping_anyone(start_evd,
     mark = len(evd.drain_events())
     evd.send(signal.SIGHUP)
     reload = evd.wait_for_since(mark, "config.reload", pid=evd.proc.pid)
-    assert reload["ok"] is True and sorted(reload["removed"]) == ["discard tcp 127.0.0.1:0", "discard udp 127.0.0.1:0"]
+    assert reload["ok"] is True and sorted(reload["removed"]) == [
+        "discard tcp 127.0.0.1:0",
+        "discard udp 127.0.0.1:0",
+    ]
     new = {i: evd.wait_for_since(mark, "worker.start", worker=i, generation=1)["worker_pid"] for i in (0, 1)}
     assert not set(new.values()) & set(old.values())
     steady.sendall(b"three")  # on a retiring worker, still served

@@ -227,16 +227,23 @@ def _add_lifecycle_commands(sub, common) -> None:
     log_options.add_argument("--log-level", choices=LEVELS, help="override log.level")
     run = sub.add_parser("run", parents=[common, log_options], help="run in the foreground")
     run.set_defaults(func=cmd_run)
-    start = sub.add_parser("start", parents=[common, log_options],
-                           help="start in the background; return once it listens")
+    start = sub.add_parser(
+        "start", parents=[common, log_options], help="start in the background; return once it listens"
+    )
     start.set_defaults(func=cmd_start)
     stop = sub.add_parser("stop", parents=[common], help="stop the daemon of the pidfile")
-    stop.add_argument("--timeout", type=float, metavar="S",
-                      help="seconds to wait for it to exit (default: daemon.shutdown_timeout + 5)")
+    stop.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="seconds to wait for it to exit (default: daemon.shutdown_timeout + 5)",
+    )
     stop.set_defaults(func=cmd_stop)
     reload = sub.add_parser("reload", parents=[common], help="make the daemon re-read its configuration")
     reload.set_defaults(func=cmd_reload)
-    status = sub.add_parser("status", parents=[common], help="is the daemon running? (exit 0 yes, 3 no, 1 stale)")
+    status = sub.add_parser(
+        "status", parents=[common], help="is the daemon running? (exit 0 yes, 3 no, 1 stale)"
+    )
     status.set_defaults(func=cmd_status)
 
 
@@ -262,10 +269,18 @@ def cmd_bench(args) -> int:
     if address is None:
         _error(f"no {args.mode} target in the configuration; give --address")
         return EX_FAIL
-    opts = bench.Options(mode=args.mode, address=address, connections=args.connections,
-                         size=args.size, duration=args.duration, warmup=args.warmup,
-                         processes=args.processes, depth=args.depth,
-                         server_pid=args.server_pid, allow_remote=args.allow_remote)
+    opts = bench.Options(
+        mode=args.mode,
+        address=address,
+        connections=args.connections,
+        size=args.size,
+        duration=args.duration,
+        warmup=args.warmup,
+        processes=args.processes,
+        depth=args.depth,
+        server_pid=args.server_pid,
+        allow_remote=args.allow_remote,
+    )
     try:
         result = bench.run(opts)
     except bench.BenchError as exc:
@@ -278,27 +293,64 @@ def cmd_bench(args) -> int:
 def _add_bench_command(sub) -> None:
     """`evd bench`: like every subcommand, -c is --config (SPEC section 2);
     connections are -n (redis-benchmark's -c would break that rule)."""
-    bench = sub.add_parser("bench", help="a bounded load generator against an evd address",
-                           description="tcp: ping-pong; udp: one datagram in flight per socket; "
-                                       "connect: a connection per request; framed: pipelined echo "
-                                       "frames; idle: hold connections, then check them")
+    bench = sub.add_parser(
+        "bench",
+        help="a bounded load generator against an evd address",
+        description="tcp: ping-pong; udp: one datagram in flight per socket; "
+        "connect: a connection per request; framed: pipelined echo "
+        "frames; idle: hold connections, then check them",
+    )
     bench.add_argument("mode", nargs="?", default="tcp", choices=("tcp", "udp", "connect", "framed", "idle"))
     bench.add_argument("-c", "--config", metavar="PATH", help="configuration to find the default address in")
-    bench.add_argument("--address", help="HOST:PORT, [V6]:PORT or unix:PATH (default: the config's "
-                                         "echo listener, or its framed one for framed)")
-    bench.add_argument("-n", "--connections", type=int, default=0, metavar="N",
-                       help="connections/sockets (in flight for connect; held for idle); "
-                            "default 50 tcp/framed, 20 udp/connect, 1000 idle")
+    bench.add_argument(
+        "--address",
+        help="HOST:PORT, [V6]:PORT or unix:PATH (default: the config's "
+        "echo listener, or its framed one for framed)",
+    )
+    bench.add_argument(
+        "-n",
+        "--connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="connections/sockets (in flight for connect; held for idle); "
+        "default 50 tcp/framed, 20 udp/connect, 1000 idle",
+    )
     bench.add_argument("-s", "--size", type=int, default=64, metavar="S", help="payload bytes (default 64)")
-    bench.add_argument("-d", "--duration", type=float, default=5.0, metavar="S",
-                       help="measured seconds, at most 300 (idle: the hold) (default 5)")
-    bench.add_argument("-w", "--warmup", type=float, default=1.0, metavar="S", help="warm-up seconds (default 1)")
-    bench.add_argument("-D", "--depth", type=int, default=1, metavar="D",
-                       help="framed: requests in flight per connection (default 1)")
-    bench.add_argument("-P", "--processes", type=int, default=1, metavar="P",
-                       help="spread the connections over P processes (default 1)")
-    bench.add_argument("--server-pid", type=int, default=0, metavar="PID",
-                       help="report this server's CPU per request (and RSS for idle) from /proc")
+    bench.add_argument(
+        "-d",
+        "--duration",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="measured seconds, at most 300 (idle: the hold) (default 5)",
+    )
+    bench.add_argument(
+        "-w", "--warmup", type=float, default=1.0, metavar="S", help="warm-up seconds (default 1)"
+    )
+    bench.add_argument(
+        "-D",
+        "--depth",
+        type=int,
+        default=1,
+        metavar="D",
+        help="framed: requests in flight per connection (default 1)",
+    )
+    bench.add_argument(
+        "-P",
+        "--processes",
+        type=int,
+        default=1,
+        metavar="P",
+        help="spread the connections over P processes (default 1)",
+    )
+    bench.add_argument(
+        "--server-pid",
+        type=int,
+        default=0,
+        metavar="PID",
+        help="report this server's CPU per request (and RSS for idle) from /proc",
+    )
     bench.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
     bench.add_argument("--json", action="store_true", help="print one JSON line")
     bench.set_defaults(func=cmd_bench)
@@ -306,24 +358,35 @@ def _add_bench_command(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", metavar="PATH",
-                        help="configuration file (default: $EVD_CONFIG, then "
-                             f"{config_mod.DEFAULT_PATH}, then the embedded default)")
+    common.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        help="configuration file (default: $EVD_CONFIG, then "
+        f"{config_mod.DEFAULT_PATH}, then the embedded default)",
+    )
     parser = argparse.ArgumentParser(prog="evd", description="evd: small network services on one event loop")
     parser.add_argument("--version", action="version", version=f"evd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_lifecycle_commands(sub, common)
 
-    check = sub.add_parser("check-config", parents=[common],
-                           help="validate the configuration and print it as TOML")
+    check = sub.add_parser(
+        "check-config", parents=[common], help="validate the configuration and print it as TOML"
+    )
     check.set_defaults(func=cmd_check_config)
 
-    call = sub.add_parser("call", parents=[common], help="send one framed request",
-                          description="evd call echo TEXT | time [--fmt F] | command NAME [ARG...] | stats")
+    call = sub.add_parser(
+        "call",
+        parents=[common],
+        help="send one framed request",
+        description="evd call echo TEXT | time [--fmt F] | command NAME [ARG...] | stats",
+    )
     call.add_argument("service", help="echo, time, command or stats")
     call.add_argument("args", nargs="*", help="echo: the text; command: NAME and its arguments")
-    call.add_argument("--address", help="HOST:PORT or unix:PATH (default: the config's first framed listener)")
+    call.add_argument(
+        "--address", help="HOST:PORT or unix:PATH (default: the config's first framed listener)"
+    )
     call.add_argument("--key-file", metavar="PATH", help="HMAC key for authentication")
     call.add_argument("--timeout", type=float, default=10.0, metavar="S")
     call.add_argument("--json", action="store_true", help="print the response header as JSON first")

@@ -28,9 +28,9 @@ import os
 import re
 import tomllib
 import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from importlib import resources
-from typing import Callable, Mapping
 
 SERVICE_NAMES = ("echo", "discard", "chargen", "daytime", "time", "timefmt", "framed", "command", "stats")
 RAW_SERVICES = SERVICE_NAMES[:6]
@@ -55,8 +55,8 @@ class ConfigError(Exception):
 @dataclass(frozen=True, slots=True)
 class Address:
     proto: str  # "tcp" | "udp" | "unix"
-    host: str   # IP literal without brackets, "*" for all IPv4+IPv6, or the unix path
-    port: int   # 0 for unix
+    host: str  # IP literal without brackets, "*" for all IPv4+IPv6, or the unix path
+    port: int  # 0 for unix
 
     def __str__(self) -> str:
         if self.proto == "unix":
@@ -209,11 +209,22 @@ _ACCESS = {"only_from": ("nets", None), "no_access": ("nets", None)}
 _ENABLED = {"enabled": ("bool", None)}
 _RAW = {**_ENABLED, "tcp": ("tcp", None), "udp": ("udp", None), "unix": ("unix", None), **_ACCESS, **_LIMITS}
 _SERVICE_KEYS = {name: _RAW for name in RAW_SERVICES} | {
-    "framed": {**_ENABLED, "tcp": ("tcp", None), "unix": ("unix", None), **_ACCESS,
-               "dispatch": ("strs", _service_list), "key_file": ("str", _abs_path_or_empty),
-               "auth_required": ("strs", _service_list), **_LIMITS},
-    "command": {**_ENABLED, "timeout": ("float", _at_least(0)), "max_output": ("int", _at_least(0)),
-                "max_concurrent": ("int", _at_least(1))},
+    "framed": {
+        **_ENABLED,
+        "tcp": ("tcp", None),
+        "unix": ("unix", None),
+        **_ACCESS,
+        "dispatch": ("strs", _service_list),
+        "key_file": ("str", _abs_path_or_empty),
+        "auth_required": ("strs", _service_list),
+        **_LIMITS,
+    },
+    "command": {
+        **_ENABLED,
+        "timeout": ("float", _at_least(0)),
+        "max_output": ("int", _at_least(0)),
+        "max_concurrent": ("int", _at_least(1)),
+    },
     "stats": _ENABLED,
 }
 _COMMAND = {"argv": ("strs", _argv), "args": ("bool", None), "arg_pattern": ("str", _regex)}
@@ -349,6 +360,7 @@ def _take(raw: dict, schema: dict, path: str, errors: list[str]) -> dict:
 
 # -- the validator ---------------------------------------------------------------
 
+
 def _check_water(limits: Limits, path: str, errors: list[str]) -> None:
     if limits.write_low >= limits.write_high:
         errors.append(f"{path}.write_low: must be less than write_high ({limits.write_high})")
@@ -359,8 +371,11 @@ def _misplaced(name: str, raw: dict) -> dict[str, str]:
     if name == "framed" and "udp" in raw:
         return {"udp": "framed is TCP/UNIX only"}
     if name in ("command", "stats"):
-        return {key: f"{name} has no listeners of its own; it is reached through services.framed"
-                for key in ("tcp", "udp", "unix") if key in raw}
+        return {
+            key: f"{name} has no listeners of its own; it is reached through services.framed"
+            for key in ("tcp", "udp", "unix")
+            if key in raw
+        }
     return {}
 
 
@@ -375,8 +390,10 @@ def _service(name: str, raw, limits: Limits, errors: list[str]) -> ServiceConfig
     effective = replace(limits, **overrides)
     if {"write_low", "write_high"} & overrides.keys():
         _check_water(effective, path, errors)
-    defaults = {proto: tuple(parse_address(proto, a) for a in addresses)
-                for proto, addresses in _DEFAULT_LISTENERS.get(name, {}).items()}
+    defaults = {
+        proto: tuple(parse_address(proto, a) for a in addresses)
+        for proto, addresses in _DEFAULT_LISTENERS.get(name, {}).items()
+    }
     if name == "framed":
         defaults |= _FRAMED_DEFAULTS
     enabled = values.pop("enabled", name not in _OFF_BY_DEFAULT)
@@ -451,12 +468,15 @@ def _check_key_file(framed: ServiceConfig, errors: list[str]) -> None:
     try:
         mode = os.stat(framed.key_file).st_mode
     except OSError as exc:
-        errors.append(f"services.framed.key_file: {framed.key_file}: cannot read: "
-                      f"[Errno {exc.errno}] {exc.strerror}")
+        errors.append(
+            f"services.framed.key_file: {framed.key_file}: cannot read: [Errno {exc.errno}] {exc.strerror}"
+        )
         return
     if mode & 0o077:
-        errors.append(f"services.framed.key_file: {framed.key_file} is accessible by group/others "
-                      f"(mode {mode & 0o777:04o}); chmod 600 it")
+        errors.append(
+            f"services.framed.key_file: {framed.key_file} is accessible by group/others "
+            f"(mode {mode & 0o777:04o}); chmod 600 it"
+        )
 
 
 def parse(text: str, source: str = EMBEDDED_SOURCE) -> Config:
@@ -476,11 +496,13 @@ def parse(text: str, source: str = EMBEDDED_SOURCE) -> Config:
     _check_key_file(services["framed"], errors)
     if errors:
         raise ConfigError(errors)
-    return Config(daemon, log, limits, types.MappingProxyType(services),
-                  types.MappingProxyType(commands), source)
+    return Config(
+        daemon, log, limits, types.MappingProxyType(services), types.MappingProxyType(commands), source
+    )
 
 
 # -- finding and reading the file ------------------------------------------------
+
 
 def embedded_text() -> str:
     return resources.files("evd").joinpath("default.toml").read_text(encoding="utf-8")
@@ -511,6 +533,7 @@ def load(path: str | None = None) -> Config:
 
 # -- writing TOML ----------------------------------------------------------------
 
+
 def _toml_str(s: str) -> str:
     """A basic string when nothing needs escaping, a literal one for
     backslashes (regexes stay readable), else an escaped basic one."""
@@ -519,8 +542,9 @@ def _toml_str(s: str) -> str:
         return f'"{s}"'
     if plain and "'" not in s:
         return f"'{s}'"
-    escaped = "".join(f"\\{c}" if c in '"\\' else f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c
-                      for c in s)
+    escaped = "".join(
+        f"\\{c}" if c in '"\\' else f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c for c in s
+    )
     return f'"{escaped}"'
 
 
@@ -549,12 +573,17 @@ def _service_items(svc: ServiceConfig) -> dict:
 
 def dump(config: Config) -> str:
     """The effective configuration as TOML: every key, defaults spelled out."""
-    parts = [_section(name, {f.name: getattr(obj, f.name) for f in fields(obj)})
-             for name, obj in (("daemon", config.daemon), ("log", config.log), ("limits", config.limits))]
+    parts = [
+        _section(name, {f.name: getattr(obj, f.name) for f in fields(obj)})
+        for name, obj in (("daemon", config.daemon), ("log", config.log), ("limits", config.limits))
+    ]
     parts += [_section(f"services.{s.name}", _service_items(s)) for s in config.services.values()]
-    parts += [_section(f"commands.{_toml_key(c.name)}",
-                       {"argv": c.argv, "args": c.args, "arg_pattern": c.arg_pattern})
-              for c in config.commands.values()]
+    parts += [
+        _section(
+            f"commands.{_toml_key(c.name)}", {"argv": c.argv, "args": c.args, "arg_pattern": c.arg_pattern}
+        )
+        for c in config.commands.values()
+    ]
     if not config.commands:
         parts.append("[commands]  # empty: no command may run\n")
     return "\n".join(parts)

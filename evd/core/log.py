@@ -131,8 +131,13 @@ def _render_exc_info(logger, method_name, event_dict):
 def _order_keys(logger, method_name, event_dict):
     """timestamp, level, event, pid first: what an operator reads first."""
     pop = event_dict.pop
-    return {"timestamp": pop("timestamp"), "level": pop("level"), "event": pop("event"),
-            "pid": _pid, **event_dict}
+    return {
+        "timestamp": pop("timestamp"),
+        "level": pop("level"),
+        "event": pop("event"),
+        "pid": _pid,
+        **event_dict,
+    }
 
 
 def build_logger(level: str, fmt: str, sink: LogSink):

@@ -46,7 +46,7 @@ import selectors
 import signal
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 Callback = Callable[[], object]
 

@@ -19,6 +19,7 @@ the loop nothing.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import signal
@@ -114,8 +115,14 @@ class Run:
         self.max_output = runner.config.max_output
         try:
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd="/", env=ENV, close_fds=True, process_group=0,
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd="/",
+                env=ENV,
+                close_fds=True,
+                process_group=0,
             )
         except OSError as exc:
             raise CommandError("internal", f"cannot run {argv[0]}: {exc.strerror}") from None
@@ -126,9 +133,10 @@ class Run:
         self._finished = False
         self._kill_timer = None
         for pipe, buf in ((self.proc.stdout, self.result.stdout), (self.proc.stderr, self.result.stderr)):
-            os.set_blocking(pipe.fileno(), False)
-            self._open[pipe.fileno()] = buf
-            self.reactor.add_reader(pipe.fileno(), lambda fd=pipe.fileno(): self._on_output(fd))
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            self._open[fd] = buf
+            self.reactor.add_reader(fd, functools.partial(self._on_output, fd))
         os.set_blocking(self.proc.stdin.fileno(), False)
         self._write_stdin()
         self._pidfd = os.pidfd_open(self.pid)
@@ -235,8 +243,15 @@ class Run:
         result = self.result
         result.exit = code if code is not None and code >= 0 else None
         result.signal = -code if code is not None and code < 0 else None
-        log.info("command.end", name=self.name, argv=self.argv, command_pid=self.pid,
-                 exit=result.exit, signal=result.signal, timed_out=result.timed_out,
-                 truncated=result.truncated,
-                 duration_ms=round((time.monotonic() - self.started) * 1000, 3))
+        log.info(
+            "command.end",
+            name=self.name,
+            argv=self.argv,
+            command_pid=self.pid,
+            exit=result.exit,
+            signal=result.signal,
+            timed_out=result.timed_out,
+            truncated=result.truncated,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+        )
         self.done(result)

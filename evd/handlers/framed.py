@@ -22,10 +22,10 @@ import os
 import time
 
 from evd import __version__
-from evd.handlers.commands import CommandError
-from evd.proto.framing import Decoder, FrameError, encode_parts, ok_header
-from evd.handlers.raw import Handler
 from evd.core.log import log
+from evd.handlers.commands import CommandError
+from evd.handlers.raw import Handler
+from evd.proto.framing import Decoder, FrameError, encode_parts, ok_header
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # strftime output grows with its input; 256 characters is plenty for a format.
@@ -48,9 +48,9 @@ class Context:
     """What framed connections share: built and kept current by the daemon."""
 
     def __init__(self, runner, stats, key: bytes | None, enabled: frozenset[str]):
-        self.runner = runner    # commands.Runner, or None if command is off
-        self.stats = stats      # () -> dict, the `stats` body
-        self.key = key          # HMAC key, or None: no authentication
+        self.runner = runner  # commands.Runner, or None if command is off
+        self.stats = stats  # () -> dict, the `stats` body
+        self.key = key  # HMAC key, or None: no authentication
         self.enabled = enabled  # of command and stats, those switched on
 
 
@@ -65,20 +65,24 @@ class Framed(Handler):
         self.nonce = os.urandom(NONCE_BYTES) if self.key else b""
         self.authenticated = False
         self.auth_failures = 0
-        self.pending = 0         # commands running for this connection
+        self.pending = 0  # commands running for this connection
         self.draining = False
         self.debug = log.enabled("debug")
-        self.last_out = 0        # size of the last response, for the request log
+        self.last_out = 0  # size of the last response, for the request log
         self.partial_since = None  # when the frame now being assembled began
-        self._batch = None       # responses of the frames being processed
+        self._batch = None  # responses of the frames being processed
         self._batch_size = 0
 
     # -- transport events ---------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        hello = {"evd": 1, "server": f"evd/{__version__}", "services": list(self.services),
-                 "auth": "hmac-sha256" if self.key else "none"}
+        hello = {
+            "evd": 1,
+            "server": f"evd/{__version__}",
+            "services": list(self.services),
+            "auth": "hmac-sha256" if self.key else "none",
+        }
         if self.key:
             hello["nonce"] = self.nonce.hex()
         transport.writelines(encode_parts(hello))
@@ -156,8 +160,12 @@ class Framed(Handler):
         started = time.monotonic() if self.debug else 0.0
         rid = header.get("id")
         svc = header.get("svc")
-        if (type(svc) is str and svc in self.services and isinstance(rid, _SCALARS)
-                and (self.authenticated or svc not in self.auth_required)):
+        if (
+            type(svc) is str
+            and svc in self.services
+            and isinstance(rid, _SCALARS)
+            and (self.authenticated or svc not in self.auth_required)
+        ):
             try:
                 ok = _SERVICES[svc](self, rid, header, body)
             except Exception as exc:  # a bug: this request fails, the rest go on
@@ -167,9 +175,16 @@ class Framed(Handler):
         else:
             ok = self._refuse(rid, svc, header)
         if self.debug:
-            log.debug("request", conn=self.transport.conn_id, svc=svc, id=rid, ok=ok,
-                      duration_ms=round((time.monotonic() - started) * 1000, 3),
-                      bytes_in=len(body), bytes_out=self.last_out)
+            log.debug(
+                "request",
+                conn=self.transport.conn_id,
+                svc=svc,
+                id=rid,
+                ok=ok,
+                duration_ms=round((time.monotonic() - started) * 1000, 3),
+                bytes_in=len(body),
+                bytes_out=self.last_out,
+            )
 
     def _refuse(self, rid, svc, header) -> bool:
         """Every request that is not simply served: the error it gets, or
@@ -219,7 +234,9 @@ class Framed(Handler):
         fmt = header.get("fmt", TIME_FORMAT)
         tz = header.get("tz", "utc")
         if not isinstance(fmt, str) or len(fmt) > TIME_FMT_MAX:
-            return self._error(rid, "bad_request", f"fmt must be a string of at most {TIME_FMT_MAX} characters")
+            return self._error(
+                rid, "bad_request", f"fmt must be a string of at most {TIME_FMT_MAX} characters"
+            )
         if tz not in ("utc", "local"):
             return self._error(rid, "bad_request", 'tz must be "utc" or "local"')
         now = time.time()
@@ -227,8 +244,9 @@ class Framed(Handler):
             text = time.strftime(fmt, time.gmtime(now) if tz == "utc" else time.localtime(now))
         except ValueError as exc:
             return self._error(rid, "bad_request", f"bad fmt: {exc}")
-        return self._reply(rid, text.encode("utf-8", "replace"), epoch=now,
-                           rfc868=(int(now) + 2208988800) & 0xFFFFFFFF)
+        return self._reply(
+            rid, text.encode("utf-8", "replace"), epoch=now, rfc868=(int(now) + 2208988800) & 0xFFFFFFFF
+        )
 
     def _svc_stats(self, rid, header, body) -> bool:
         return self._reply(rid, json.dumps(self.context.stats()).encode())
@@ -246,9 +264,16 @@ class Framed(Handler):
 
     def _command_done(self, rid, result) -> None:
         self.pending -= 1
-        self._reply(rid, bytes(result.stdout) + bytes(result.stderr), exit=result.exit,
-                    signal=result.signal, timed_out=result.timed_out, truncated=result.truncated,
-                    stdout_len=len(result.stdout), stderr_len=len(result.stderr))
+        self._reply(
+            rid,
+            bytes(result.stdout) + bytes(result.stderr),
+            exit=result.exit,
+            signal=result.signal,
+            timed_out=result.timed_out,
+            truncated=result.truncated,
+            stdout_len=len(result.stdout),
+            stderr_len=len(result.stderr),
+        )
         if not self.pending and self.transport.eof:
             self.transport.close_when_flushed("eof")
         self._close_if_idle()
@@ -269,8 +294,12 @@ class Framed(Handler):
         return False
 
 
-_SERVICES = {"echo": Framed._svc_echo, "time": Framed._svc_time,
-             "stats": Framed._svc_stats, "command": Framed._svc_command}
+_SERVICES = {
+    "echo": Framed._svc_echo,
+    "time": Framed._svc_time,
+    "stats": Framed._svc_stats,
+    "command": Framed._svc_command,
+}
 
 
 @functools.lru_cache(maxsize=64)

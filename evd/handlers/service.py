@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import itertools
 
-from evd.proto.admission import Admission
 from evd.core.config import ServiceConfig
 from evd.core.log import log
+from evd.proto.admission import Admission
 
 # One sequence for the whole process, so a `conn` id names one connection in
 # the logs whatever service it belongs to.

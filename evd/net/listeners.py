@@ -25,10 +25,10 @@ import socket
 import stat
 import sys
 
-from evd.net import transport as transport_mod
 from evd.core.config import Address
 from evd.core.log import log
 from evd.handlers.service import conn_ids
+from evd.net import transport as transport_mod
 from evd.net.transport import RECV_BUFFER, RECV_VIEW, StreamTransport
 
 AF_INET6, AF_UNIX = int(socket.AF_INET6), int(socket.AF_UNIX)
@@ -133,7 +133,7 @@ class Listener:
         self.reactor = reactor
         self.sock = sock
         self.service = service
-        self.address = address          # as configured: the reload key
+        self.address = address  # as configured: the reload key
         self.proto = address.proto
         self.actual = format_address(sock.family, sock.getsockname())
 
@@ -202,9 +202,14 @@ class StreamListener(Listener):
         now = self.reactor.now
         if now - self._last_backoff_log >= 1.0:
             self._last_backoff_log = now
-            log.warning("listener.backoff", service=self.service.name, proto=self.proto,
-                        address=self.actual, error=f"accept: [Errno {exc.errno}] {exc.strerror}",
-                        pause=BACKOFF)
+            log.warning(
+                "listener.backoff",
+                service=self.service.name,
+                proto=self.proto,
+                address=self.actual,
+                error=f"accept: [Errno {exc.errno}] {exc.strerror}",
+                pause=BACKOFF,
+            )
         self.reactor.remove_reader(self.sock.fileno())
         self._backoff_timer = self.reactor.call_later(BACKOFF, self._resume)
 

@@ -57,11 +57,11 @@ _NO_QUEUE = ()
 PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN})
 
 # Close reasons as they appear in `conn.close`.
-EOF = "eof"            # the peer closed its side and we flushed ours
-DONE = "done"          # the service finished (daytime, time, a framed close)
-RESET = "reset"        # the peer reset the connection or vanished
-ERROR = "error"        # an OS error or a bug in the handler
-IDLE = "idle"          # no traffic for idle_timeout
+EOF = "eof"  # the peer closed its side and we flushed ours
+DONE = "done"  # the service finished (daytime, time, a framed close)
+RESET = "reset"  # the peer reset the connection or vanished
+ERROR = "error"  # an OS error or a bug in the handler
+IDLE = "idle"  # no traffic for idle_timeout
 FRAME_TIMEOUT = "frame_timeout"  # a request trickled in for over idle_timeout
 SHUTDOWN = "shutdown"  # the daemon is stopping
 
@@ -74,10 +74,32 @@ def peer_name(host: str | None, port: int) -> str:
 
 class StreamTransport:
     __slots__ = (
-        "reactor", "sock", "fd", "protocol", "service", "conn_id", "host", "port",
-        "bytes_in", "bytes_out", "requests", "opened", "last_active", "_moved",
-        "_out", "_out_size", "_high", "_low", "_reader", "_reading", "write_paused",
-        "eof", "_closing", "closed", "close_reason", "__weakref__",
+        "reactor",
+        "sock",
+        "fd",
+        "protocol",
+        "service",
+        "conn_id",
+        "host",
+        "port",
+        "bytes_in",
+        "bytes_out",
+        "requests",
+        "opened",
+        "last_active",
+        "_moved",
+        "_out",
+        "_out_size",
+        "_high",
+        "_low",
+        "_reader",
+        "_reading",
+        "write_paused",
+        "eof",
+        "_closing",
+        "closed",
+        "close_reason",
+        "__weakref__",
     )
 
     def __init__(self, reactor, sock, protocol, service, host: str | None, port: int = 0):
@@ -87,22 +109,22 @@ class StreamTransport:
         self.protocol = protocol
         self.service = service
         self.conn_id = 0
-        self.host = host              # the peer's IP (IPv4-mapped folded), None for UNIX
+        self.host = host  # the peer's IP (IPv4-mapped folded), None for UNIX
         self.port = port
         self.bytes_in = 0
         self.bytes_out = 0
         self.requests = 0
         self.opened = self.last_active = reactor.now
-        self._moved = 0               # bytes_in + bytes_out at the last sweep
-        self._out = _NO_QUEUE         # a deque only while bytes wait
+        self._moved = 0  # bytes_in + bytes_out at the last sweep
+        self._out = _NO_QUEUE  # a deque only while bytes wait
         self._out_size = 0
         # A protocol that says `echoes = True` (RFC 862's echo: the hot path)
         # is not called for data: what arrives goes straight back.
         self._reader = self._on_read_echo if getattr(protocol, "echoes", False) else self._on_read
         self._reading = False
         self.write_paused = False
-        self.eof = False              # the peer half-closed
-        self._closing = False         # close once the queue is empty
+        self.eof = False  # the peer half-closed
+        self._closing = False  # close once the queue is empty
         self.closed = False
         self.close_reason = ""
         limits = service.config.limits
@@ -372,9 +394,15 @@ class StreamTransport:
         self.protocol = self._reader = None
         if log.info_on:
             log.info(
-                "conn.close", service=service.name, peer=self.peer, conn=self.conn_id,
+                "conn.close",
+                service=service.name,
+                peer=self.peer,
+                conn=self.conn_id,
                 duration_ms=round((reactor.now - self.opened) * 1000, 3),
-                bytes_in=self.bytes_in, bytes_out=self.bytes_out, reason=reason, **extra,
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                reason=reason,
+                **extra,
             )
 
     # -- the error ladder ---------------------------------------------------

@@ -67,8 +67,14 @@ _COMPACT_MIN = 65536
 # How much of a bad `len` value to quote back in the error message.
 _QUOTE_MAX = 40
 
-_JSON_TYPE = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
-              type(None): "null"}
+_JSON_TYPE = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 
 
 class FrameError(Exception):
@@ -94,17 +100,17 @@ class Decoder:
         self.max_header = max_header
         self.max_body = max_body
         self._buf = bytearray()
-        self._pos = 0                       # read offset into _buf
-        self._pending: dict | None = None   # parsed header awaiting its body
-        self._header_len = 0                # its H, for `buffered`
-        self._body_len = 0                  # its body's length
+        self._pos = 0  # read offset into _buf
+        self._pending: dict | None = None  # parsed header awaiting its body
+        self._header_len = 0  # its H, for `buffered`
+        self._body_len = 0  # its body's length
         self._error: FrameError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as (part of) a frame."""
         n = len(self._buf) - self._pos
-        if self._pending is not None:       # its prefix and header are consumed
+        if self._pending is not None:  # its prefix and header are consumed
             n += PREFIX_LEN + self._header_len
         return n
 
@@ -146,7 +152,7 @@ class Decoder:
                 start = pos + PREFIX_LEN
                 if len(buf) - start < h:
                     return None
-                header = _parse_header(buf[start:start + h])
+                header = _parse_header(buf[start : start + h])
                 # The body length, checked before the body arrives.
                 n = header.get("len", 0)
                 if type(n) is not int or n < 0 or n > self.max_body:  # bool is refused
@@ -163,17 +169,17 @@ class Decoder:
                 self._pending = None
             end = pos + n
             body = buf[pos:end] if n else b""
-            if end == len(buf):             # all consumed: reuse the buffer
+            if end == len(buf):  # all consumed: reuse the buffer
                 buf.clear()
                 end = 0
             elif end >= _COMPACT_MIN and end * 2 > len(buf):
-                del buf[:end]               # moves < end bytes: amortised O(1)
+                del buf[:end]  # moves < end bytes: amortised O(1)
                 end = 0
             self._pos = end
             return header, body
         except FrameError as e:
             self._error = e
-            self._buf = bytearray()         # nothing here will ever be used
+            self._buf = bytearray()  # nothing here will ever be used
             self._pos = 0
             self._pending = None
             raise
@@ -196,7 +202,7 @@ def _bad_len(n, max_body: int) -> str:
 
 def _parse_header(raw: bytearray) -> dict:
     try:
-        text = raw.decode("utf-8")          # json.loads(bytes) would guess UTF-16/32
+        text = raw.decode("utf-8")  # json.loads(bytes) would guess UTF-16/32
     except UnicodeDecodeError:
         raise FrameError("header is not valid UTF-8") from None
     # The C scanner directly when the text is one object and nothing else
@@ -213,9 +219,9 @@ def _parse_header(raw: bytearray) -> dict:
         header = _DECODER.decode(text)
     except json.JSONDecodeError as e:
         raise FrameError(f"header is not JSON: {e.msg} at char {e.pos}") from None
-    except RecursionError:                  # "[[[[..." deeper than the C stack allows
+    except RecursionError:  # "[[[[..." deeper than the C stack allows
         raise FrameError("header is not JSON: nested too deeply") from None
-    except ValueError as e:                 # NaN/Infinity, or an int over 4300 digits
+    except ValueError as e:  # NaN/Infinity, or an int over 4300 digits
         raise FrameError(f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise FrameError(f"header is a JSON {_JSON_TYPE[type(header)]}, not an object")
@@ -246,7 +252,8 @@ _scan = _DECODER.scan_once
 _quote = json.encoder.encode_basestring_ascii
 if json.encoder.c_make_encoder is not None:
     _c_encode = json.encoder.c_make_encoder(
-        None, _ENCODER.default, _quote, None, ":", ",", False, False, False)
+        None, _ENCODER.default, _quote, None, ":", ",", False, False, False
+    )
 
     def _dumps(obj: dict) -> str:
         return "".join(_c_encode(obj, 0))

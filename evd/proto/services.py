@@ -26,9 +26,7 @@ TIMEFMT_MAX = 256
 # along the 95-character ring of codes 32..126.
 CHARGEN_LINE = 72
 _RING = bytes(range(32, 127))
-CHARGEN_CYCLE = b"".join(
-    (_RING + _RING)[i:i + CHARGEN_LINE] + b"\r\n" for i in range(len(_RING))
-)
+CHARGEN_CYCLE = b"".join((_RING + _RING)[i : i + CHARGEN_LINE] + b"\r\n" for i in range(len(_RING)))
 # What a TCP chargen writes per call: whole cycles (so every chunk ends where
 # the next begins) adding up to about 64 KiB.
 CHARGEN_BLOCK = CHARGEN_CYCLE * (65536 // len(CHARGEN_CYCLE))
@@ -61,7 +59,7 @@ def timefmt(request: bytes, now: float) -> bytes | None:
 def chargen_line(n: int) -> bytes:
     """The n-th line of the pattern (n counts from 0, wraps at 95)."""
     start = (n % len(_RING)) * _CHARGEN_LINE_BYTES
-    return CHARGEN_CYCLE[start:start + _CHARGEN_LINE_BYTES]
+    return CHARGEN_CYCLE[start : start + _CHARGEN_LINE_BYTES]
 
 
 class DatagramChargen:

@@ -25,16 +25,15 @@ import time
 from dataclasses import fields
 
 from evd import __version__
-
 from evd.core import config as config_mod
-from evd.net import transport as transport_mod
+from evd.core.log import log
+from evd.core.reactor import Reactor
 from evd.handlers.commands import Runner
 from evd.handlers.framed import Context, Framed
 from evd.handlers.raw import STREAM_HANDLERS
-from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, StreamListener, bind
-from evd.core.log import log
-from evd.core.reactor import Reactor
 from evd.handlers.service import Service
+from evd.net import transport as transport_mod
+from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, StreamListener, bind
 from evd.proto.services import datagram_handler
 from evd.system.systemd import Notifier
 
@@ -92,7 +91,9 @@ def read_key(config) -> bytes | None:
         with open(framed.key_file, "rb") as f:
             key = f.read().rstrip(b"\r\n")
     except OSError as exc:
-        raise config_mod.ConfigError([f"services.framed.key_file: cannot read {framed.key_file}: {exc.strerror}"])
+        raise config_mod.ConfigError(
+            [f"services.framed.key_file: cannot read {framed.key_file}: {exc.strerror}"]
+        ) from None
     if not key:
         raise config_mod.ConfigError([f"services.framed.key_file: {framed.key_file} is empty"])
     return key
@@ -114,8 +115,11 @@ def reread(config):
 
 def other_changes(old, new) -> list[str]:
     """What a reload changes besides services, for `config.reload`."""
-    changed = [f"daemon.{f.name}" + (" (at the next start)" if f.name in RESTART_KEYS else "")
-               for f in fields(old.daemon) if getattr(old.daemon, f.name) != getattr(new.daemon, f.name)]
+    changed = [
+        f"daemon.{f.name}" + (" (at the next start)" if f.name in RESTART_KEYS else "")
+        for f in fields(old.daemon)
+        if getattr(old.daemon, f.name) != getattr(new.daemon, f.name)
+    ]
     if old.log != new.log:
         changed.append("log")
     if old.commands != new.commands or old.services["command"] != new.services["command"]:
@@ -126,12 +130,20 @@ def other_changes(old, new) -> list[str]:
 
 
 class Daemon:
-    def __init__(self, config, reactor: Reactor | None = None, *, notifier: Notifier | None = None,
-                 pidfile=None, worker: tuple[int, int] | None = None, log_overrides: dict | None = None):
+    def __init__(
+        self,
+        config,
+        reactor: Reactor | None = None,
+        *,
+        notifier: Notifier | None = None,
+        pidfile=None,
+        worker: tuple[int, int] | None = None,
+        log_overrides: dict | None = None,
+    ):
         self.config = config
         self.notifier = notifier or Notifier(None)
-        self.pidfile = pidfile              # ours to remove at exit, or None
-        self.worker = worker                # (index, pid) under a supervisor
+        self.pidfile = pidfile  # ours to remove at exit, or None
+        self.worker = worker  # (index, pid) under a supervisor
         self.log_overrides = log_overrides or {}  # `evd run --log-level/--log-format`
         self.inherited: set[tuple] = set()  # listener keys whose socket systemd owns
         self.reactor = reactor or Reactor()
@@ -140,8 +152,8 @@ class Daemon:
         self.listeners: dict[tuple, object] = {}
         self.guard_ports: set[int] = set(GUARD_PORTS)
         self.started = time.time()
-        self.stopping = False   # draining for shutdown_timeout, then out
-        self.retiring = False   # serving what is open to its end, then out
+        self.stopping = False  # draining for shutdown_timeout, then out
+        self.retiring = False  # serving what is open to its end, then out
         self.stop_signal: str | None = None
         self._sweep_timer = None
         self.runner = Runner(self.reactor, config.services["command"], config.commands)
@@ -190,8 +202,9 @@ class Daemon:
         name, address = key
         service = self.services[name]
         if address.proto == "udp":
-            listener = DatagramEndpoint(self.reactor, sock, service, address,
-                                        datagram_handler(name), self.guard_ports)
+            listener = DatagramEndpoint(
+                self.reactor, sock, service, address, datagram_handler(name), self.guard_ports
+            )
         else:
             listener = StreamListener(self.reactor, sock, service, address, self._factory(name))
         # A UNIX path belongs to whoever bound it: not to systemd's sockets'
@@ -211,7 +224,8 @@ class Daemon:
         self.guard_ports.update(GUARD_PORTS)
         self.guard_ports.update(
             int(listener.actual.rpartition(":")[2])
-            for listener in self.listeners.values() if listener.proto == "udp"
+            for listener in self.listeners.values()
+            if listener.proto == "udp"
         )
 
     def serve(self, on_ready=None) -> int:
@@ -247,8 +261,11 @@ class Daemon:
 
     def _before_sleep(self) -> None:
         log.sink.flush()
-        if (self.stopping or self.retiring) and not self.runner.running \
-                and not any(s.connections for s in self.services.values()):
+        if (
+            (self.stopping or self.retiring)
+            and not self.runner.running
+            and not any(s.connections for s in self.services.values())
+        ):
             self.reactor.stop()
 
     def _schedule_sweep(self) -> None:
@@ -287,8 +304,10 @@ class Daemon:
         self.stopping = True
         self.stop_signal = name
         open_connections = sum(len(s.connections) for s in self.services.values())
-        self.notifier.stopping(f"stopping on {name}: {open_connections} connections, "
-                               f"{len(self.runner.running)} commands to finish")
+        self.notifier.stopping(
+            f"stopping on {name}: {open_connections} connections, "
+            f"{len(self.runner.running)} commands to finish"
+        )
         self._close_listeners()
         for service in self.services.values():
             for conn in list(service.connections):
@@ -324,8 +343,14 @@ class Daemon:
         """SIGHUP: re-read the configuration; apply it whole, or not at all.
         systemd hears RELOADING=1 first and READY=1 after, either way."""
         if self.stopping or self.retiring:  # a reload cannot undo a stop
-            log.warning(self._event("reload"), ok=False, error="stopping: reload ignored",
-                        added=[], removed=[], changed=[])
+            log.warning(
+                self._event("reload"),
+                ok=False,
+                error="stopping: reload ignored",
+                added=[],
+                removed=[],
+                changed=[],
+            )
             return
         self.notifier.reloading()
         try:
@@ -348,8 +373,13 @@ class Daemon:
             return
         removed = [k for k in self.listeners if k not in set(wanted)]
         changed = self._apply(new, bound, removed, key)
-        log.info(event, ok=True, added=[_describe(k) for k in added],
-                 removed=[_describe(k) for k in removed], changed=changed)
+        log.info(
+            event,
+            ok=True,
+            added=[_describe(k) for k in added],
+            removed=[_describe(k) for k in removed],
+            changed=changed,
+        )
 
     def _apply(self, new, bound: dict, removed: list, hmac_key) -> list[str]:
         for key in removed:
@@ -375,8 +405,11 @@ class Daemon:
         self._schedule_sweep()
         log.reopen()
         try:
-            log.configure(self.log_overrides.get("level") or new.log.level,
-                          self.log_overrides.get("format") or new.log.format, new.log.file)
+            log.configure(
+                self.log_overrides.get("level") or new.log.level,
+                self.log_overrides.get("format") or new.log.format,
+                new.log.file,
+            )
         except OSError as exc:
             log.error("error", where="log.configure", exc_info=exc)
         return changed

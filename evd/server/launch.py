@@ -31,15 +31,14 @@ import time
 import daemon as python_daemon
 
 from evd import __version__
-
-from evd.system import systemd
 from evd.core import config as config_mod
-from evd.server.daemon import Daemon, bind_all, listener_keys, raise_nofile_limit, read_key
-from evd.net.listeners import BindError
 from evd.core.log import log
+from evd.net.listeners import BindError
+from evd.server.daemon import Daemon, bind_all, listener_keys, raise_nofile_limit, read_key
+from evd.server.supervisor import Supervisor, bind_slots
+from evd.system import systemd
 from evd.system.pidfile import AlreadyRunning, Pidfile, PidfileError
 from evd.system.privileges import PrivilegeError, drop, resolve
-from evd.server.supervisor import Supervisor, bind_slots
 
 # How long `evd start` waits for the daemon to say it listens.  Binding is
 # done before detaching, so this only covers the fork and the services'
@@ -61,10 +60,10 @@ class Launch:
 
     def __init__(self, config, overrides: dict, pidfile, slots: dict, inherited: set, notifier):
         self.config = config
-        self.overrides = overrides   # --log-level / --log-format
-        self.pidfile = pidfile       # Pidfile, or None (`run` without one)
-        self.slots = slots           # {listener key: [socket per worker]}
-        self.inherited = inherited   # keys whose socket came from systemd
+        self.overrides = overrides  # --log-level / --log-format
+        self.pidfile = pidfile  # Pidfile, or None (`run` without one)
+        self.slots = slots  # {listener key: [socket per worker]}
+        self.inherited = inherited  # keys whose socket came from systemd
         self.notifier = notifier
 
     def descriptors(self) -> list[int]:
@@ -87,11 +86,15 @@ def prepare(config, overrides: dict, pidfile_required: bool) -> Launch:
     except config_mod.ConfigError as exc:
         raise StartError(str(exc), config_error=True) from None
     try:
-        log.configure(overrides.get("level") or config.log.level,
-                      overrides.get("format") or config.log.format, config.log.file)
+        log.configure(
+            overrides.get("level") or config.log.level,
+            overrides.get("format") or config.log.format,
+            config.log.file,
+        )
     except OSError as exc:
-        raise StartError(f"cannot open log file {config.log.file}: "
-                         f"[Errno {exc.errno}] {exc.strerror}") from None
+        raise StartError(
+            f"cannot open log file {config.log.file}: [Errno {exc.errno}] {exc.strerror}"
+        ) from None
     log.info("daemon.start", version=__version__, config=config.source)
     pidfile = _take_pidfile(config.daemon.pidfile, pidfile_required)
     try:
@@ -131,8 +134,12 @@ def _listen(config) -> tuple[dict, set]:
     keys = listener_keys(config)
     adopted, leftover = systemd.match(systemd.listen_fds(), keys)
     for sock, name in leftover:
-        log.warning("systemd.socket", name=name, address=systemd.describe(sock),
-                    error="matches no configured listener; closed")
+        log.warning(
+            "systemd.socket",
+            name=name,
+            address=systemd.describe(sock),
+            error="matches no configured listener; closed",
+        )
         sock.close()
     for key, sock in adopted.items():
         log.info("systemd.adopt", service=key[0], proto=key[1].proto, address=systemd.describe(sock))
@@ -158,20 +165,29 @@ def _hand_over(credentials, pidfile, log_file: str) -> None:
         try:
             os.chown(log_file, credentials.uid, credentials.gid)
         except OSError as exc:
-            raise PrivilegeError(f"cannot hand {log_file} to {credentials.user or credentials.uid}: "
-                                 f"chown: [Errno {exc.errno}] {exc.strerror}") from None
+            raise PrivilegeError(
+                f"cannot hand {log_file} to {credentials.user or credentials.uid}: "
+                f"chown: [Errno {exc.errno}] {exc.strerror}"
+            ) from None
 
 
 def serve(launch: Launch, on_ready=None) -> int:
     """Step 7, in this process."""
     config = launch.config
     if config.daemon.workers > 1:
-        supervisor = Supervisor(config, launch.slots, inherited=launch.inherited, notifier=launch.notifier,
-                                pidfile=launch.pidfile, log_overrides=launch.overrides)
+        supervisor = Supervisor(
+            config,
+            launch.slots,
+            inherited=launch.inherited,
+            notifier=launch.notifier,
+            pidfile=launch.pidfile,
+            log_overrides=launch.overrides,
+        )
         return supervisor.run(on_ready)
     try:
-        daemon = Daemon(config, notifier=launch.notifier, pidfile=launch.pidfile,
-                        log_overrides=launch.overrides)
+        daemon = Daemon(
+            config, notifier=launch.notifier, pidfile=launch.pidfile, log_overrides=launch.overrides
+        )
     except config_mod.ConfigError as exc:  # the key file went away since step 1
         raise StartError(str(exc), config_error=True) from None
     daemon.open({key: socks[0] for key, socks in launch.slots.items()}, inherited=launch.inherited)
@@ -179,6 +195,7 @@ def serve(launch: Launch, on_ready=None) -> int:
 
 
 # -- evd start ---------------------------------------------------------------
+
 
 def start(launch: Launch) -> int:
     """Step 6 and 7 in a detached daemon; here, wait for its word.  The
@@ -205,7 +222,10 @@ def _detach_and_serve(launch: Launch, write_end: int) -> int:
     reporter = _Reporter(write_end)
     try:
         context = python_daemon.DaemonContext(
-            working_directory="/", umask=UMASK, detach_process=True, prevent_core=True,
+            working_directory="/",
+            umask=UMASK,
+            detach_process=True,
+            prevent_core=True,
             files_preserve=launch.descriptors() + [write_end],
             signal_map={},  # our reactor owns the signals
         )

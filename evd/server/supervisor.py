@@ -47,10 +47,10 @@ import time
 from dataclasses import replace
 
 from evd.core import config as config_mod
-from evd.server.daemon import RETIRE, Daemon, listener_keys, other_changes, read_key, reread
-from evd.net.listeners import BindError, bind, format_address
 from evd.core.log import log
 from evd.core.reactor import Reactor
+from evd.net.listeners import BindError, bind, format_address
+from evd.server.daemon import RETIRE, Daemon, listener_keys, other_changes, read_key, reread
 
 # Between a worker that died young and its replacement.  Long enough that a
 # worker failing at start costs little CPU, short enough to recover quickly.
@@ -98,8 +98,7 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, config, slots: dict, *, inherited=(), notifier=None, pidfile=None,
-                 log_overrides=None):
+    def __init__(self, config, slots: dict, *, inherited=(), notifier=None, pidfile=None, log_overrides=None):
         self.config = config
         self.count = config.daemon.workers  # fixed for our life: see other_changes
         self.slots = slots
@@ -148,7 +147,9 @@ class Supervisor:
 
     def _log_listener(self, event: str, key) -> None:
         sock = self.slots[key][0]
-        log.info(event, service=key[0], proto=key[1].proto, address=format_address(sock.family, sock.getsockname()))
+        log.info(
+            event, service=key[0], proto=key[1].proto, address=format_address(sock.family, sock.getsockname())
+        )
 
     def _close_all(self) -> None:
         """Our copies of every socket, and the UNIX paths we bound."""
@@ -251,9 +252,14 @@ class Supervisor:
         if current:
             lived = time.monotonic() - worker.started
             delay = RESTART_DELAY if lived < RESTART_DELAY else 0.0
-        fields = dict(worker=worker.index, worker_pid=worker.pid, generation=worker.generation,
-                      exit=code if code >= 0 else None, signal=-code if code < 0 else None,
-                      restart_in=delay)
+        fields = dict(
+            worker=worker.index,
+            worker_pid=worker.pid,
+            generation=worker.generation,
+            exit=code if code >= 0 else None,
+            signal=-code if code < 0 else None,
+            restart_in=delay,
+        )
         if current:
             log.warning("worker.exit", **fields)
             index = worker.index
@@ -285,8 +291,9 @@ class Supervisor:
         if not self.workers:
             self.reactor.stop()
             return
-        self.reactor.call_later(self.config.daemon.shutdown_timeout + KILL_AFTER,
-                                lambda: self._signal_workers(signal.SIGKILL))
+        self.reactor.call_later(
+            self.config.daemon.shutdown_timeout + KILL_AFTER, lambda: self._signal_workers(signal.SIGKILL)
+        )
 
     def reopen_log(self) -> None:
         log.reopen()
@@ -294,8 +301,9 @@ class Supervisor:
 
     def reload(self) -> None:
         if self.stopping:  # a reload cannot undo a stop
-            log.warning("config.reload", ok=False, error="stopping: reload ignored",
-                        added=[], removed=[], changed=[])
+            log.warning(
+                "config.reload", ok=False, error="stopping: reload ignored", added=[], removed=[], changed=[]
+            )
             return
         self.notifier.reloading()
         try:
@@ -315,8 +323,11 @@ class Supervisor:
             return
         removed = [k for k in self.slots if k not in set(wanted)]
         serving = {k[0] for k in wanted} | {k[0] for k in self.slots}
-        changed = [name for name in new.services if name in serving
-                   and self.config.services[name] != new.services[name]]
+        changed = [
+            name
+            for name in new.services
+            if name in serving and self.config.services[name] != new.services[name]
+        ]
         changed += other_changes(self.config, new)
         self.config = new
         self._apply_log(new)
@@ -324,14 +335,22 @@ class Supervisor:
             self._new_generation(added, removed, bound)
         else:
             self._signal_workers(signal.SIGHUP)
-        log.info("config.reload", ok=True, added=[f"{k[0]} {k[1].proto} {k[1]}" for k in added],
-                 removed=[f"{k[0]} {k[1].proto} {k[1]}" for k in removed], changed=changed)
+        log.info(
+            "config.reload",
+            ok=True,
+            added=[f"{k[0]} {k[1].proto} {k[1]}" for k in added],
+            removed=[f"{k[0]} {k[1].proto} {k[1]}" for k in removed],
+            changed=changed,
+        )
 
     def _apply_log(self, new) -> None:
         try:
             log.sink.reopen()
-            log.configure(self.log_overrides.get("level") or new.log.level,
-                          self.log_overrides.get("format") or new.log.format, new.log.file)
+            log.configure(
+                self.log_overrides.get("level") or new.log.level,
+                self.log_overrides.get("format") or new.log.format,
+                new.log.file,
+            )
         except OSError as exc:
             log.error("error", where="log.configure", exc_info=exc)
 

@@ -62,11 +62,14 @@ def drop(creds: Credentials) -> None:
     that is not root may name itself; its groups are what its login gave)."""
     if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == (creds.uid, creds.uid, creds.gid, creds.gid):
         return
-    for syscall, call, arg in (("setgroups", os.setgroups, creds.groups),
-                               ("setgid", os.setgid, creds.gid),
-                               ("setuid", os.setuid, creds.uid)):
+    for syscall, call, arg in (
+        ("setgroups", os.setgroups, creds.groups),
+        ("setgid", os.setgid, creds.gid),
+        ("setuid", os.setuid, creds.uid),
+    ):
         try:
             call(arg)
         except OSError as exc:
-            raise PrivilegeError(f"cannot drop privileges: {syscall}({arg}): "
-                                 f"[Errno {exc.errno}] {exc.strerror}") from None
+            raise PrivilegeError(
+                f"cannot drop privileges: {syscall}({arg}): [Errno {exc.errno}] {exc.strerror}"
+            ) from None

@@ -70,7 +70,9 @@ class Notifier:
         except OSError as exc:
             if not self._warned:  # once: systemd gone is not news every second
                 self._warned = True
-                log.warning("systemd.notify", error=f"sendto {self.address!r}: [Errno {exc.errno}] {exc.strerror}")
+                log.warning(
+                    "systemd.notify", error=f"sendto {self.address!r}: [Errno {exc.errno}] {exc.strerror}"
+                )
             return False
 
     def ready(self, status: str) -> None:
@@ -117,6 +119,7 @@ def watchdog_period(env=os.environ) -> float | None:
 
 # -- socket activation -------------------------------------------------------
 
+
 def listen_fds(env=os.environ) -> list[tuple[socket.socket, str]]:
     """The inherited sockets with their names ("" when unnamed), and the
     LISTEN_* variables removed.  Empty unless they are meant for us."""
@@ -133,8 +136,9 @@ def listen_fds(env=os.environ) -> list[tuple[socket.socket, str]]:
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:
-            log.warning("systemd.socket", fd=fd, name=name,
-                        error=f"not a socket: [Errno {exc.errno}] {exc.strerror}")
+            log.warning(
+                "systemd.socket", fd=fd, name=name, error=f"not a socket: [Errno {exc.errno}] {exc.strerror}"
+            )
             os.close(fd)
             continue
         sock.setblocking(False)

@@ -53,7 +53,7 @@ DEFAULT_CONNECTIONS = {"tcp": 50, "udp": 20, "connect": 20, "framed": 50, "idle"
 # Bounded runs: a typo cannot make a benchmark run for an hour.
 MAX_DURATION = 300.0
 MAX_WARMUP = 60.0
-MAX_SIZE = 65507            # the largest UDP payload; streams use the same cap
+MAX_SIZE = 65507  # the largest UDP payload; streams use the same cap
 MAX_DEPTH = 1024
 # A stream request unanswered this long is an error (the server stalled).
 STALL = 2.0
@@ -70,7 +70,7 @@ IDLE_SAMPLE = 100
 VARIANTS = 256
 # Linux's IP_BIND_ADDRESS_NO_PORT (Python has the name from 3.12 on).
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-_TICK = 0.05                # loop wake-up when nothing happens
+_TICK = 0.05  # loop wake-up when nothing happens
 _RECV = 65536
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -83,7 +83,7 @@ class BenchError(Exception):
 class Options:
     mode: str = "tcp"
     address: str = "127.0.0.1:7007"
-    connections: int = 0            # 0: the mode's default
+    connections: int = 0  # 0: the mode's default
     size: int = 64
     duration: float = 5.0
     warmup: float = 1.0
@@ -100,9 +100,13 @@ class Options:
         problems = [
             f"{name} must be in [{lo}, {hi}], got {value}"
             for name, value, lo, hi in (
-                ("connections", self.connections, 1, 100000), ("size", self.size, 1, MAX_SIZE),
-                ("duration", self.duration, 0.1, MAX_DURATION), ("warmup", self.warmup, 0, MAX_WARMUP),
-                ("processes", self.processes, 1, 64), ("depth", self.depth, 1, MAX_DEPTH))
+                ("connections", self.connections, 1, 100000),
+                ("size", self.size, 1, MAX_SIZE),
+                ("duration", self.duration, 0.1, MAX_DURATION),
+                ("warmup", self.warmup, 0, MAX_WARMUP),
+                ("processes", self.processes, 1, 64),
+                ("depth", self.depth, 1, MAX_DEPTH),
+            )
             if not lo <= value <= hi
         ]
         if problems:
@@ -112,8 +116,9 @@ class Options:
 
 # -- the target ---------------------------------------------------------------
 
+
 def resolve(address: str, mode: str, allow_remote: bool = False) -> tuple[int, object]:
-    """"HOST:PORT", "[V6]:PORT" or "unix:PATH" -> (family, sockaddr); only
+    """ "HOST:PORT", "[V6]:PORT" or "unix:PATH" -> (family, sockaddr); only
     loopback unless `allow_remote` (a load test aimed elsewhere is an attack)."""
     if address.startswith("unix:"):
         if mode == "udp":
@@ -138,6 +143,7 @@ def resolve(address: str, mode: str, allow_remote: bool = False) -> tuple[int, o
 
 # -- the server, seen from /proc -------------------------------------------------
 
+
 def process_tree(pid: int) -> list[int]:
     """pid and its descendants (a supervisor and its workers)."""
     pids, i = [pid], 0
@@ -160,7 +166,7 @@ def process_cpu(pid: int) -> float:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])     # utime, stime
+        total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / _CLK_TCK
 
 
@@ -215,12 +221,18 @@ class ServerProbe:
         if not self.pid:
             return {}
         cpu = process_cpu(self.pid) - self.cpu0
-        out = {"server_pid": self.pid, "server_cpu_s": round(cpu, 3),
-               "server_cpu_us_per_req": _per_req(cpu, requests)}
+        out = {
+            "server_pid": self.pid,
+            "server_cpu_s": round(cpu, 3),
+            "server_cpu_us_per_req": _per_req(cpu, requests),
+        }
         if self.core is not None:
             busy = core_busy(self.core) - self.busy0
-            out.update(server_core=self.core, server_core_busy_s=round(busy, 3),
-                       server_core_us_per_req=_per_req(busy, requests))
+            out.update(
+                server_core=self.core,
+                server_core_busy_s=round(busy, 3),
+                server_core_us_per_req=_per_req(busy, requests),
+            )
         return out
 
 
@@ -230,14 +242,18 @@ def _per_req(seconds: float, requests: int) -> float | None:
 
 # -- payloads -------------------------------------------------------------------
 
+
 def payloads(size: int) -> list[bytes]:
     """VARIANTS distinct payloads of `size` bytes, each starting with its index."""
     pattern = bytes(range(33, 127)) * (size // 94 + 2)
-    return [struct.pack(">I", i)[-min(4, size):] + pattern[i % 94:i % 94 + max(0, size - 4)]
-            for i in range(VARIANTS)]
+    return [
+        struct.pack(">I", i)[-min(4, size) :] + pattern[i % 94 : i % 94 + max(0, size - 4)]
+        for i in range(VARIANTS)
+    ]
 
 
 # -- one worker's loops -------------------------------------------------------------
+
 
 class Stats:
     """What a worker measured: completions in the window and their latencies."""
@@ -246,9 +262,9 @@ class Stats:
         self.requests = 0
         self.errors = 0
         self.lost = 0
-        self.latencies: list[int] = []      # ns
+        self.latencies: list[int] = []  # ns
         self.cpu = 0.0
-        self.why: Counter = Counter()       # error kinds, for the human line
+        self.why: Counter = Counter()  # error kinds, for the human line
 
     def error(self, why: str) -> None:
         self.errors += 1
@@ -256,8 +272,14 @@ class Stats:
 
     def result(self) -> dict:
         histogram = Counter(ns // 1000 for ns in self.latencies)
-        return {"requests": self.requests, "errors": self.errors, "lost": self.lost,
-                "cpu": self.cpu, "histogram": dict(histogram), "why": dict(self.why)}
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "lost": self.lost,
+            "cpu": self.cpu,
+            "histogram": dict(histogram),
+            "why": dict(self.why),
+        }
 
 
 class Window:
@@ -310,7 +332,7 @@ class SourcePorts:
     the machine fail with EADDRNOTAVAIL for a minute.
     """
 
-    FIRST = 16384               # clear of the well-known service ports below
+    FIRST = 16384  # clear of the well-known service ports below
 
     def __init__(self, addresses: list[str]):
         self.addresses = addresses
@@ -344,7 +366,9 @@ class SourcePorts:
                 continue
 
 
-def _connect(family: int, sockaddr, timeout: float = STEP_TIMEOUT, source: str | None = None) -> socket.socket:
+def _connect(
+    family: int, sockaddr, timeout: float = STEP_TIMEOUT, source: str | None = None
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if source is not None:
@@ -383,7 +407,7 @@ class Stream:
         self.sent_at = 0
         self.buf = bytearray()
         self.out = b""
-        self.pending: deque = deque()       # framed: (idx, sent_at) in order
+        self.pending: deque = deque()  # framed: (idx, sent_at) in order
         self.mask = selectors.EVENT_READ
 
 
@@ -492,7 +516,7 @@ class Worker:
             self.sel.modify(s.sock, mask, s)
 
     def _drop(self, s: Stream, why: str) -> None:
-        if s in self.streams:               # once: a dropped stream has no more errors
+        if s in self.streams:  # once: a dropped stream has no more errors
             self.stats.error(why)
             self.streams.remove(s)
             self.sel.unregister(s.sock)
@@ -633,7 +657,7 @@ class Worker:
         `pos`; 0 if it has not all arrived; -1 if it is wrong."""
         if len(buf) - pos < 4:
             return 0
-        h = int.from_bytes(buf[pos:pos + 4], "big")
+        h = int.from_bytes(buf[pos : pos + 4], "big")
         decoder = Decoder(max(2, min(h, 1 << 20)), MAX_SIZE)
         decoder.feed(bytes(buf[pos:]))
         try:
@@ -657,7 +681,7 @@ class Worker:
         now = clock()
         state = {}
         for sock in self.socks:
-            state[sock] = st = [0, now]        # [idx, sent_at]
+            state[sock] = st = [0, now]  # [idx, sent_at]
             sel.register(sock, selectors.EVENT_READ, st)
             sock.send(payloads[0])
         next_check = now
@@ -677,12 +701,12 @@ class Worker:
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError:
-                    stats.error("recv")         # e.g. ECONNREFUSED: nobody listens
+                    stats.error("recv")  # e.g. ECONNREFUSED: nobody listens
                     continue
                 if data != payloads[st[0]]:
                     if data not in known:
                         stats.error("mismatch")
-                    continue                    # else: a late answer, already lost
+                    continue  # else: a late answer, already lost
                 done = clock()
                 if window.open:
                     stats.requests += 1
@@ -702,7 +726,7 @@ class Worker:
         lat, payloads = stats.latencies, self.payloads
         clock = time.monotonic_ns
         seq = 0
-        live: dict = {}                         # sock -> [idx, started, got]
+        live: dict = {}  # sock -> [idx, started, got]
 
         ports = SourcePorts(self.sources)
 
@@ -717,7 +741,7 @@ class Worker:
                     break
                 sock.close()
                 if err != errno.EADDRNOTAVAIL or not ports.usable:
-                    break                       # EADDRNOTAVAIL: a TIME_WAIT too young; next port
+                    break  # EADDRNOTAVAIL: a TIME_WAIT too young; next port
             else:
                 err = errno.EADDRNOTAVAIL
             if err not in (0, errno.EINPROGRESS):
@@ -729,7 +753,7 @@ class Worker:
             try:
                 sock.send(payloads[seq])
                 sel.register(sock, selectors.EVENT_READ, None)
-            except OSError:                     # EAGAIN/ENOTCONN: still connecting
+            except OSError:  # EAGAIN/ENOTCONN: still connecting
                 sel.register(sock, selectors.EVENT_WRITE, None)
             seq = (seq + 1) % VARIANTS
 
@@ -748,7 +772,7 @@ class Worker:
             if now >= next_check:
                 for sock in [k for k, v in live.items() if now - v[1] > STALL * 1e9]:
                     end(sock, "timeout")
-                while len(live) < self.n:       # replace failed sessions, later
+                while len(live) < self.n:  # replace failed sessions, later
                     begin(now)
                 next_check = now + int(_TICK * 1e9)
             for key, mask in sel.select(_TICK):
@@ -802,7 +826,7 @@ class Worker:
         poll = selectors.DefaultSelector()
         for sock in self.socks:
             poll.register(sock, selectors.EVENT_READ)
-        for key, _ in poll.select(0):
+        for _key, _ in poll.select(0):
             stats.error("closed while idle")
         poll.close()
         step = max(1, len(self.socks) // IDLE_SAMPLE)
@@ -835,7 +859,7 @@ def _worker_main(opts: Options, family: int, sockaddr, connections: int, pipe) -
             return
         try:
             message, t0 = pipe.recv()
-        except EOFError:                    # the parent gave up
+        except EOFError:  # the parent gave up
             return
         if message != "go":
             return
@@ -846,6 +870,7 @@ def _worker_main(opts: Options, family: int, sockaddr, connections: int, pipe) -
 
 
 # -- the parent: fork, synchronise, sample, merge ----------------------------------------
+
 
 def _raise_nofile(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -892,8 +917,10 @@ def run(opts: Options) -> dict:
     opts.check()
     family, sockaddr = resolve(opts.address, opts.mode, opts.allow_remote)
     _raise_nofile(opts.connections + 64)
-    shares = [opts.connections // opts.processes + (i < opts.connections % opts.processes)
-              for i in range(opts.processes)]
+    shares = [
+        opts.connections // opts.processes + (i < opts.connections % opts.processes)
+        for i in range(opts.processes)
+    ]
     ctx = multiprocessing.get_context("fork")
     probe = ServerProbe(opts.server_pid)
     rss_before = process_rss_kb(opts.server_pid) if opts.server_pid else 0
@@ -914,13 +941,19 @@ def run(opts: Options) -> dict:
             p.send(("go", t0))
         extra = {}
         if opts.mode == "idle":
-            _sleep_until(t0 + opts.duration)    # the hold: sample RSS while held
+            _sleep_until(t0 + opts.duration)  # the hold: sample RSS while held
             if opts.server_pid:
                 rss = process_rss_kb(opts.server_pid)
-                extra = {"rss_before_kb": rss_before, "rss_after_kb": rss,
-                         "rss_per_conn_kib": round((rss - rss_before) / opts.connections, 3)}
-            extra.update(held=opts.connections, setup_s=round(setup_s, 3),
-                         connections_per_s=round(opts.connections / setup_s, 1) if setup_s else None)
+                extra = {
+                    "rss_before_kb": rss_before,
+                    "rss_after_kb": rss,
+                    "rss_per_conn_kib": round((rss - rss_before) / opts.connections, 3),
+                }
+            extra.update(
+                held=opts.connections,
+                setup_s=round(setup_s, 3),
+                connections_per_s=round(opts.connections / setup_s, 1) if setup_s else None,
+            )
         else:
             _sleep_until(t0 + opts.warmup)
             probe.start()
@@ -984,16 +1017,22 @@ def describe(result: dict) -> str:
     """One human line for a result."""
     r = result
     if r["mode"] == "idle":
-        text = (f"idle: held {r['held']} connections (set up in {r['setup_s']}s), "
-                f"checked {r['requests']}, errors {r['errors']}")
+        text = (
+            f"idle: held {r['held']} connections (set up in {r['setup_s']}s), "
+            f"checked {r['requests']}, errors {r['errors']}"
+        )
         if "rss_per_conn_kib" in r:
-            text += (f"; server RSS {r['rss_before_kb']} -> {r['rss_after_kb']} KiB "
-                     f"({r['rss_per_conn_kib']} KiB per connection)")
+            text += (
+                f"; server RSS {r['rss_before_kb']} -> {r['rss_after_kb']} KiB "
+                f"({r['rss_per_conn_kib']} KiB per connection)"
+            )
         return text
     depth = f" depth {r['depth']}" if r["depth"] else ""
-    text = (f"{r['mode']} c={r['connections']} s={r['size']}{depth} p={r['processes']}: "
-            f"{r['req_s']:.0f} req/s  p50 {r['p50_us']} us  p99 {r['p99_us']} us  "
-            f"p999 {r['p999_us']} us  errors {r['errors']}")
+    text = (
+        f"{r['mode']} c={r['connections']} s={r['size']}{depth} p={r['processes']}: "
+        f"{r['req_s']:.0f} req/s  p50 {r['p50_us']} us  p99 {r['p99_us']} us  "
+        f"p999 {r['p999_us']} us  errors {r['errors']}"
+    )
     if r["lost"]:
         text += f"  lost {r['lost']}"
     text += f"  generator CPU {r['generator_cpu_us_per_req']} us/req"
@@ -1006,5 +1045,3 @@ def describe(result: dict) -> str:
 
 def to_json(result: dict) -> str:
     return json.dumps(result, separators=(",", ":"))
-
-

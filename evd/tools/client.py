@@ -31,7 +31,7 @@ class ServerError(Exception):
 
 
 def parse_address(address: str) -> tuple[int, object]:
-    """"HOST:PORT", "[V6]:PORT" or "unix:PATH" -> (family, sockaddr)."""
+    """ "HOST:PORT", "[V6]:PORT" or "unix:PATH" -> (family, sockaddr)."""
     if address.startswith("unix:"):
         return socket.AF_UNIX, address[5:]
     host, sep, port = address.rpartition(":")

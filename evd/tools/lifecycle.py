@@ -17,8 +17,8 @@ import os
 import select
 import signal
 
-from evd.tools.client import Client
 from evd.system.pidfile import probe
+from evd.tools.client import Client
 
 EX_OK = 0
 EX_FAIL = 1

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchenv import ensure_venv  # noqa: E402  (tests/bench/benchenv.py, beside this file)
+from benchenv import ensure_venv
 
 if __name__ == "__main__":
     ensure_venv(__file__)  # evd's dependencies live there, not in the system Python
@@ -34,8 +34,9 @@ if __name__ == "__main__":
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from conftest import EvdProcess  # noqa: E402
-from evd.proto.framing import encode  # noqa: E402
+from conftest import EvdProcess
+
+from evd.proto.framing import encode
 
 CONFIG = """\
 [daemon]
@@ -106,6 +107,7 @@ def until(deadline: float) -> bool:
 
 # -- the attacks: each runs for `seconds` against a ready evd -----------------------
 
+
 def never_reads(evd, seconds):
     """Sends 200 MiB to echo and never reads."""
     sock = socket.create_connection(evd.addr("echo"))
@@ -131,7 +133,7 @@ def pipelines_without_reading(evd, seconds):
     while data and until(deadline):
         if select.select([], [sock], [], 0.1)[1]:
             try:
-                data = data[sock.send(data):]
+                data = data[sock.send(data) :]
             except BlockingIOError:
                 pass
             except OSError as exc:
@@ -180,7 +182,7 @@ def slowloris(evd, seconds):
     while until(deadline) and sent < len(frame):
         for sock in socks:
             try:
-                sock.send(frame[sent:sent + 1])
+                sock.send(frame[sent : sent + 1])
             except OSError:
                 pass
         sent += 1
@@ -234,8 +236,16 @@ def loop_guard(evd, seconds):
     return f"{n} datagrams from port 7"
 
 
-ATTACKS = [never_reads, pipelines_without_reading, connection_flood, cycling_sources,
-           slowloris, descriptor_exhaustion, resets, loop_guard]
+ATTACKS = [
+    never_reads,
+    pipelines_without_reading,
+    connection_flood,
+    cycling_sources,
+    slowloris,
+    descriptor_exhaustion,
+    resets,
+    loop_guard,
+]
 
 
 def answered(evd) -> str:
@@ -272,10 +282,17 @@ def run(attack, seconds: float, tmp: Path) -> dict:
         prober.stop.set()
         prober.join(5)
         p50, p99 = prober.figures()
-        return {"attack": attack.__doc__.strip().rstrip("."), "note": result.get("note", ""),
-                "answer": answered(evd), "rss_growth_mib": (peak - rss0) / 1024,
-                "cpu_pct": cpu * 100, "p50_ms": p50, "p99_ms": p99,
-                "probe_failures": prober.failures, "probes": len(prober.latencies)}
+        return {
+            "attack": attack.__doc__.strip().rstrip("."),
+            "note": result.get("note", ""),
+            "answer": answered(evd),
+            "rss_growth_mib": (peak - rss0) / 1024,
+            "cpu_pct": cpu * 100,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "probe_failures": prober.failures,
+            "probes": len(prober.latencies),
+        }
     finally:
         evd.stop()
 
@@ -289,9 +306,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for i, attack in enumerate(ATTACKS):
         r = run(attack, args.seconds, Path(args.tmp) / str(i))
-        print(f"| {r['attack']} ({r['note']}) | {r['answer']} | {r['rss_growth_mib']:.1f} MiB | "
-              f"{r['cpu_pct']:.0f}% | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms | "
-              f"{r['probe_failures']} of {r['probes'] + r['probe_failures']} |", flush=True)
+        print(
+            f"| {r['attack']} ({r['note']}) | {r['answer']} | {r['rss_growth_mib']:.1f} MiB | "
+            f"{r['cpu_pct']:.0f}% | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms | "
+            f"{r['probe_failures']} of {r['probes'] + r['probe_failures']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

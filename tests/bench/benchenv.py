@@ -24,12 +24,19 @@ def ensure_venv(script: str) -> None:
         return
     stamp = VENV / ".installed"
     evd = f"{ROOT}[test]"
-    want = hashlib.sha256((HERE / "requirements.txt").read_bytes()
-                          + (ROOT / "pyproject.toml").read_bytes() + evd.encode()).hexdigest()
+    want = hashlib.sha256(
+        (HERE / "requirements.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes() + evd.encode()
+    ).hexdigest()
     if not VENV_PY.exists() or not stamp.exists() or stamp.read_text() != want:
-        print(f"bench: setting up {VENV.relative_to(ROOT)} (evd + {HERE.name}/requirements.txt)", file=sys.stderr)
+        print(
+            f"bench: setting up {VENV.relative_to(ROOT)} (evd + {HERE.name}/requirements.txt)",
+            file=sys.stderr,
+        )
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-        subprocess.run([str(VENV_PY), "-m", "pip", "install", "-q", "-e", evd,
-                        "-r", str(HERE / "requirements.txt")], check=True, timeout=900)
+        subprocess.run(
+            [str(VENV_PY), "-m", "pip", "install", "-q", "-e", evd, "-r", str(HERE / "requirements.txt")],
+            check=True,
+            timeout=900,
+        )
         stamp.write_text(want)
     os.execv(str(VENV_PY), [str(VENV_PY), str(Path(script).resolve()), *sys.argv[1:]])

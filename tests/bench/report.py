@@ -8,13 +8,28 @@ minutes apart, on the same machine state), then the median over rounds.
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
 
 ORDER = ("evd", "evd-w2", "asyncio", "uvloop", "twisted", "minimal")
-COLOURS = {"evd": "#d62728", "evd-w2": "#ff7f0e", "asyncio": "#1f77b4", "uvloop": "#2ca02c",
-           "twisted": "#9467bd", "minimal": "#7f7f7f"}
-METRICS = ("req_s", "p50_us", "p99_us", "p999_us", "server_cpu_us_per_req", "server_core_us_per_req",
-           "generator_cpu_us_per_req", "rss_per_conn_kib", "rss_before_kb", "rss_after_kb")
+COLOURS = {
+    "evd": "#d62728",
+    "evd-w2": "#ff7f0e",
+    "asyncio": "#1f77b4",
+    "uvloop": "#2ca02c",
+    "twisted": "#9467bd",
+    "minimal": "#7f7f7f",
+}
+METRICS = (
+    "req_s",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "server_cpu_us_per_req",
+    "server_core_us_per_req",
+    "generator_cpu_us_per_req",
+    "rss_per_conn_kib",
+    "rss_before_kb",
+    "rss_after_kb",
+)
 STARTUP_TARGET_MS = 150.0
 
 
@@ -29,9 +44,11 @@ def brief(r: dict) -> str:
         return f"FAILED: {r['failed']}"
     if r.get("mode") == "idle":
         return f"{r.get('rss_per_conn_kib')} KiB/conn, errors {r.get('errors')}"
-    return (f"{r.get('req_s') or 0:.0f} req/s, server {r.get('server_cpu_us_per_req')} us/req, "
-            f"generator {r.get('generator_cpu_us_per_req')} us/req, p99 {r.get('p99_us')} us, "
-            f"errors {r.get('errors')}")
+    return (
+        f"{r.get('req_s') or 0:.0f} req/s, server {r.get('server_cpu_us_per_req')} us/req, "
+        f"generator {r.get('generator_cpu_us_per_req')} us/req, p99 {r.get('p99_us')} us, "
+        f"errors {r.get('errors')}"
+    )
 
 
 class Index:
@@ -63,10 +80,14 @@ def summarise(data: dict) -> dict:
         servers = sorted({m["server"] for m in data["measurements"] if m["load"] == name}, key=ORDER.index)
         for server in servers:
             runs = [m for m in data["measurements"] if (m["load"], m["server"]) == (name, server)]
-            row = {"load": name, "server": server, "runs": len(runs),
-                   "failed": [m["failed"] for m in runs if "failed" in m],
-                   "errors": sum(m.get("errors") or 0 for m in runs),
-                   "lost": sum(m.get("lost") or 0 for m in runs)}
+            row = {
+                "load": name,
+                "server": server,
+                "runs": len(runs),
+                "failed": [m["failed"] for m in runs if "failed" in m],
+                "errors": sum(m.get("errors") or 0 for m in runs),
+                "lost": sum(m.get("lost") or 0 for m in runs),
+            }
             for metric in METRICS:
                 value = _median(idx.values(name, server, metric))
                 row[metric] = round(value, 3) if value is not None else None
@@ -78,9 +99,11 @@ def summarise(data: dict) -> dict:
                     row["rss_x_ref"] = idx.ratio(name, server, ref_load, ref_server, "rss_per_conn_kib")
             rows.append(row)
     startup = data.get("startup_s") or []
-    summary = {"rows": rows,
-               "startup_ms": round(statistics.median(startup) * 1000, 1) if startup else None,
-               "startup_samples_ms": [round(s * 1000, 1) for s in startup]}
+    summary = {
+        "rows": rows,
+        "startup_ms": round(statistics.median(startup) * 1000, 1) if startup else None,
+        "startup_samples_ms": [round(s * 1000, 1) for s in startup],
+    }
     summary["targets"] = targets(idx, rows, summary["startup_ms"])
     return summary
 
@@ -92,22 +115,57 @@ def targets(idx: Index, rows: list[dict], startup_ms) -> list[dict]:
     def add(what, value, limit, at_most=True):
         if value is None:
             return
-        out.append({"target": what, "measured": value, "limit": limit,
-                    "ok": value <= limit if at_most else value >= limit})
+        out.append(
+            {
+                "target": what,
+                "measured": value,
+                "limit": limit,
+                "ok": value <= limit if at_most else value >= limit,
+            }
+        )
 
     for load in ("tcp64", "tcp1k"):
-        add(f"{load}: CPU/req ≤ 1.0× uvloop", idx.ratio(load, "evd", load, "uvloop", "server_cpu_us_per_req"), 1.0)
-        add(f"{load}: CPU/req ≤ 0.95× asyncio", idx.ratio(load, "evd", load, "asyncio", "server_cpu_us_per_req"), 0.95)
-        add(f"{load}: req/s ≥ 0.95× uvloop", idx.ratio(load, "evd", load, "uvloop", "req_s"), 0.95, at_most=False)
-    add("udp64: CPU/datagram ≤ 0.95× uvloop", idx.ratio("udp64", "evd", "udp64", "uvloop", "server_cpu_us_per_req"), 0.95)
-    add("connect (warning): CPU/conn ≤ 1.0× uvloop",
-        idx.ratio("connect", "evd", "connect", "uvloop", "server_cpu_us_per_req"), 1.0)
-    add("connect (info): CPU/conn ≤ 1.0× asyncio",
-        idx.ratio("connect_info", "evd", "connect", "asyncio", "server_cpu_us_per_req"), 1.0)
-    add("framed depth 1: CPU/req ≤ 2× raw echo",
-        idx.ratio("framed1", "evd", "tcp64", "evd", "server_cpu_us_per_req"), 2.0)
-    add("framed depth 16: CPU/req ≤ 1× raw echo",
-        idx.ratio("framed16", "evd", "tcp64", "evd", "server_cpu_us_per_req"), 1.0)
+        add(
+            f"{load}: CPU/req ≤ 1.0× uvloop",
+            idx.ratio(load, "evd", load, "uvloop", "server_cpu_us_per_req"),
+            1.0,
+        )
+        add(
+            f"{load}: CPU/req ≤ 0.95× asyncio",
+            idx.ratio(load, "evd", load, "asyncio", "server_cpu_us_per_req"),
+            0.95,
+        )
+        add(
+            f"{load}: req/s ≥ 0.95× uvloop",
+            idx.ratio(load, "evd", load, "uvloop", "req_s"),
+            0.95,
+            at_most=False,
+        )
+    add(
+        "udp64: CPU/datagram ≤ 0.95× uvloop",
+        idx.ratio("udp64", "evd", "udp64", "uvloop", "server_cpu_us_per_req"),
+        0.95,
+    )
+    add(
+        "connect (warning): CPU/conn ≤ 1.0× uvloop",
+        idx.ratio("connect", "evd", "connect", "uvloop", "server_cpu_us_per_req"),
+        1.0,
+    )
+    add(
+        "connect (info): CPU/conn ≤ 1.0× asyncio",
+        idx.ratio("connect_info", "evd", "connect", "asyncio", "server_cpu_us_per_req"),
+        1.0,
+    )
+    add(
+        "framed depth 1: CPU/req ≤ 2× raw echo",
+        idx.ratio("framed1", "evd", "tcp64", "evd", "server_cpu_us_per_req"),
+        2.0,
+    )
+    add(
+        "framed depth 16: CPU/req ≤ 1× raw echo",
+        idx.ratio("framed16", "evd", "tcp64", "evd", "server_cpu_us_per_req"),
+        1.0,
+    )
     idle = [r for r in rows if (r["load"], r["server"]) == ("idle", "evd")]
     if idle:
         add("10,000 idle: RSS ≤ 1 KiB/conn", idle[0]["rss_per_conn_kib"], 1.0)
@@ -123,21 +181,31 @@ def _num(value, digits=1) -> str:
     return f"{value:.{digits}f}"
 
 
+GENERATORS = {"loadgen": "loadgen.c (tcp, udp, idle) and evd bench (connect, framed)"}
+TABLE_HEAD = (
+    "| load | server | req/s | p50 µs | p99 µs | server CPU µs/req | ×ref CPU | ×ref req/s | ref "
+    "| generator CPU µs/req | errors |"
+)
+
+
 def markdown(data: dict) -> str:
     s, m, st = data["summary"], data["machine"], data["settings"]
     lines = [
         f"### evd benchmark, {data['started']}",
         "",
-        f"Machine: {m['cpus']} × {m['cpu']}, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, "
-        f"evd {m['evd_commit']} (code copied at the start, sha256 {m.get('evd_source', '?')}); load average {m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end.",
+        f"Machine: {m['cpus']} × {m['cpu']}, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}, evd {m['evd_commit']} (code copied at the start, sha256 "
+        f"{m.get('evd_source', '?')}); load average {m['loadavg_start']:.2f} at start, "
+        f"{m['loadavg_end']:.2f} at end.",
         f"Command: `{data['command']}` — generator "
-        f"{'loadgen.c (tcp, udp, idle) and evd bench (connect, framed)' if st['generator'] == 'loadgen' else 'evd bench'} "
+        f"{GENERATORS.get(st['generator'], 'evd bench')} "
         f"({st['processes']} process{'es' if st['processes'] != 1 else ''}), "
         f"{st['rounds']} round(s) × {st['duration']} s (+{st['warmup']} s warm-up); server on CPU "
-        f"{st['server_cpus']}, generator on CPU {st['gen_cpus']}{', both at nice -10' if st['nice'] else ''}; "
+        f"{st['server_cpus']}, generator on CPU {st['gen_cpus']}"
+        f"{', both at nice -10' if st['nice'] else ''}; "
         f"medians over rounds, ratios taken within a round.",
         "",
-        "| load | server | req/s | p50 µs | p99 µs | server CPU µs/req | ×ref CPU | ×ref req/s | ref | generator CPU µs/req | errors |",
+        TABLE_HEAD,
         "|---|---|--:|--:|--:|--:|--:|--:|---|--:|--:|",
     ]
     titles = {load["name"]: load["title"] for load in data["loads"]}
@@ -149,22 +217,31 @@ def markdown(data: dict) -> str:
             errors += f", {len(r['failed'])} failed run(s)"
         lines.append(
             f"| {titles[r['load']]} | {r['server']} | {_num(r['req_s'], 0)} | {_num(r['p50_us'], 0)} | "
-            f"{_num(r['p99_us'], 0)} | **{_num(r['server_cpu_us_per_req'], 2)}** | {_num(r.get('cpu_x_ref'), 2)} | "
+            f"{_num(r['p99_us'], 0)} | **{_num(r['server_cpu_us_per_req'], 2)}** | "
+            f"{_num(r.get('cpu_x_ref'), 2)} | "
             f"{_num(r.get('req_s_x_ref'), 2)} | {r.get('reference', '')} | "
-            f"{_num(r['generator_cpu_us_per_req'], 2)} | {errors} |")
+            f"{_num(r['generator_cpu_us_per_req'], 2)} | {errors} |"
+        )
     idle = [r for r in s["rows"] if r["load"] == "idle"]
     if idle:
-        lines += ["", "| 10,000 idle connections | RSS KiB/conn | ×asyncio | server RSS before → held (MiB) | errors |",
-                  "|---|--:|--:|---|--:|"]
+        lines += [
+            "",
+            "| 10,000 idle connections | RSS KiB/conn | ×asyncio | server RSS before → held (MiB) | errors |",
+            "|---|--:|--:|---|--:|",
+        ]
         for r in idle:
             before, after = r["rss_before_kb"], r["rss_after_kb"]
             span = f"{before / 1024:.1f} → {after / 1024:.1f}" if before and after else "–"
-            lines.append(f"| {r['server']} | **{_num(r['rss_per_conn_kib'], 2)}** | {_num(r.get('rss_x_ref'), 2)} | "
-                         f"{span} | {r['errors']} |")
+            lines.append(
+                f"| {r['server']} | **{_num(r['rss_per_conn_kib'], 2)}** | {_num(r.get('rss_x_ref'), 2)} | "
+                f"{span} | {r['errors']} |"
+            )
     lines.append("")
     if s["startup_ms"] is not None:
-        lines.append(f"`evd run` → `daemon.ready` (spawn to the log line): median **{s['startup_ms']} ms** "
-                     f"of {len(s['startup_samples_ms'])} starts ({', '.join(map(str, s['startup_samples_ms']))}).")
+        lines.append(
+            f"`evd run` → `daemon.ready` (spawn to the log line): median **{s['startup_ms']} ms** "
+            f"of {len(s['startup_samples_ms'])} starts ({', '.join(map(str, s['startup_samples_ms']))})."
+        )
     if data.get("workers2") == "n/a":
         lines.append("`workers = 2`: n/a (evd does not fork workers here).")
     if s["targets"]:
@@ -176,17 +253,25 @@ def markdown(data: dict) -> str:
 
 def plot(data: dict, path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = data["summary"]["rows"]
     loads = [ld["name"] for ld in data["loads"] if ld["mode"] != "idle"]
     idle = [r for r in rows if r["load"] == "idle"]
-    fig, axes = plt.subplots(3 if idle else 2, 1, figsize=(13, 12 if idle else 8.5),
-                             gridspec_kw={"height_ratios": [3, 3, 2] if idle else [1, 1]})
-    panels = [("req_s", "requests/s (thousands)", 1e-3), ("server_cpu_us_per_req", "server CPU µs per request", 1)]
+    fig, axes = plt.subplots(
+        3 if idle else 2,
+        1,
+        figsize=(13, 12 if idle else 8.5),
+        gridspec_kw={"height_ratios": [3, 3, 2] if idle else [1, 1]},
+    )
+    panels = [
+        ("req_s", "requests/s (thousands)", 1e-3),
+        ("server_cpu_us_per_req", "server CPU µs per request", 1),
+    ]
     seen = set()
-    for ax, (metric, label, scale) in zip(axes, panels):
+    for ax, (metric, label, scale) in zip(axes, panels, strict=False):
         ticks = []
         for i, load in enumerate(loads):
             group = [r for r in rows if r["load"] == load]
@@ -197,11 +282,22 @@ def plot(data: dict, path) -> None:
                 if value is None:
                     continue
                 x = left + width * (j + 0.5)
-                ax.bar(x, value * scale, width * 0.95, color=COLOURS[r["server"]],
-                       label=r["server"] if r["server"] not in seen else None)
+                ax.bar(
+                    x,
+                    value * scale,
+                    width * 0.95,
+                    color=COLOURS[r["server"]],
+                    label=r["server"] if r["server"] not in seen else None,
+                )
                 seen.add(r["server"])
-                ax.text(x, value * scale, f"{value * scale:.0f}" if value * scale >= 100 else f"{value * scale:.1f}",
-                        ha="center", va="bottom", fontsize=7)
+                ax.text(
+                    x,
+                    value * scale,
+                    f"{value * scale:.0f}" if value * scale >= 100 else f"{value * scale:.1f}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
             ticks.append(load)
         ax.set_xticks(range(len(ticks)), ticks)
         ax.set_ylim(top=ax.get_ylim()[1] * 1.08)
@@ -219,9 +315,12 @@ def plot(data: dict, path) -> None:
         ax.set_ylabel("KiB RSS per idle connection\n(10,000 held; dashed: target)")
         ax.grid(axis="y", alpha=0.3)
     m, st = data["machine"], data["settings"]
-    fig.suptitle(f"evd vs peers: {m['cpus']} × {m['cpu']}, server CPU {st['server_cpus']}, generator CPU "
-                 f"{st['gen_cpus']} ({st['generator']}), median of {st['rounds']} round(s) × {st['duration']} s, "
-                 f"{data['started']}", fontsize=10)
+    fig.suptitle(
+        f"evd vs peers: {m['cpus']} × {m['cpu']}, server CPU {st['server_cpus']}, generator CPU "
+        f"{st['gen_cpus']} ({st['generator']}), median of {st['rounds']} round(s) × {st['duration']} s, "
+        f"{data['started']}",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.955))
     fig.savefig(path, dpi=110)
     plt.close(fig)

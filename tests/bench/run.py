@@ -40,27 +40,27 @@ if __name__ == "__main__":
     ensure_venv(__file__)
 
 # Inside the venv from here on.
-import json  # noqa: E402
-import platform  # noqa: E402
-import signal  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+import json
+import platform
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
 
 sys.path.insert(0, str(HERE))
-import report  # noqa: E402
-from servers import SERVERS, ServerError, evd_config, start_server, startup_time, workers_fork  # noqa: E402
+import report
+from servers import SERVERS, ServerError, evd_config, start_server, startup_time, workers_fork
 
 
 @dataclass(frozen=True)
 class Load:
     name: str
     title: str
-    mode: str                   # evd bench mode
+    mode: str  # evd bench mode
     connections: int
     size: int = 64
     depth: int = 1
-    servers: tuple | None = None   # None: every server
+    servers: tuple | None = None  # None: every server
     evd_level: str = "warning"
     reference: tuple = ("same", "asyncio")  # (load, server) its ratios are taken to
     server_cpus: str = "0"
@@ -71,17 +71,49 @@ LOADS = [
     Load("tcp1k", "TCP ping-pong 50 × 1 KiB", "tcp", 50, 1024),
     Load("lat64", "TCP 1 × 64 B (latency)", "tcp", 1, 64),
     Load("connect", "connect/echo/close, 20 in flight (evd: log warning)", "connect", 20, 64),
-    Load("connect_info", "connect/echo/close, 20 in flight, evd log info", "connect", 20, 64,
-         servers=("evd",), evd_level="info", reference=("connect", "asyncio")),
+    Load(
+        "connect_info",
+        "connect/echo/close, 20 in flight, evd log info",
+        "connect",
+        20,
+        64,
+        servers=("evd",),
+        evd_level="info",
+        reference=("connect", "asyncio"),
+    ),
     Load("udp64", "UDP ping-pong 20 × 64 B", "udp", 20, 64),
-    Load("framed1", "framed echo 50 × 64 B, depth 1", "framed", 50, 64, 1,
-         servers=("evd",), reference=("tcp64", "evd")),
-    Load("framed16", "framed echo 50 × 64 B, depth 16", "framed", 50, 64, 16,
-         servers=("evd",), reference=("tcp64", "evd")),
+    Load(
+        "framed1",
+        "framed echo 50 × 64 B, depth 1",
+        "framed",
+        50,
+        64,
+        1,
+        servers=("evd",),
+        reference=("tcp64", "evd"),
+    ),
+    Load(
+        "framed16",
+        "framed echo 50 × 64 B, depth 16",
+        "framed",
+        50,
+        64,
+        16,
+        servers=("evd",),
+        reference=("tcp64", "evd"),
+    ),
     Load("idle", "10,000 idle connections", "idle", 10000),
     # workers: both evds may use both cores, which the generator shares.
-    Load("workers2", "TCP 50 × 64 B, evd workers=1 vs 2 on CPUs 0-1", "tcp", 50, 64,
-         servers=("evd", "evd-w2"), reference=("same", "evd"), server_cpus="0,1"),
+    Load(
+        "workers2",
+        "TCP 50 × 64 B, evd workers=1 vs 2 on CPUs 0-1",
+        "tcp",
+        50,
+        64,
+        servers=("evd", "evd-w2"),
+        reference=("same", "evd"),
+        server_cpus="0,1",
+    ),
 ]
 SPECIAL = ("startup",)
 # What --generator loadgen runs with the C tool; the rest stays on evd bench.
@@ -121,17 +153,52 @@ def generate(load: Load, settings: Settings, address: str, pid: int) -> dict:
     pre = prefix(settings.gen_cpus, settings.nice)
     if settings.generator == "loadgen" and load.mode in LOADGEN_MODES:
         host, _, port = address.rpartition(":")
-        cmd = [settings.loadgen, LOADGEN_MODES[load.mode], "--host", host, "--port", port,
-               "-n", str(min(load.connections, 1000)), "-s", str(load.size), "-w", str(settings.warmup),
-               "-d", str(hold), "--server-pid", str(pid)]
+        cmd = [
+            settings.loadgen,
+            LOADGEN_MODES[load.mode],
+            "--host",
+            host,
+            "--port",
+            port,
+            "-n",
+            str(min(load.connections, 1000)),
+            "-s",
+            str(load.size),
+            "-w",
+            str(settings.warmup),
+            "-d",
+            str(hold),
+            "--server-pid",
+            str(pid),
+        ]
         if load.mode == "idle":
             cmd[6:8] = ["-n", str(load.connections)]
         out = _run(pre + cmd, limit)
         return from_loadgen(load.mode, json.loads(out))
-    cmd = [str(VENV_PY), "-m", "evd", "bench", load.mode, "--address", address,
-           "-n", str(load.connections), "-s", str(load.size), "-d", str(hold),
-           "-w", str(settings.warmup), "-P", str(settings.processes), "-D", str(load.depth),
-           "--server-pid", str(pid), "--json"]
+    cmd = [
+        str(VENV_PY),
+        "-m",
+        "evd",
+        "bench",
+        load.mode,
+        "--address",
+        address,
+        "-n",
+        str(load.connections),
+        "-s",
+        str(load.size),
+        "-d",
+        str(hold),
+        "-w",
+        str(settings.warmup),
+        "-P",
+        str(settings.processes),
+        "-D",
+        str(load.depth),
+        "--server-pid",
+        str(pid),
+        "--json",
+    ]
     result = json.loads(_run(pre + cmd, limit))
     result["generator"] = "evd bench"
     return result
@@ -147,19 +214,35 @@ def _run(cmd: list[str], timeout: float) -> str:
 def from_loadgen(mode: str, r: dict) -> dict:
     """loadgen's JSON in evd bench's field names."""
     if mode == "idle":
-        return {"mode": mode, "requests": r.get("check_ok"), "errors": r.get("errors"),
-                "held": r.get("held"), "rss_before_kb": r.get("before_rss_kb"),
-                "rss_after_kb": r.get("held_rss_kb"),
-                "rss_per_conn_kib": round(r["rss_bytes_per_conn"] / 1024, 3) if r.get("rss_bytes_per_conn") else None,
-                "generator": "loadgen"}
+        return {
+            "mode": mode,
+            "requests": r.get("check_ok"),
+            "errors": r.get("errors"),
+            "held": r.get("held"),
+            "rss_before_kb": r.get("before_rss_kb"),
+            "rss_after_kb": r.get("held_rss_kb"),
+            "rss_per_conn_kib": round(r["rss_bytes_per_conn"] / 1024, 3)
+            if r.get("rss_bytes_per_conn")
+            else None,
+            "generator": "loadgen",
+        }
     rps = r.get("rps") or 0.0
 
     def per_req(pct):
         return round(pct / 100 / rps * 1e6, 3) if pct is not None and rps else None
-    return {"mode": mode, "requests": r.get("requests"), "req_s": rps, "p50_us": r.get("p50_us"),
-            "p99_us": r.get("p99_us"), "p999_us": r.get("p999_us"), "errors": r.get("errors"),
-            "server_cpu_us_per_req": per_req(r.get("srv_cpu_pct")),
-            "generator_cpu_us_per_req": per_req(r.get("loadgen_cpu_pct")), "generator": "loadgen"}
+
+    return {
+        "mode": mode,
+        "requests": r.get("requests"),
+        "req_s": rps,
+        "p50_us": r.get("p50_us"),
+        "p99_us": r.get("p99_us"),
+        "p999_us": r.get("p999_us"),
+        "errors": r.get("errors"),
+        "server_cpu_us_per_req": per_req(r.get("srv_cpu_pct")),
+        "generator_cpu_us_per_req": per_req(r.get("loadgen_cpu_pct")),
+        "generator": "loadgen",
+    }
 
 
 def snapshot_evd(tmp: Path) -> str:
@@ -169,7 +252,7 @@ def snapshot_evd(tmp: Path) -> str:
     Returns a hash of the copy, for the report."""
     copy = tmp / "src" / "evd"
     shutil.copytree(ROOT / "evd", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    os.environ["PYTHONPATH"] = str(copy.parent)     # inherited by every child
+    os.environ["PYTHONPATH"] = str(copy.parent)  # inherited by every child
     digest = hashlib.sha256()
     for path in sorted(copy.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -199,12 +282,18 @@ def machine() -> dict:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip()
-    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "memory_gib": round(os.sysconf("SC_PHYS_PAGES")
-                                                                      * os.sysconf("SC_PAGE_SIZE") / 2**30),
-            "evd_commit": commit, "loadavg_start": os.getloadavg()[0]}
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30),
+        "evd_commit": commit,
+        "loadavg_start": os.getloadavg()[0],
+    }
 
 
 def run(settings: Settings, tmp: Path) -> dict:
@@ -225,20 +314,31 @@ def run(settings: Settings, tmp: Path) -> dict:
                 result = measure(load, server, settings, tmp)
                 result["round"] = rnd
                 measurements.append(result)
-                print(f"bench: [{done}/{total}] round {rnd} {load.name} {server}: {report.brief(result)}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"bench: [{done}/{total}] round {rnd} {load.name} {server}: {report.brief(result)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if "startup" in settings.loads and "evd" in settings.servers:
             for _ in range(settings.startup_runs):
                 try:
                     startups.append(startup_time(tmp, prefix(settings.server_cpus, settings.nice)))
                 except (ServerError, OSError) as exc:
                     print(f"bench: evd start-up FAILED: {exc}", file=sys.stderr)
-            print(f"bench: round {rnd} evd run -> daemon.ready: "
-                  f"{', '.join(f'{s * 1000:.0f}' for s in startups[-settings.startup_runs:])} ms",
-                  file=sys.stderr, flush=True)
-    return {"measurements": measurements, "startup_s": startups, "loads": [_load_info(load) for load in loads],
-            "workers2": "n/a" if "workers2" in settings.loads and not any(
-                load.name == "workers2" for load in loads) else None}
+            print(
+                f"bench: round {rnd} evd run -> daemon.ready: "
+                f"{', '.join(f'{s * 1000:.0f}' for s in startups[-settings.startup_runs :])} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {
+        "measurements": measurements,
+        "startup_s": startups,
+        "loads": [_load_info(load) for load in loads],
+        "workers2": "n/a"
+        if "workers2" in settings.loads and not any(load.name == "workers2" for load in loads)
+        else None,
+    }
 
 
 def _servers(load: Load, settings: Settings) -> list[str]:
@@ -249,15 +349,24 @@ def _servers(load: Load, settings: Settings) -> list[str]:
 
 
 def _load_info(load: Load) -> dict:
-    return {"name": load.name, "title": load.title, "mode": load.mode, "connections": load.connections,
-            "size": load.size, "depth": load.depth, "reference": list(load.reference),
-            "evd_log_level": load.evd_level, "server_cpus": load.server_cpus}
+    return {
+        "name": load.name,
+        "title": load.title,
+        "mode": load.mode,
+        "connections": load.connections,
+        "size": load.size,
+        "depth": load.depth,
+        "reference": list(load.reference),
+        "evd_log_level": load.evd_level,
+        "server_cpus": load.server_cpus,
+    }
 
 
 def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     names = [load.name for load in LOADS] + list(SPECIAL)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per load (default 5)")
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -265,16 +374,26 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--quick", action="store_true", help="1 round, 2 s per load: a smoke run")
     parser.add_argument("--only", help=f"loads, comma-separated: {','.join(names)}")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"default {','.join(SERVERS)}")
-    parser.add_argument("--generator", choices=("evd", "loadgen"), default="evd",
-                        help="evd bench (default) or, for tcp, udp and idle loads, the C loadgen of "
-                             "../shared/bench (connect and framed loads stay on evd bench)")
+    parser.add_argument(
+        "--generator",
+        choices=("evd", "loadgen"),
+        default="evd",
+        help="evd bench (default) or, for tcp, udp and idle loads, the C loadgen of "
+        "../shared/bench (connect and framed loads stay on evd bench)",
+    )
     parser.add_argument("--gen-cpus", default="1", help="CPUs the generator is pinned to (default 1)")
-    parser.add_argument("--processes", type=int,
-                        help="evd bench processes (default: one per generator CPU; more processes "
-                             "than CPUs only measure the scheduler's time slice as latency)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="evd bench processes (default: one per generator CPU; more processes "
+        "than CPUs only measure the scheduler's time slice as latency)",
+    )
     parser.add_argument("--startup-runs", type=int, default=3, help="evd starts timed per round")
-    parser.add_argument("--out", default=str(HERE / "results"),
-                        help="results path without extension: writes .json and .png (default tests/bench/results)")
+    parser.add_argument(
+        "--out",
+        default=str(HERE / "results"),
+        help="results path without extension: writes .json and .png (default tests/bench/results)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup, args.idle_hold = 1, 2.0, 0.5, 1.0
@@ -288,10 +407,18 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     gen_cpus = _cpu_list(args.gen_cpus)
     if not gen_cpus:
         parser.error(f"bad --gen-cpus {args.gen_cpus!r}")
-    settings = Settings(rounds=args.rounds, duration=args.duration, warmup=args.warmup,
-                        idle_hold=args.idle_hold, processes=args.processes or len(gen_cpus),
-                        generator=args.generator, servers=servers, loads=loads,
-                        startup_runs=args.startup_runs, gen_cpus=args.gen_cpus)
+    settings = Settings(
+        rounds=args.rounds,
+        duration=args.duration,
+        warmup=args.warmup,
+        idle_hold=args.idle_hold,
+        processes=args.processes or len(gen_cpus),
+        generator=args.generator,
+        servers=servers,
+        loads=loads,
+        startup_runs=args.startup_runs,
+        gen_cpus=args.gen_cpus,
+    )
     return settings, args
 
 
@@ -323,18 +450,21 @@ def main(argv=None) -> int:
         raise SystemExit("bench: needs taskset (util-linux)")
     if settings.generator == "loadgen":
         settings.loadgen = build_loadgen()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)   # finally-blocks stop the servers
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # finally-blocks stop the servers
     info = machine()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="evd-bench-") as tmp:
         info["evd_source"] = snapshot_evd(Path(tmp))
         data = run(settings, Path(tmp))
     info["loadavg_end"] = os.getloadavg()[0]
-    data.update(machine=info, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                wall_s=round(time.time() - started, 1),
-                command="python3 tests/bench/run.py " + " ".join(sys.argv[1:]),
-                settings={k: v for k, v in vars(settings).items() if k != "loads"} | {"loads": settings.loads},
-                evd_config_example=evd_config(Path("/tmp/evd-bench-XXXX"), "warning", echo=True, framed=False))
+    data.update(
+        machine=info,
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        wall_s=round(time.time() - started, 1),
+        command="python3 tests/bench/run.py " + " ".join(sys.argv[1:]),
+        settings={k: v for k, v in vars(settings).items() if k != "loads"} | {"loads": settings.loads},
+        evd_config_example=evd_config(Path("/tmp/evd-bench-XXXX"), "warning", echo=True, framed=False),
+    )
     data["summary"] = report.summarise(data)
     text = report.markdown(data)
     print(text)

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
 PY = sys.executable
 SERVERS = ("evd", "asyncio", "uvloop", "twisted", "minimal")
-EXTRA = ("evd-w2",)            # evd with workers = 2 (the workers2 load)
+EXTRA = ("evd-w2",)  # evd with workers = 2 (the workers2 load)
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 PRIME_CONNECTIONS = 4
@@ -74,10 +74,17 @@ class ServerError(Exception):
     pass
 
 
-def evd_config(tmp: Path, level: str, echo: bool, framed: bool, workers: int = 1,
-               log_file: str | None = None) -> str:
-    return CONFIG.format(tmp=tmp, level=level, echo=str(echo).lower(), framed=str(framed).lower(),
-                         workers=workers, log_file=f"{tmp}/evd.log" if log_file is None else log_file)
+def evd_config(
+    tmp: Path, level: str, echo: bool, framed: bool, workers: int = 1, log_file: str | None = None
+) -> str:
+    return CONFIG.format(
+        tmp=tmp,
+        level=level,
+        echo=str(echo).lower(),
+        framed=str(framed).lower(),
+        workers=workers,
+        log_file=f"{tmp}/evd.log" if log_file is None else log_file,
+    )
 
 
 @dataclass
@@ -111,8 +118,10 @@ def _read_line(proc: subprocess.Popen, stream, want, timeout: float) -> str:
             if sel.select(left):
                 chunk = os.read(stream.fileno(), 65536)
                 if not chunk:
-                    raise ServerError(f"exited ({proc.wait(5)}) before it was ready: "
-                                      + " | ".join((seen + [buf.decode("utf-8", "replace")])[-2:]))
+                    raise ServerError(
+                        f"exited ({proc.wait(5)}) before it was ready: "
+                        + " | ".join((seen + [buf.decode("utf-8", "replace")])[-2:])
+                    )
                 buf += chunk
 
 
@@ -132,7 +141,7 @@ def listening_ports(pid: int) -> tuple[set, set]:
             if link.startswith("socket:["):
                 inodes.add(int(link[8:-1]))
     found = {"tcp": set(), "udp": set()}
-    for proto, state in (("tcp", "0A"), ("udp", "07")):     # LISTEN; UDP's "closed" = bound
+    for proto, state in (("tcp", "0A"), ("udp", "07")):  # LISTEN; UDP's "closed" = bound
         for table in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
             with open(table) as f:
                 next(f)
@@ -153,9 +162,11 @@ def _wait_evd(srv: Running, echo: bool, workers: int, stderr_path: Path) -> None
         if len(tcp) == 1 and len(udp) == (1 if echo else 0) and (workers == 1 or children >= workers):
             break
         if time.monotonic() > deadline:
-            raise ServerError(f"evd not listening within {START_TIMEOUT:.0f}s (tcp {tcp}, udp {udp}, "
-                              f"{children} children): {_tail(stderr_path)}")
-        time.sleep(0.02)    # polling /proc for a condition, under a deadline
+            raise ServerError(
+                f"evd not listening within {START_TIMEOUT:.0f}s (tcp {tcp}, udp {udp}, "
+                f"{children} children): {_tail(stderr_path)}"
+            )
+        time.sleep(0.02)  # polling /proc for a condition, under a deadline
     srv.tcp_port = tcp.pop()
     srv.udp_port = udp.pop() if udp else 0
 
@@ -231,8 +242,13 @@ def start_server(name: str, load, tmp: Path, prefix: list[str]):
         config.write_text(evd_config(tmp, load.evd_level, echo=echo, framed=not echo, workers=workers))
         stderr_path = tmp / "evd.stderr"
         with open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(prefix + [PY, "-m", "evd", "run", "-c", str(config)],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp)
+            proc = subprocess.Popen(
+                prefix + [PY, "-m", "evd", "run", "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                cwd=tmp,
+            )
         srv = Running(name, proc)
         try:
             _wait_evd(srv, echo, workers, stderr_path)
@@ -245,8 +261,13 @@ def start_server(name: str, load, tmp: Path, prefix: list[str]):
                     os.unlink(tmp / leftover)
         return
     script = PEERS / f"{name}_echo.py"
-    proc = subprocess.Popen(prefix + [PY, "-u", str(script), "--port", "0"], cwd=PEERS,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        prefix + [PY, "-u", str(script), "--port", "0"],
+        cwd=PEERS,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         line = _read_line(proc, proc.stdout, lambda text: text.startswith("ready "), START_TIMEOUT)
         _, tcp, udp = line.split()
@@ -262,8 +283,13 @@ def startup_time(tmp: Path, prefix: list[str]) -> float:
     config = tmp / "evd-startup.toml"
     config.write_text(evd_config(tmp, "info", echo=True, framed=True, log_file=""))
     started = time.monotonic()
-    proc = subprocess.Popen(prefix + [PY, "-m", "evd", "run", "-c", str(config)], cwd=tmp,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        prefix + [PY, "-m", "evd", "run", "-c", str(config)],
+        cwd=tmp,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         _read_line(proc, proc.stderr, lambda text: _event(text) == "daemon.ready", START_TIMEOUT)
         return time.monotonic() - started
@@ -282,12 +308,18 @@ def workers_fork(tmp: Path, prefix: list[str]) -> bool | str:
     """True if evd accepts workers = 2 and really forks two workers; else why not."""
     config = tmp / "evd-workers.toml"
     config.write_text(evd_config(tmp, "warning", echo=True, framed=False, workers=2))
-    check = subprocess.run([PY, "-m", "evd", "check-config", "-c", str(config)],
-                           capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [PY, "-m", "evd", "check-config", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
     if check.returncode != 0:
         return f"check-config refuses workers = 2: {check.stderr.strip()[:200]}"
-    proc = subprocess.Popen(prefix + [PY, "-m", "evd", "run", "-c", str(config)], cwd=tmp,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        prefix + [PY, "-m", "evd", "run", "-c", str(config)],
+        cwd=tmp,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     srv = Running("evd-w2", proc)
     try:
         _wait_evd(srv, True, 2, tmp / "none")

@@ -49,7 +49,7 @@ def main(loop_factory=None) -> None:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     # 10,000 idle connections need 10,000 descriptors (evd raises its limit too).
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(serve(args.port))

@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sel = selectors.DefaultSelector()
     listener = socket.create_server(("127.0.0.1", args.port), backlog=1024)
@@ -73,7 +73,7 @@ def main() -> None:
             return
         except OSError:
             return close(conn)
-        if not data:                        # EOF: nothing is pending (we read only then)
+        if not data:  # EOF: nothing is pending (we read only then)
             return close(conn)
         try:
             sent = conn.sock.send(data)
@@ -81,7 +81,7 @@ def main() -> None:
             sent = 0
         except OSError:
             return close(conn)
-        if sent < len(data):                # keep the rest; stop reading until it is out
+        if sent < len(data):  # keep the rest; stop reading until it is out
             conn.out = memoryview(data)[sent:]
             sel.modify(conn.sock, WRITE, conn)
 

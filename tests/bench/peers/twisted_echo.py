@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tcp = reactor.listenTCP(args.port, EchoFactory(), backlog=1024, interface="127.0.0.1")
     udp = reactor.listenUDP(args.port, EchoDatagram(), interface="127.0.0.1")

@@ -4,7 +4,6 @@ Run with --port P (0: the kernel picks); prints "ready TCPPORT UDPPORT".
 """
 
 import uvloop
-
 from asyncio_echo import main
 
 if __name__ == "__main__":

@@ -15,42 +15,42 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "evd"
 
+# fmt: off
 LAYERS = {
     # the command line
-    "__main__": 0,
-    "cli": 1,
+    "__main__": 0, "cli": 1,
     # client side: tools that talk to a daemon (the daemon never imports them)
-    "tools.lifecycle": 2,
-    "tools.bench": 2,
+    "tools.lifecycle": 2, "tools.bench": 2,
     "tools.client": 3,
-    # the daemon process: start-up, workers, one daemon, its reload plan
+    # the daemon process: start-up, workers, one daemon, its reload plan, and
+    # what the configuration names on the machine
     "server.launch": 10,
     "server.supervisor": 11,
     "server.daemon": 12,
     "server.reload": 13,
+    "server.preflight": 14,
     # sockets: listening and connected
     "net.listeners": 20,
     "net.transport": 21,
     # connection handlers and a service's running state
     "handlers.framed": 30,
-    "handlers.raw": 31,
-    "handlers.commands": 31,
-    "handlers.service": 31,
+    "handlers.raw": 31, "handlers.commands": 31, "handlers.service": 31,
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
-    "proto.framing": 41,
-    "proto.services": 41,
-    "proto.admission": 41,
-    # the operating system: systemd, privileges, the pidfile
-    "system.systemd": 50,
-    "system.privileges": 50,
-    "system.pidfile": 50,
-    # primitives
-    "core.reactor": 60,
-    "core.config": 60,
+    "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
+    # the operating system: systemd, privileges, the pidfile, key files
+    "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,
+    # primitives: the loop, the log, the configuration (found, validated,
+    # written back), the interfaces between layers, addresses
     "core.log": 60,
+    "core.loader": 61, "core.tomlout": 61,
+    "core.schema": 62,
+    "core.seams": 63,
+    "core.config": 64,
+    "core.addresses": 65, "core.reactor": 65,
     "__init__": 70,
 }
+# fmt: on
 
 
 def module_name(path: Path) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, WAIT, NotifySocket, connect, recv_all
 
-from evd.core.config import Address
+from evd.core.addresses import Address
 from evd.system import systemd
 from evd.tools.client import Client
 

@@ -730,7 +730,7 @@ def test_timefmt_over_a_socket(loop, conn):
 def test_accepted_tcp_connections_send_without_nagle_delay(loop, log, monkeypatch):
     """TCP_NODELAY on every accepted connection (set once on the listener
     where the kernel passes it on, as Linux does)."""
-    from evd.core.config import Address
+    from evd.core.addresses import Address
     from evd.net import listeners
 
     monkeypatch.setattr(listeners, "log", log)

@@ -8,6 +8,8 @@ import sys
 
 from evd import __version__
 from evd.core import config as config_mod
+from evd.core import loader, tomlout
+from evd.core.addresses import Address
 from evd.core.log import LEVELS
 
 EX_OK = 0
@@ -23,7 +25,7 @@ def _error(message: str) -> None:
 def load_config(args) -> config_mod.Config | None:
     """The configuration, or None after printing every error."""
     try:
-        return config_mod.load(args.config)
+        return loader.load(args.config)
     except config_mod.ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -31,10 +33,18 @@ def load_config(args) -> config_mod.Config | None:
 
 
 def cmd_check_config(args) -> int:
+    from evd.server import preflight
+
     config = load_config(args)
     if config is None:
         return EX_CONFIG
-    sys.stdout.write(config_mod.dump(config))
+    try:  # refuse everything `run` would
+        preflight.check(config)
+    except config_mod.ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EX_CONFIG
+    sys.stdout.write(tomlout.dump(config))
     return EX_OK
 
 
@@ -123,7 +133,7 @@ def cmd_status(args) -> int:
     return status
 
 
-def _dialable(address: config_mod.Address) -> str:
+def _dialable(address: Address) -> str:
     if address.proto == "unix":
         return f"unix:{address.host}"
     host = {"*": "127.0.0.1"}.get(address.host, address.host)

@@ -25,7 +25,7 @@ import socket
 import stat
 import sys
 
-from evd.core.config import Address
+from evd.core.addresses import Address
 from evd.core.log import log
 from evd.handlers.service import conn_ids
 from evd.net import transport as transport_mod

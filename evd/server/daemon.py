@@ -26,6 +26,15 @@ from dataclasses import fields
 
 from evd import __version__
 from evd.core import config as config_mod
+from evd.core import loader
+from evd.core.addresses import Address
+
+# Services that have listeners of their own (command and stats are reached
+# through the framed dispatcher only).
+from evd.core.config import (
+    DEFAULT_KEY,
+    LISTENING,
+)
 from evd.core.log import log
 from evd.core.reactor import Reactor
 from evd.handlers.commands import Runner
@@ -35,11 +44,9 @@ from evd.handlers.service import Service
 from evd.net import transport as transport_mod
 from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, StreamListener, bind
 from evd.proto.services import datagram_handler
+from evd.server import preflight
 from evd.system.systemd import Notifier
 
-# Services that have listeners of their own (command and stats are reached
-# through the framed dispatcher only).
-LISTENING = ("echo", "discard", "chargen", "daytime", "time", "timefmt", "framed")
 # What the loop handles; a forked worker arrives with them blocked.
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # From the supervisor to a worker replaced by a reload: see `retire`.
@@ -48,13 +55,8 @@ RETIRE = signal.SIGUSR2
 RESTART_KEYS = ("pidfile", "user", "group", "workers")
 
 
-def listener_keys(config) -> list[tuple[str, config_mod.Address]]:
-    return [
-        (svc.name, address)
-        for svc in config.services.values()
-        if svc.enabled and svc.name in LISTENING
-        for address in svc.addresses
-    ]
+def listener_keys(config) -> list[tuple[str, Address]]:
+    return config.listener_keys()
 
 
 def bind_all(keys) -> dict:
@@ -81,22 +83,9 @@ def raise_nofile_limit() -> None:
             pass
 
 
-def read_key(config) -> bytes | None:
-    """The framed HMAC key (the file's bytes, trailing newline dropped), or
-    None when authentication is off.  Raises ConfigError if unusable."""
-    framed = config.services["framed"]
-    if not framed.enabled or not framed.key_file:
-        return None
-    try:
-        with open(framed.key_file, "rb") as f:
-            key = f.read().rstrip(b"\r\n")
-    except OSError as exc:
-        raise config_mod.ConfigError(
-            [f"services.framed.key_file: cannot read {framed.key_file}: {exc.strerror}"]
-        ) from None
-    if not key:
-        raise config_mod.ConfigError([f"services.framed.key_file: {framed.key_file} is empty"])
-    return key
+def _default_secret(machine: preflight.Machine) -> bytes | None:
+    """The framed port's HMAC key (key_file), or None: no authentication."""
+    return machine.secrets.get(DEFAULT_KEY)
 
 
 def _describe(key) -> str:
@@ -108,9 +97,7 @@ def reread(config):
     """The configuration `config` was read from, read again (ConfigError if
     it is no longer valid).  The embedded default stays the embedded
     default: a file appearing at /etc/evd/evd.toml later does not count."""
-    if config.source == config_mod.EMBEDDED_SOURCE:
-        return config_mod.parse(config_mod.embedded_text())
-    return config_mod.load(config.source)
+    return loader.reread(config)
 
 
 def other_changes(old, new) -> list[str]:
@@ -157,7 +144,9 @@ class Daemon:
         self.stop_signal: str | None = None
         self._sweep_timer = None
         self.runner = Runner(self.reactor, config.services["command"], config.commands)
-        self.context = Context(self.runner, self.stats, read_key(config), self._framed_enabled(config))
+        self.context = Context(
+            self.runner, self.stats, _default_secret(preflight.check(config)), self._framed_enabled(config)
+        )
 
     @staticmethod
     def _framed_enabled(config) -> frozenset[str]:
@@ -366,7 +355,7 @@ class Daemon:
             # already started new workers if they changed.
             wanted = list(self.listeners) if self.worker else listener_keys(new)
             added = [k for k in wanted if k not in self.listeners]
-            key = read_key(new)
+            key = _default_secret(preflight.check(new))
             bound = self.bind(added)
         except (config_mod.ConfigError, BindError) as exc:
             log.error(event, ok=False, error=str(exc), added=[], removed=[], changed=[])

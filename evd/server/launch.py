@@ -34,11 +34,12 @@ from evd import __version__
 from evd.core import config as config_mod
 from evd.core.log import log
 from evd.net.listeners import BindError
-from evd.server.daemon import Daemon, bind_all, listener_keys, raise_nofile_limit, read_key
+from evd.server import preflight
+from evd.server.daemon import Daemon, bind_all, listener_keys, raise_nofile_limit
 from evd.server.supervisor import Supervisor, bind_slots
 from evd.system import systemd
 from evd.system.pidfile import AlreadyRunning, Pidfile, PidfileError
-from evd.system.privileges import PrivilegeError, drop, resolve
+from evd.system.privileges import PrivilegeError, drop
 
 # How long `evd start` waits for the daemon to say it listens.  Binding is
 # done before detaching, so this only covers the fork and the services'
@@ -81,8 +82,7 @@ class Launch:
 def prepare(config, overrides: dict, pidfile_required: bool) -> Launch:
     """Steps 1-5; StartError on any failure, with nothing left behind."""
     try:
-        read_key(config)
-        credentials = resolve(config.daemon.user, config.daemon.group)
+        credentials = preflight.check(config).credentials
     except config_mod.ConfigError as exc:
         raise StartError(str(exc), config_error=True) from None
     try:

@@ -50,7 +50,8 @@ from evd.core import config as config_mod
 from evd.core.log import log
 from evd.core.reactor import Reactor
 from evd.net.listeners import BindError, bind, format_address
-from evd.server.daemon import RETIRE, Daemon, listener_keys, other_changes, read_key, reread
+from evd.server import preflight
+from evd.server.daemon import RETIRE, Daemon, listener_keys, other_changes, reread
 
 # Between a worker that died young and its replacement.  Long enough that a
 # worker failing at start costs little CPU, short enough to recover quickly.
@@ -314,7 +315,7 @@ class Supervisor:
     def _reload(self) -> None:
         try:
             new = reread(self.config)
-            read_key(new)
+            preflight.check(new)
             wanted = listener_keys(new)
             added = [k for k in wanted if k not in self.slots]
             bound = bind_slots(added, self.count)

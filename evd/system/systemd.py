@@ -23,7 +23,7 @@ import os
 import socket
 import time
 
-from evd.core.config import Address
+from evd.core.addresses import Address
 from evd.core.log import log
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START

@@ -1,0 +1,86 @@
+"""The effective configuration written back as TOML (`evd check-config`).
+
+`dump` walks the schema tables of core/schema.py, so every key the
+validator accepts is written, defaults spelled out, and
+`parse(dump(c))` equals `c` (except `.source`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from evd.core import schema
+from evd.core.config import Config, ServiceConfig
+
+
+def _toml_str(s: str) -> str:
+    """A basic string when nothing needs escaping, a literal one for
+    backslashes (regexes stay readable), else an escaped basic one."""
+    plain = not any(c < " " or c == "\x7f" for c in s)
+    if plain and '"' not in s and "\\" not in s:
+        return f'"{s}"'
+    if plain and "'" not in s:
+        return f"'{s}'"
+    escaped = "".join(
+        f"\\{c}" if c in '"\\' else f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c for c in s
+    )
+    return f'"{escaped}"'
+
+
+def value(v: object) -> str:
+    """One value as TOML."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)  # repr(float) always has "." or an exponent: valid TOML
+    if isinstance(v, tuple):
+        return "[" + ", ".join(value(item) for item in v) + "]"
+    return _toml_str(str(v))  # strings, Address, networks
+
+
+def key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
+
+
+def _section(header: str, items: Mapping[str, object]) -> str:
+    lines = [f"[{header}]"] + [f"{key(k)} = {value(v)}" for k, v in items.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _fields(obj: Any) -> dict[str, object]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def service_items(svc: ServiceConfig) -> dict[str, object]:
+    """A service's keys in schema order, limits included (in force for it)."""
+    return {k: getattr(svc.limits if k in schema.LIMITS else svc, k) for k in schema.SERVICE_KEYS[svc.name]}
+
+
+def dump(config: Config) -> str:
+    """The effective configuration as TOML: every key, defaults spelled out."""
+    parts = [f"include = {value(config.include)}\n"]
+    parts += [
+        _section(name, _fields(obj))
+        for name, obj in (
+            ("daemon", config.daemon),
+            ("log", config.log),
+            ("control", config.control),
+            ("metrics", config.metrics),
+            ("limits", config.limits),
+        )
+    ]
+    parts += [_section(f"services.{s.name}", service_items(s)) for s in config.services.values()]
+    parts += [
+        _section(f"commands.{key(c.name)}", {"argv": c.argv, "args": c.args, "arg_pattern": c.arg_pattern})
+        for c in config.commands.values()
+    ]
+    if not config.commands:
+        parts.append("[commands]  # empty: no command may run\n")
+    parts += [
+        _section(f"keys.{key(k.name)}", {"file": k.file, "client_cn": k.client_cn, "commands": k.commands})
+        for k in config.keys.values()
+    ]
+    return "\n".join(parts)

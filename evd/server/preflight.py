@@ -1,0 +1,53 @@
+"""What the configuration names on this machine, checked and read.
+
+The validator (core/schema.py) judges the file alone.  Before evd acts on
+a configuration -- `run`, `start`, a reload, and `check-config`, which must
+refuse everything `run` would -- the things it names must also be usable:
+key files readable, private, regular and not empty; the user and group
+known.  `check` does all of it, collects every problem as "KEY.PATH:
+message" (one ConfigError, exit 78), and returns what it read, so the
+daemon uses exactly what was checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from evd.core.config import Config, ConfigError
+from evd.system import privileges
+from evd.system.secrets import SecretError, read_secret
+
+
+@dataclass(slots=True)
+class Machine:
+    """What `check` read: HMAC secrets by key name, and the identity to
+    drop to (None: stay)."""
+
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    credentials: privileges.Credentials | None = None
+
+
+def _key_path(config: Config, name: str) -> str:
+    return "services.framed.key_file" if name not in config.keys else f"keys.{name}.file"
+
+
+def check(config: Config) -> Machine:
+    """Everything the configuration names, checked; ConfigError listing
+    every problem otherwise."""
+    errors: list[str] = []
+    machine = Machine()
+    if config.services["framed"].enabled:
+        for name, spec in config.all_keys().items():
+            if not spec.file:
+                continue
+            try:
+                machine.secrets[name] = read_secret(spec.file)
+            except SecretError as exc:
+                errors.append(f"{_key_path(config, name)}: {exc}")
+    try:
+        machine.credentials = privileges.resolve(config.daemon.user, config.daemon.group)
+    except ConfigError as exc:
+        errors += exc.errors
+    if errors:
+        raise ConfigError(errors)
+    return machine

@@ -508,3 +508,131 @@ def test_load_unreadable(tmp_path):
 def test_config_error_accepts_one_message():
     exc = ConfigError("x: broken")
     assert exc.errors == ["x: broken"] and str(exc) == "x: broken"
+
+
+# -- bounds, NUL, and the keys of sections 8-11 ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("[limits]\nmax_header = 5000000000\n", "limits.max_header: must be at most 16777216"),
+        ("[limits]\nmax_body = 2000000000\n", "limits.max_body: must be at most 1073741824"),
+        ("[limits]\nwrite_high = 2000000000\n", "limits.write_high: must be at most 1073741824"),
+        ("[limits]\nidle_timeout = 1e308\n", "limits.idle_timeout: must be at most 2592000"),
+        ("[limits]\nhandshake_timeout = 0\n", "limits.handshake_timeout: must be at least 0.001"),
+        ("[limits]\nauth_ban = -1\n", "limits.auth_ban: must be at least 0"),
+        ("[limits]\nrate = 1e9\n", "limits.rate: must be at most 1000000"),
+        ("[daemon]\nshutdown_timeout = 1e308\n", "daemon.shutdown_timeout: must be at most 2592000"),
+        ("[daemon]\nworkers = 100000\n", "daemon.workers: must be at most 1024"),
+        ("[services.echo]\nmax_header = 99999999\n", "services.echo.max_header: must be at most 16777216"),
+        ("[services.command]\ntimeout = 1e100\n", "services.command.timeout: must be at most 2592000"),
+        (
+            "[services.command]\nmax_output = 1e3\n",
+            "services.command.max_output: expected an integer, got float",
+        ),
+        ("[log]\nbuffer = 10\n", "log.buffer: must be at least 4096"),
+    ],
+)
+def test_every_size_and_duration_is_bounded(text, error):
+    assert one_error(text) == error
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[services.framed]\nkey_file = "/etc/evd/\\u0000key"\n', "services.framed.key_file"),
+        ('[services.echo]\nunix = ["/run/\\u0000e.sock"]\n', "services.echo.unix[0]"),
+        ('[daemon]\npidfile = "/run/evd\\u0000.pid"\n', "daemon.pidfile"),
+        ('[log]\nfile = "/var/log/\\u0000evd.log"\n', "log.file"),
+        ('[commands.x]\nargv = ["echo", "a\\u0000b"]\n', "commands.x.argv[1]"),
+        ('[daemon]\nuser = "ro\\u0000ot"\n', "daemon.user"),
+    ],
+)
+def test_a_nul_character_is_refused_in_any_string(text, key):
+    assert one_error(text) == f"{key}: must not contain a NUL character"
+
+
+def test_new_sections_have_the_spec_defaults():
+    c = parse("")
+    assert c.include == ()
+    assert c.log == config.LogConfig("info", "json", "", 4194304, "/run/systemd/journal/socket")
+    assert c.control == config.ControlConfig("", "0600") and c.control.mode_bits == 0o600
+    assert c.metrics == config.MetricsConfig(())
+    assert (c.limits.handshake_timeout, c.limits.auth_ban) == (10.0, 60.0)
+    echo = c.services["echo"]
+    assert (echo.tls, echo.tls_cert, echo.tls_key, echo.tls_client_ca) == ((), "", "", "")
+    assert c.keys == {}
+
+
+def test_control_metrics_and_include_values():
+    c = parse(
+        'include = ["/etc/evd/evd.d/*.toml"]\n[log]\nformat = "journal"\n'
+        '[control]\nunix = "/run/evd/ctl.sock"\nmode = "0660"\n[metrics]\ntcp = ["127.0.0.1:9101"]\n'
+    )
+    assert c.include == ("/etc/evd/evd.d/*.toml",) and c.log.format == "journal"
+    assert c.control.unix == "/run/evd/ctl.sock" and c.control.mode_bits == 0o660
+    assert c.metrics.tcp == (Address("tcp", "127.0.0.1", 9101),)
+    assert errors_of('include = ["evd.d/*.toml"]\n[control]\nmode = "rw"\nunix = "ctl.sock"\n') == [
+        'include: "evd.d/*.toml" must be an absolute path',
+        'control.mode: must be an octal file mode such as "0600"',
+        "control.unix: must be an absolute path",
+    ]
+
+
+def test_tls_addresses_need_a_certificate_and_share_the_tcp_port_space():
+    assert errors_of('[services.echo]\ntls = ["127.0.0.1:7443"]\n') == [
+        "services.echo.tls_cert: required when tls is not empty",
+        "services.echo.tls_key: required when tls is not empty",
+    ]
+    c = parse('[services.framed]\ntls = ["[::1]:7443"]\ntls_cert = "/c.pem"\ntls_key = "/k.pem"\n')
+    assert c.services["framed"].tls == (Address("tls", "::1", 7443),)
+    assert ("framed", Address("tls", "::1", 7443)) in c.listener_keys()
+    assert (
+        one_error('[services.echo]\ntls = ["127.0.0.1:7070"]\ntls_cert = "/c"\ntls_key = "/k"\n')
+        == "services.framed.tcp[0]: tcp 127.0.0.1:7070 is already used by services.echo.tls[0]"
+    )
+    assert one_error('[metrics]\ntcp = ["*:7007"]\n') == (
+        "metrics.tcp[0]: tcp *:7007 overlaps 127.0.0.1:7007 of services.echo.tcp[0]"
+    )
+    assert one_error('[control]\nunix = "/run/e.sock"\n[services.echo]\nunix = ["/run/e.sock"]\n') == (
+        "control.unix: unix /run/e.sock is already used by services.echo.unix[0]"
+    )
+    assert one_error('[services.command]\ntls = ["127.0.0.1:1"]\n').endswith(
+        "command has no listeners of its own; it is reached through services.framed"
+    )
+
+
+def test_named_keys():
+    c = parse(
+        '[keys.ops]\nfile = "/etc/evd/ops.key"\n[keys.ci]\nclient_cn = "ci-runner"\ncommands = ["greet"]\n'
+    )
+    assert c.keys["ops"] == config.KeySpec("ops", "/etc/evd/ops.key", "", ("*",))
+    assert c.keys["ci"].may_run("greet") and not c.keys["ci"].may_run("uptime")
+    assert c.keys["ops"].may_run("uptime")
+    assert errors_of(
+        '[keys.a]\ncommands = ["nope"]\n[keys.b]\nclient_cn = "x"\n[keys.c]\nclient_cn = "x"\n'
+        '[keys."bad name"]\nfile = "/k"\n[keys.d]\nfile = "k"\nsecret = 1\n'
+    ) == [
+        "keys.bad name: bad key name (letters, digits, '.', '_', '-'; at most 64)",
+        "keys.d.file: must be an absolute path",
+        "keys.d.secret: unknown key",
+        "keys.a: needs a file (an HMAC secret), a client_cn, or both",
+        'keys.a.commands: "nope" is not in the [commands] allow-list',
+        'keys: client_cn "x" is given to more than one key',
+    ]
+    assert one_error('[services.framed]\nkey_file = "/k"\n[keys.default]\nfile = "/k2"\n') == (
+        "keys.default: the name is taken by services.framed.key_file"
+    )
+    both = parse('[services.framed]\nkey_file = "/k"\n[keys.ops]\nclient_cn = "ops"\n')
+    assert list(both.all_keys()) == ["ops", "default"]
+    assert both.all_keys()["default"] == config.KeySpec("default", "/k")
+
+
+def test_dump_round_trips_the_new_sections():
+    c = parse(
+        'include = ["/etc/evd/evd.d/*.toml"]\n[control]\nunix = "/run/c.sock"\n[metrics]\ntcp = ["127.0.0.1:9"]\n'
+        '[services.echo]\ntls = ["127.0.0.1:7443"]\ntls_cert = "/c"\ntls_key = "/k"\nauth_ban = 5\n'
+        '[keys.ops]\nclient_cn = "ops"\ncommands = ["uptime"]\n'
+    )
+    assert round_trip(c) == c

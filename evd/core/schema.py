@@ -91,12 +91,17 @@ Schema = Mapping[str, tuple[str, Check | None]]
 # -- checks: value -> error message or None -----------------------------------
 
 
+def _shown(x: float) -> str:
+    """A bound as the operator would write it: 2592000, not 2.592e+06."""
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
 def _between(low: float, high: float) -> Check:
     def check(v: Value) -> str | None:
         if v < low:
-            return f"must be at least {low:g}"
+            return f"must be at least {_shown(low)}"
         if v > high:
-            return f"must be at most {high:g}"
+            return f"must be at most {_shown(high)}"
         return None
 
     return check
@@ -496,7 +501,8 @@ def _check_listeners(
     for key, address in wanted:
         for other_key, other in seen:
             if overlap(address, other):
-                clash = "is already used by" if address == other else f"overlaps {other} of"
+                same = (address.host, address.port) == (other.host, other.port)
+                clash = "is already used by" if same else f"overlaps {other} of"
                 errors.append(f"{key}: {address.port_space} {address} {clash} {other_key}")
                 break
         seen.append((key, address))

@@ -631,7 +631,8 @@ def test_named_keys():
 
 def test_dump_round_trips_the_new_sections():
     c = parse(
-        'include = ["/etc/evd/evd.d/*.toml"]\n[control]\nunix = "/run/c.sock"\n[metrics]\ntcp = ["127.0.0.1:9"]\n'
+        'include = ["/etc/evd/evd.d/*.toml"]\n[control]\nunix = "/run/c.sock"\n'
+        '[metrics]\ntcp = ["127.0.0.1:9"]\n'
         '[services.echo]\ntls = ["127.0.0.1:7443"]\ntls_cert = "/c"\ntls_key = "/k"\nauth_ban = 5\n'
         '[keys.ops]\nclient_cn = "ops"\ncommands = ["uptime"]\n'
     )

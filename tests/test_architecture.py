@@ -17,11 +17,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "evd"
 
 # fmt: off
 LAYERS = {
-    # the command line
+    # the command line: one module per group of subcommands
     "__main__": 0, "cli": 1,
+    "cli.lifecycle": 2, "cli.configure": 2, "cli.call": 2, "cli.bench": 2,
+    "cli.targets": 3, "cli.exits": 3,
     # client side: tools that talk to a daemon (the daemon never imports them)
-    "tools.lifecycle": 2, "tools.bench": 2,
-    "tools.client": 3,
+    "tools.lifecycle": 5, "tools.bench": 5,
+    "tools.client": 6,
     # the daemon process: start-up, workers, one daemon, its reload plan, and
     # what the configuration names on the machine
     "server.launch": 10,

@@ -47,8 +47,30 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from types import FrameType
+from typing import Protocol
 
 Callback = Callable[[], object]
+# A timer's callback returns seconds until its next call, or None: no more.
+TimerCallback = Callable[[], float | None]
+SignalDisposition = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+
+
+class Poller(Protocol):
+    """The polling seam: epoll itself, or any `selectors` selector."""
+
+    READ: int
+    WRITE: int
+    READY_READ: int  # event bits that mean "call the reader"
+    READY_WRITE: int
+    # Called when a descriptor is about to be closed; None: nothing to do.
+    forget: Callable[[int], None] | None
+
+    def register(self, fd: int, mask: int, /) -> object: ...
+    def modify(self, fd: int, mask: int, /) -> object: ...
+    def unregister(self, fd: int, /) -> object: ...
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]: ...
+    def close(self) -> None: ...
 
 
 class EpollPoller:
@@ -57,22 +79,27 @@ class EpollPoller:
     tenth of the loop's own cost on the echo path)."""
 
     MAX_EVENTS = 1024
+    READ = select.EPOLLIN
+    WRITE = select.EPOLLOUT
+    # An error or hang-up wakes both directions: recv/send will say what.
+    READY_READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+    READY_WRITE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+    # Closing a descriptor takes it out of the epoll set (evd never dup()s
+    # a connection's socket): forgetting one needs no system call.
+    forget: Callable[[int], None] | None = None
 
-    def __init__(self):
+    def __init__(self) -> None:
         epoll = self._epoll = select.epoll()
-        self.READ, self.WRITE = select.EPOLLIN, select.EPOLLOUT
-        # An error or hang-up wakes both directions: recv/send will say what.
-        self.READY_READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
-        self.READY_WRITE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
-        self.register, self.modify = epoll.register, epoll.modify
-        self.unregister, self.close = epoll.unregister, epoll.close
+        # epoll's own methods, bound once: no Python frame per call.
+        self.register: Callable[[int, int], None] = epoll.register
+        self.modify: Callable[[int, int], None] = epoll.modify
+        self.unregister: Callable[[int], None] = epoll.unregister
 
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
         return self._epoll.poll(-1 if timeout is None else timeout, self.MAX_EVENTS)
 
-    # Closing a descriptor takes it out of the epoll set (evd never dup()s
-    # a connection's socket): forgetting one needs no system call.
-    forget = None
+    def close(self) -> None:
+        self._epoll.close()
 
 
 class SelectorPoller:
@@ -83,14 +110,25 @@ class SelectorPoller:
 
     def __init__(self, selector: selectors.BaseSelector):
         self._selector = selector
-        self.register, self.modify = selector.register, selector.modify
-        self.unregister, self.close = selector.unregister, selector.close
+        self.forget: Callable[[int], None] | None = self._unregister
+
+    def register(self, fd: int, mask: int) -> None:
+        self._selector.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self._selector.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self._selector.unregister(fd)
+
+    def _unregister(self, fd: int) -> None:
+        self._selector.unregister(fd)  # a selector keeps closed fds
 
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
         return [(key.fd, mask) for key, mask in self._selector.select(timeout)]
 
-    def forget(self, fd: int) -> None:
-        self._selector.unregister(fd)  # a selector keeps closed fds
+    def close(self) -> None:
+        self._selector.close()
 
 
 class Timer:
@@ -98,7 +136,7 @@ class Timer:
 
     __slots__ = ("when", "seq", "callback", "cancelled")
 
-    def __init__(self, when: float, seq: int, callback: Callback):
+    def __init__(self, when: float, seq: int, callback: TimerCallback):
         self.when = when
         self.seq = seq
         self.callback = callback
@@ -111,6 +149,7 @@ class Timer:
 class Reactor:
     def __init__(self, selector: selectors.BaseSelector | None = None):
         # The polling seam: epoll directly, or any injected selector.
+        self._selector: Poller
         if selector is None and hasattr(select, "epoll"):
             self._selector = EpollPoller()
         else:
@@ -119,7 +158,7 @@ class Reactor:
         self._write = self._selector.WRITE
         self._forget = self._selector.forget
         # fd -> [reader, writer]
-        self._handlers: dict[int, list] = {}
+        self._handlers: dict[int, list[Callback | None]] = {}
         # Descriptors unregistered during the current batch of events: a
         # later event in the batch may be stale, and the fd number may
         # already belong to a new socket.
@@ -128,7 +167,7 @@ class Reactor:
         self._seq = itertools.count()
         self._before_sleep: list[Callback] = []
         self._signal_handlers: dict[int, Callback] = {}
-        self._old_signal: dict[int, object] = {}
+        self._old_signal: dict[int, SignalDisposition] = {}
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._old_wakeup_fd = -1
@@ -190,7 +229,7 @@ class Reactor:
 
     # -- timers -----------------------------------------------------------
 
-    def call_later(self, delay: float, callback: Callable[[], float | None]) -> Timer:
+    def call_later(self, delay: float, callback: TimerCallback) -> Timer:
         """Call `callback` after `delay` seconds; if it returns a number, again
         after that many seconds, until it returns None or is cancelled."""
         timer = Timer(time.monotonic() + delay, next(self._seq), callback)
@@ -204,7 +243,7 @@ class Reactor:
     def _run_timers(self) -> None:
         timers = self._timers
         now = self.now
-        again_list = []
+        again_list: list[tuple[Timer, float]] = []
         while timers and timers[0].when <= now:
             timer = heapq.heappop(timers)
             if timer.cancelled:
@@ -238,15 +277,15 @@ class Reactor:
         self._signal_handlers[signum] = callback
 
     def _open_wakeup(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        self.add_reader(self._wake_r.fileno(), self._read_signals)
+        wake_r, wake_w = self._wake_r, self._wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        self._old_wakeup_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        self.add_reader(wake_r.fileno(), lambda: self._read_signals(wake_r))
 
-    def _read_signals(self) -> None:
+    def _read_signals(self, wake_r: socket.socket) -> None:
         try:
-            data = self._wake_r.recv(4096)
+            data = wake_r.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
         for signum in data:
@@ -266,10 +305,14 @@ class Reactor:
         if self._wake_r is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)
             self.remove_reader(self._wake_r.fileno())
-            self._wake_r.close()
-            self._wake_w.close()
-            self._wake_r = self._wake_w = None
+            self._close_wakeup()
         self._selector.close()
+
+    def _close_wakeup(self) -> None:
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
 
     def close_in_child(self) -> None:
         """In a process forked from a running loop: let go of this one so the
@@ -278,9 +321,7 @@ class Reactor:
         parent's registrations."""
         if self._wake_r is not None:
             signal.set_wakeup_fd(-1)  # else the child's signals wake the parent
-            self._wake_r.close()
-            self._wake_w.close()
-            self._wake_r = self._wake_w = None
+            self._close_wakeup()
         for signum, old in self._old_signal.items():
             signal.signal(signum, old)
         self._old_signal.clear()
@@ -290,6 +331,10 @@ class Reactor:
         self._selector.close()
 
     # -- the loop ---------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._running
 
     def stop(self) -> None:
         """Leave `run` after the current iteration."""
@@ -311,7 +356,7 @@ class Reactor:
                     hook()
                 except Exception as exc:
                     self.on_error("before_sleep", exc)
-            if not self._running:
+            if not self.running:  # a hook stopped the loop
                 break
             timeout = None
             if timers:
@@ -340,7 +385,7 @@ class Reactor:
                 self._run_timers()
 
 
-def _note_signal(signum, frame) -> None:
+def _note_signal(signum: int, frame: FrameType | None) -> None:
     """The Python-level handler does nothing: the wakeup fd carries the news."""
 
 

@@ -40,6 +40,7 @@ LAYERS = {
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
     "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
+    "proto.access": 42,
     # the operating system: systemd, privileges, the pidfile, key files
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,
     # primitives: the loop, the log, the configuration (found, validated,

@@ -47,7 +47,7 @@ LAYERS = {
     # written back), the interfaces between layers, addresses
     "core.log": 60,
     "core.loader": 61, "core.tomlout": 61,
-    "core.schema": 62,
+    "core.dropins": 62, "core.schema": 62,
     "core.seams": 63,
     "core.config": 64,
     "core.addresses": 65, "core.reactor": 65,

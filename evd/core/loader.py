@@ -29,11 +29,13 @@ def embedded_text() -> str:
 
 
 def resolve_path(path: str | None) -> str | None:
-    """-c PATH, else $EVD_CONFIG, else DEFAULT_PATH if it exists, else None (embedded)."""
+    """-c PATH, else $EVD_CONFIG, else DEFAULT_PATH if it exists, else None
+    (embedded).  Made absolute: `evd start` detaches into cwd "/", and its
+    reloads must find the same file."""
     if path is not None:
-        return path
+        return os.path.abspath(path)
     if os.environ.get("EVD_CONFIG"):
-        return os.environ["EVD_CONFIG"]
+        return os.path.abspath(os.environ["EVD_CONFIG"])
     default = config_mod.DEFAULT_PATH
     return default if os.path.exists(default) else None
 

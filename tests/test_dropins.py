@@ -1,6 +1,7 @@
 """Drop-in files (SPEC section 11): merging, errors naming their file,
-and reloads that re-read the directory.  Loader tests use real files in
-tmp_path; the reload test a real daemon (tests/conftest.py)."""
+`check-config --origin`, and reloads that re-read the directory.  Loader
+tests use real files in tmp_path; the reload test a real daemon
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -180,6 +181,35 @@ def test_check_config_lists_drop_in_errors(tmp_path):
     out = evd_cli("check-config", "-c", str(main))
     assert out.returncode == 78
     assert out.stderr == f"{bad}: services.echo.enabled: expected a boolean, got integer\n"
+
+
+# -- check-config --origin ----------------------------------------------------------
+
+
+def test_check_config_origin(tmp_path):
+    main = main_file(tmp_path, "[limits]\nburst = 7\n")
+    drop = write(tmp_path / "d/50-echo.toml", "[services.echo]\nenabled = false\nrate = 3.0\n")
+    out = evd_cli("check-config", "--origin", "-c", str(main))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:2] == [f"# read: {main}", f"# read: {drop}"]
+    assert f'include = ["{tmp_path}/d/*.toml"]  # from {main}' in lines
+    assert f"burst = 7  # from {main}" in lines
+    assert "max_connections = 1024  # default" in lines
+    echo = lines[lines.index("[services.echo]") :]
+    assert echo[1] == f"enabled = false  # from {drop}"
+    assert f"rate = 3.0  # from {drop}" in echo
+    assert f"burst = 7  # from {main}" in echo  # [limits] in force for echo
+    assert 'argv = ["uptime"]  # default' in lines
+    # every key line says where it came from
+    keys = [line for line in lines if " = " in line and not line.startswith("#")]
+    assert all("  # from " in line or line.endswith("  # default") for line in keys)
+    # the annotated form is TOML too, and means the same configuration
+    assert loader.parse(out.stdout, str(main)) == loader.load(str(main))
+    # and the plain form is still the effective configuration, without comments
+    plain = evd_cli("check-config", "-c", str(main))
+    assert plain.returncode == 0 and "# " not in plain.stdout
+    assert loader.parse(plain.stdout).services["echo"].limits.rate == 3.0
 
 
 # -- a running daemon re-reads the directory -------------------------------------------

@@ -1,7 +1,7 @@
 """Drop-in files (SPEC section 11): merging, errors naming their file,
-`check-config --origin`, and reloads that re-read the directory.  Loader
-tests use real files in tmp_path; the reload test a real daemon
-(tests/conftest.py)."""
+`check-config --origin`, reloads that re-read the directory, and
+`evd enable/disable [--now]`.  Loader tests use real files in tmp_path; the
+reload and `--now` tests a real daemon (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BASE_CONFIG, ROOT, WAIT
+from conftest import BASE_CONFIG, ROOT, WAIT, logged_config
 
 from evd.core import loader
-from evd.core.config import ConfigError
+from evd.core.config import EMBEDDED_SOURCE, ConfigError
+from evd.tools import dropin
 
 
 def write(path: Path, text: str) -> Path:
@@ -247,3 +248,232 @@ def test_sighup_picks_up_an_added_and_a_removed_drop_in(start_evd, tmp_path):
     assert reload["ok"] is False
     assert reload["error"] == f"{bad}: services.echo.enabled: expected a boolean, got integer"
     assert evd.stop() == 0
+
+
+# -- evd enable / disable ---------------------------------------------------------------
+
+
+def test_enable_and_disable_write_the_drop_in(tmp_path):
+    main = main_file(tmp_path)
+    out = evd_cli("enable", "discard", "-c", str(main))
+    target = tmp_path / "d/50-discard.toml"
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"discard enabled: wrote {target}\n"
+    assert target.read_text() == "[services.discard]\nenabled = true\n"
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert loader.load(str(main)).services["discard"].enabled
+    out = evd_cli("disable", "discard", "-c", str(main))
+    assert out.returncode == 0, out.stderr
+    assert target.read_text() == "[services.discard]\nenabled = false\n"
+    assert not loader.load(str(main)).services["discard"].enabled
+    assert sorted(os.listdir(tmp_path / "d")) == ["50-discard.toml"]  # no temporary file left
+
+
+def test_enable_twice_is_harmless(tmp_path):
+    main = main_file(tmp_path)
+    assert evd_cli("enable", "discard", "-c", str(main)).returncode == 0
+    target = tmp_path / "d/50-discard.toml"
+    before = target.stat()
+    out = evd_cli("enable", "discard", "-c", str(main))
+    assert out.returncode == 0 and out.stdout == f"discard enabled already ({target} unchanged)\n"
+    after = target.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_enable_creates_the_directory(tmp_path):
+    main = main_file(tmp_path, "", ("evd.d/*.toml",))
+    out = evd_cli("enable", "chargen", "-c", str(main))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "evd.d/50-chargen.toml").read_text() == "[services.chargen]\nenabled = true\n"
+
+
+def test_enable_refuses_an_invalid_result_and_writes_nothing(tmp_path):
+    # discard would listen where echo already does: valid while discard is off
+    main = main_file(tmp_path, '[services.discard]\ntcp = ["127.0.0.1:7007"]\nudp = []\n')
+    out = evd_cli("enable", "discard", "-c", str(main))
+    assert out.returncode == 78
+    assert out.stderr == (
+        "services.discard.tcp[0]: tcp 127.0.0.1:7007 is already used by services.echo.tcp[0]\n"
+        "evd: nothing written: the configuration would be invalid\n"
+    )
+    assert not (tmp_path / "d").exists()
+    # an existing file is left as it was
+    existing = write(tmp_path / "d/50-discard.toml", "[services.discard]\nenabled = false\n")
+    assert evd_cli("enable", "discard", "-c", str(main)).returncode == 78
+    assert existing.read_text() == "[services.discard]\nenabled = false\n"
+    assert sorted(os.listdir(tmp_path / "d")) == ["50-discard.toml"]
+
+
+def test_enable_is_as_strict_as_run(tmp_path):
+    """A key file `run` would refuse makes the result invalid too (preflight)."""
+    key = write(tmp_path / "framed.key", "secret")
+    key.chmod(0o644)
+    main = main_file(tmp_path, f'[services.framed]\nkey_file = "{key}"\n')
+    out = evd_cli("enable", "discard", "-c", str(main))
+    assert out.returncode == 78 and out.stderr.startswith("services.framed.key_file: ")
+    assert not (tmp_path / "d").exists()
+
+
+def test_enable_replaces_a_broken_drop_in_of_its_own(tmp_path):
+    """The result is what counts: a bad 50-echo.toml is fixed by replacing it."""
+    main = main_file(tmp_path)
+    broken = write(tmp_path / "d/50-echo.toml", "[services.echo]\nenabled = maybe\n")
+    assert evd_cli("check-config", "-c", str(main)).returncode == 78
+    out = evd_cli("enable", "echo", "-c", str(main))
+    assert out.returncode == 0, out.stderr
+    assert broken.read_text() == "[services.echo]\nenabled = true\n"
+
+
+def test_enable_without_include(tmp_path):
+    main = write(tmp_path / "evd.toml", "[limits]\nrate = 1.0\n")
+    out = evd_cli("enable", "discard", "-c", str(main))
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"evd: {main} has no include: add one")
+    assert sorted(os.listdir(tmp_path)) == ["evd.toml"]
+    with pytest.raises(dropin.SwitchError, match=r"^the embedded default configuration has no include"):
+        dropin.target((), EMBEDDED_SOURCE, "echo")
+
+
+def test_enable_unknown_service_is_a_configuration_error(tmp_path):
+    main = main_file(tmp_path)
+    out = evd_cli("enable", "../../etc/passwd", "-c", str(main))
+    assert out.returncode == 78
+    assert out.stderr.startswith("services.../../etc/passwd: unknown service (known: echo, ")
+    assert not (tmp_path / "d").exists()
+
+
+def test_enable_refused_when_a_later_drop_in_decides(tmp_path):
+    main = main_file(tmp_path)
+    local = write(tmp_path / "d/90-local.toml", "[services.discard]\nenabled = false\n")
+    out = evd_cli("enable", "discard", "-c", str(main))
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"evd: {local} sets services.discard.enabled and is read after "
+        f"{tmp_path}/d/50-discard.toml: change it there\n"
+    )
+    assert sorted(os.listdir(tmp_path / "d")) == ["90-local.toml"]
+
+
+def test_enable_needs_the_first_pattern_to_read_the_file(tmp_path):
+    main = main_file(tmp_path, "", ("d/*.conf", "d/*.toml"))
+    out = evd_cli("enable", "discard", "-c", str(main))
+    assert out.returncode == 1
+    assert (
+        out.stderr
+        == f"evd: the first include pattern {tmp_path}/d/*.conf would not read {tmp_path}/d/50-discard.toml\n"
+    )
+
+
+# -- the write is atomic ------------------------------------------------------------------
+
+
+def test_write_replaces_the_file_whole(tmp_path):
+    """A reader of the old file keeps the old text whole; the new one is a
+    new file renamed into place, never the old one rewritten."""
+    target = write(tmp_path / "d/50-echo.toml", "old\n")
+    with open(target) as reader:
+        dropin.write_atomically(str(target), "new\n")
+        assert reader.read() == "old\n"
+    assert target.read_text() == "new\n"
+    assert os.listdir(tmp_path / "d") == ["50-echo.toml"]
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch, failing):
+    target = write(tmp_path / "d/50-echo.toml", "old\n")
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, fail)
+    with pytest.raises(dropin.SwitchError, match=f"cannot write {target}: No space left on device"):
+        dropin.write_atomically(str(target), "new\n")
+    monkeypatch.undo()
+    assert target.read_text() == "old\n"
+    assert os.listdir(tmp_path / "d") == ["50-echo.toml"]
+
+
+def test_the_temporary_file_is_never_read_as_a_drop_in(tmp_path):
+    """Its name starts with "." and ends in ".tmp": no glob matches it, so
+    a reload in the middle of a write does not see it."""
+    main = main_file(tmp_path, "", ("d/*", "d/*.toml"))
+    write(tmp_path / "d/.50-echo.toml.abc123.tmp", "[services.echo\n")
+    assert loader.load_all(str(main)).files == ()
+
+
+# -- --now -----------------------------------------------------------------------------------
+
+
+def include_config(tmp: Path, config: str) -> str:
+    return f'include = ["{tmp}/evd.d/*.toml"]\n' + config
+
+
+def test_now_reloads_the_running_daemon_and_reports(control, tmp_path):
+    control.write(include_config(tmp_path, logged_config(BASE_CONFIG)))
+    pid = control.start()
+    out = control("disable", "discard", "--now")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"discard disabled: wrote {tmp_path}/evd.d/50-discard.toml",
+        f"reloaded, pid {pid}; added: nothing; removed: discard tcp 127.0.0.1:0, discard udp 127.0.0.1:0; "
+        "changed: discard",
+    ]
+    control.log.wait_for("config.reload", ok=True, changed=["discard"])
+    out = control("enable", "discard", "--now")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == (
+        f"reloaded, pid {pid}; added: discard tcp 127.0.0.1:0, discard udp 127.0.0.1:0; "
+        "removed: nothing; changed: discard"
+    )
+    assert len(control.log.find("config.reload")) == 2
+    assert control("stop").returncode == 0
+
+
+def test_now_reports_a_failed_reload(control, tmp_path):
+    """The file is valid, but the daemon cannot apply it: the port is taken."""
+    control.write(include_config(tmp_path, logged_config(BASE_CONFIG)))
+    pid = control.start()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        write(tmp_path / "evd.d/10-port.toml", f'[services.discard]\ntcp = ["127.0.0.1:{port}"]\n')
+        control("disable", "discard")  # so that enabling it binds the port
+        out = control("enable", "discard", "--now")
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"evd: reload failed, pid {pid}: ")
+    assert f"127.0.0.1:{port}" in out.stderr
+    assert control("stop").returncode == 0
+
+
+def test_now_with_nothing_running(tmp_path):
+    main = main_file(tmp_path, f'[daemon]\npidfile = "{tmp_path}/evd.pid"\n')
+    out = evd_cli("enable", "discard", "--now", "-c", str(main))
+    assert out.returncode == 1
+    assert out.stdout == f"discard enabled: wrote {tmp_path}/d/50-discard.toml\n"
+    assert out.stderr == f"evd: cannot reload: evd is not running (pidfile {tmp_path}/evd.pid)\n"
+
+
+def test_now_without_a_log_file_still_signals(start_evd, tmp_path):
+    """Logging to stderr: the signal is sent, and the result is the daemon's to log."""
+    evd = start_evd(include_config(tmp_path, BASE_CONFIG))
+    mark = len(evd.drain_events())
+    out = evd_cli("disable", "discard", "--now", "-c", str(evd.config_path))
+    assert out.returncode == 0, out.stderr
+    assert f"reload signal sent to pid {evd.proc.pid}; its result is in the daemon's log" in out.stdout
+    reload = evd.wait_for_since(mark, "config.reload")
+    assert reload["ok"] is True and reload["changed"] == ["discard"]
+    assert evd.stop() == 0
+
+
+def test_start_with_a_relative_path_then_reload(control, tmp_path):
+    """`evd start -c evd.toml` detaches into "/": its reloads must still
+    find the file (the path is made absolute when it is resolved)."""
+    control.write(include_config(tmp_path, logged_config(BASE_CONFIG)))
+    out = evd_cli("start", "-c", "evd.toml", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    control.pids.append(int(out.stdout.split()[-1]))
+    out = evd_cli("disable", "discard", "--now", "-c", "evd.toml", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "reloaded, pid" in out.stdout and "changed: discard" in out.stdout
+    assert control("stop").returncode == 0

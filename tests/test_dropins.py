@@ -138,6 +138,27 @@ def test_errors_name_the_drop_in(tmp_path):
     ]
 
 
+def test_a_clash_with_a_default_is_blamed_on_the_file_that_caused_it(tmp_path):
+    """The validator reports the clash at daytime's (default) address; the
+    file to blame is the one that put chargen there, not the last one
+    that happened to touch some other service."""
+    main = main_file(tmp_path, "[services.daytime]\nudp = []\n")
+    chargen = write(tmp_path / "d/10.toml", '[services.chargen]\nenabled = true\ntcp = ["127.0.0.1:7013"]\n')
+    write(tmp_path / "d/20.toml", "[services.echo]\nrate = 1.0\n")
+    assert errors_of(main) == [
+        f"{chargen}: services.daytime.tcp[0]: tcp 127.0.0.1:7013 is already used by services.chargen.tcp[0]"
+    ]
+
+
+def test_an_error_in_no_file_is_not_blamed_on_one(tmp_path):
+    """daytime's table is in no file; that 20.toml touched [services]
+    (for echo) says nothing about daytime: no file is named."""
+    main = main_file(tmp_path)
+    write(tmp_path / "d/20.toml", "[services.echo]\nrate = 1.0\n")
+    origins = loader.load_all(str(main)).origins
+    assert origins.blame("services.daytime.tls_cert: x") == "services.daytime.tls_cert: x"
+
+
 def test_key_missing_in_a_file_is_blamed_on_the_table_it_completes(tmp_path):
     main = main_file(tmp_path)
     tls = write(tmp_path / "d/10.toml", '[services.echo]\ntls = ["127.0.0.1:7443"]\n')

@@ -37,6 +37,10 @@ Document = dict[str, Any]
 # A service's limits fall back to [limits]: services.X.K is in force as
 # limits.K unless the service's table sets it (core/schema.py `_service`).
 _LIMIT_KEY = re.compile(r"services\.[^.]+\.(?P<key>.+)")
+# Other keys an error message names (a listener clash names both).
+_KEY = re.compile(r"\b[a-z_]+(?:\.[A-Za-z0-9_-]+)+(?:\[\d+\])?")
+# Tables whose entries are independent: services, commands, keys.
+COLLECTIONS = ("services", "commands", "keys")
 
 
 def matches(path: str, pattern: str) -> bool:
@@ -106,17 +110,32 @@ class Origins:
 
     def blame(self, error: str) -> str:
         """One "KEY.PATH: message" error, prefixed with the drop-in file
-        its key came from (the nearest value or table that a file set)."""
-        key = error.partition(": ")[0]
-        # Cut back at "." and "[" boundaries: "services.echo.tcp[0]" is
-        # the value "services.echo.tcp", "services.echo.tls_cert" (not
-        # set anywhere) is the table "services.echo".
-        candidates = [key] + [key[: m.start()] for m in reversed(list(re.finditer(r"[.\[]", key)))]
-        for candidate in candidates:
-            file = self.values.get(candidate) or self.tables.get(candidate)
-            if file is not None:
-                return error if file == self.main else f"{file}: {error}"
-        return error
+        it comes from: the file that set KEY.PATH; else, for a clash, the
+        file that set the other key the message names; else the file that
+        last touched the nearest table around KEY.PATH."""
+        key, _, message = error.partition(": ")
+        file = self._value(key)
+        if file is None:
+            file = next(filter(None, map(self._value, _KEY.findall(message))), None)
+        if file is None:
+            file = self._table(key)
+        return error if file is None or file == self.main else f"{file}: {error}"
+
+    def _value(self, key: str) -> str | None:
+        """Who set this value ("services.echo.tcp[0]": the list)."""
+        return self.values.get(key.partition("[")[0])
+
+    def _table(self, key: str) -> str | None:
+        """Who last touched the nearest table around `key`; never a whole
+        collection ([services], [commands], [keys]) for a key inside it:
+        the last file to touch any service says nothing about this one."""
+        cuts = [m.start() for m in re.finditer(r"[.\[]", key)]
+        for candidate in [key] + [key[:i] for i in reversed(cuts)]:
+            if candidate in COLLECTIONS and candidate != key:
+                return None
+            if candidate in self.tables:
+                return self.tables[candidate]
+        return None
 
     def blame_all(self, exc: ConfigError) -> ConfigError:
         return ConfigError([self.blame(e) for e in exc.errors])

@@ -333,6 +333,12 @@ def test_enable_is_as_strict_as_run(tmp_path):
     out = evd_cli("enable", "discard", "-c", str(main))
     assert out.returncode == 78 and out.stderr.startswith("services.framed.key_file: ")
     assert not (tmp_path / "d").exists()
+    # set in a drop-in, the error names it
+    main = main_file(tmp_path)
+    framed = write(tmp_path / "d/20-framed.toml", f'[services.framed]\nkey_file = "{key}"\n')
+    out = evd_cli("enable", "discard", "-c", str(main))
+    assert out.returncode == 78 and out.stderr.startswith(f"{framed}: services.framed.key_file: ")
+    assert sorted(os.listdir(tmp_path / "d")) == ["20-framed.toml"]
 
 
 def test_enable_replaces_a_broken_drop_in_of_its_own(tmp_path):
@@ -373,6 +379,15 @@ def test_enable_refused_when_a_later_drop_in_decides(tmp_path):
         f"{tmp_path}/d/50-discard.toml: change it there\n"
     )
     assert sorted(os.listdir(tmp_path / "d")) == ["90-local.toml"]
+
+
+def test_enable_needs_a_directory_without_wildcards(tmp_path):
+    main = main_file(tmp_path, "", ("*/*.toml",))
+    out = evd_cli("enable", "discard", "-c", str(main))
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"evd: the first include pattern {tmp_path}/*/*.toml has wildcards in its directory: write where?\n"
+    )
 
 
 def test_enable_needs_the_first_pattern_to_read_the_file(tmp_path):

@@ -56,7 +56,10 @@ def target(patterns: tuple[str, ...], source: str, service: str) -> str:
             "to say where drop-in files live"
         )
     first = patterns[0]
-    path = os.path.join(os.path.dirname(first), f"{PRIORITY}-{service}.toml")
+    directory = os.path.dirname(first)
+    if any(c in directory for c in "*?["):
+        raise SwitchError(f"the first include pattern {first} has wildcards in its directory: write where?")
+    path = os.path.join(directory, f"{PRIORITY}-{service}.toml")
     if not dropins.matches(path, first):
         raise SwitchError(f"the first include pattern {first} would not read {path}")
     return path
@@ -71,7 +74,10 @@ def plan(config_path: str | None, service: str, enabled: bool) -> Plan:
     path = target(patterns, source, service)
     text = content(service, enabled)
     loaded = loader.load_all(config_path, replaced={path: text})
-    preflight.check(loaded.config)  # as strict as `run`
+    try:
+        preflight.check(loaded.config)  # as strict as `run`
+    except ConfigError as exc:
+        raise loaded.origins.blame_all(exc) from None
     key = f"services.{service}.enabled"
     if loaded.config.services[service].enabled != enabled:
         raise SwitchError(f"{loaded.origins.of(key)} sets {key} and is read after {path}: change it there")

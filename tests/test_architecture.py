@@ -19,10 +19,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "evd"
 LAYERS = {
     # the command line: one module per group of subcommands
     "__main__": 0, "cli": 1,
-    "cli.lifecycle": 2, "cli.configure": 2, "cli.call": 2, "cli.bench": 2,
+    "cli.lifecycle": 2, "cli.configure": 2, "cli.switch": 2, "cli.call": 2, "cli.bench": 2,
     "cli.targets": 3, "cli.exits": 3,
     # client side: tools that talk to a daemon (the daemon never imports them)
-    "tools.lifecycle": 5, "tools.bench": 5,
+    "tools.lifecycle": 5, "tools.bench": 5, "tools.explain": 5, "tools.dropin": 5, "tools.reloadnow": 5,
     "tools.client": 6,
     # the daemon process: start-up, workers, one daemon, its reload plan, and
     # what the configuration names on the machine
@@ -40,13 +40,14 @@ LAYERS = {
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
     "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
+    "proto.access": 42,
     # the operating system: systemd, privileges, the pidfile, key files
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,
     # primitives: the loop, the log, the configuration (found, validated,
     # written back), the interfaces between layers, addresses
     "core.log": 60,
     "core.loader": 61, "core.tomlout": 61,
-    "core.schema": 62,
+    "core.dropins": 62, "core.schema": 62,
     "core.seams": 63,
     "core.config": 64,
     "core.addresses": 65, "core.reactor": 65,

@@ -637,3 +637,11 @@ def test_dump_round_trips_the_new_sections():
         '[keys.ops]\nclient_cn = "ops"\ncommands = ["uptime"]\n'
     )
     assert round_trip(c) == c
+
+
+def test_resolve_path_makes_a_relative_path_absolute(tmp_path, monkeypatch):
+    """`evd start` detaches into "/": a reload must find the file it started with."""
+    monkeypatch.chdir(tmp_path)
+    assert loader.resolve_path("evd.toml") == str(tmp_path / "evd.toml")
+    monkeypatch.setenv("EVD_CONFIG", "conf/evd.toml")
+    assert loader.resolve_path(None) == str(tmp_path / "conf/evd.toml")

@@ -2,18 +2,21 @@
 
 `dump` walks the schema tables of core/schema.py, so every key the
 validator accepts is written, defaults spelled out, and
-`parse(dump(c))` equals `c` (except `.source`).
+`parse(dump(c))` equals `c` (except `.source`).  With the origins of a
+load (`check-config --origin`), each key line ends in a comment naming the
+file that set it, `# from FILE`, or `# default`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
 from evd.core import schema
 from evd.core.config import Config, ServiceConfig
+from evd.core.dropins import Origins
 
 
 def _toml_str(s: str) -> str:
@@ -45,8 +48,20 @@ def key(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
 
 
-def _section(header: str, items: Mapping[str, object]) -> str:
-    lines = [f"[{header}]"] + [f"{key(k)} = {value(v)}" for k, v in items.items()]
+def _origin(origins: Origins | None, path: str) -> str:
+    if origins is None:
+        return ""
+    file = origins.of(path)
+    return f"  # from {file}" if file is not None else "  # default"
+
+
+def _section(header: str, items: Mapping[str, object], origins: Origins | None = None, path: str = "") -> str:
+    """`[header]` and its keys; `path` is the table's dotted path as the
+    origins know it, unquoted (default: the header)."""
+    path = path or header
+    lines = [f"[{header}]"] + [
+        f"{key(k)} = {value(v)}{_origin(origins, f'{path}.{k}')}" for k, v in items.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -59,11 +74,17 @@ def service_items(svc: ServiceConfig) -> dict[str, object]:
     return {k: getattr(svc.limits if k in schema.LIMITS else svc, k) for k in schema.SERVICE_KEYS[svc.name]}
 
 
-def dump(config: Config) -> str:
-    """The effective configuration as TOML: every key, defaults spelled out."""
-    parts = [f"include = {value(config.include)}\n"]
+def dump(config: Config, origins: Origins | None = None, files: Sequence[str] = ()) -> str:
+    """The effective configuration as TOML: every key, defaults spelled
+    out; with `origins`, each key's file as a comment, after a header
+    listing the files read."""
+    parts = []
+    if origins is not None:
+        read = [config.source] + list(files)
+        parts.append("".join(f"# read: {f}\n" for f in read))
+    parts.append(f"include = {value(config.include)}{_origin(origins, 'include')}\n")
     parts += [
-        _section(name, _fields(obj))
+        _section(name, _fields(obj), origins)
         for name, obj in (
             ("daemon", config.daemon),
             ("log", config.log),
@@ -72,15 +93,25 @@ def dump(config: Config) -> str:
             ("limits", config.limits),
         )
     ]
-    parts += [_section(f"services.{s.name}", service_items(s)) for s in config.services.values()]
+    parts += [_section(f"services.{s.name}", service_items(s), origins) for s in config.services.values()]
     parts += [
-        _section(f"commands.{key(c.name)}", {"argv": c.argv, "args": c.args, "arg_pattern": c.arg_pattern})
+        _section(
+            f"commands.{key(c.name)}",
+            {"argv": c.argv, "args": c.args, "arg_pattern": c.arg_pattern},
+            origins,
+            f"commands.{c.name}",
+        )
         for c in config.commands.values()
     ]
     if not config.commands:
         parts.append("[commands]  # empty: no command may run\n")
     parts += [
-        _section(f"keys.{key(k.name)}", {"file": k.file, "client_cn": k.client_cn, "commands": k.commands})
+        _section(
+            f"keys.{key(k.name)}",
+            {"file": k.file, "client_cn": k.client_cn, "commands": k.commands},
+            origins,
+            f"keys.{k.name}",
+        )
         for k in config.keys.values()
     ]
     return "\n".join(parts)

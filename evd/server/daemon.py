@@ -318,7 +318,7 @@ class Daemon:
         try:
             log.configure(*log_settings(new, self.log_overrides))
         except OSError as exc:
-            sockets.close_sockets(bound.values())
+            sockets.unbind(bound)
             return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")
         reopen = new.log.file == self.config.log.file
         self._commit(new, machine, todo, bound)

@@ -24,10 +24,10 @@ and `workers` shape the start, so they say "(at the next start)".
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from evd.core.addresses import Address
-from evd.core.config import LISTENING, Config, ServiceConfig
+from evd.core.config import LISTENING, Config, Limits, ServiceConfig
 
 # (service name, configured address): how listeners are known across reloads.
 ListenerKey = tuple[str, Address]
@@ -38,6 +38,7 @@ Overrides = Mapping[str, str | None]
 # [daemon] keys a running daemon cannot take over: they shape its start.
 AT_NEXT_START = frozenset({"pidfile", "user", "group", "workers"})
 NEXT_START = " (at the next start)"
+NO_LIMITS = Limits()
 
 
 def describe(key: ListenerKey) -> str:
@@ -123,10 +124,10 @@ def changes(
         for name in new.services
         if name in LISTENING and _differs(old.services.get(name), new.services[name])
     ]
-    command = _differs(old.services["command"], new.services["command"])
+    command = _differs(_unlimited(old, "command"), _unlimited(new, "command"))
     if command or (_on(old, new, "command") and old.commands != new.commands):
         changed.append("commands")
-    if _differs(old.services["stats"], new.services["stats"]):
+    if _differs(_unlimited(old, "stats"), _unlimited(new, "stats")):
         changed.append("stats")
     rekeyed = old_secrets is not None and new_secrets is not None and old_secrets != new_secrets
     if _on(old, new, "framed") and (old.keys != new.keys or rekeyed):
@@ -154,6 +155,12 @@ def _differs(old: ServiceConfig | None, new: ServiceConfig) -> bool:
     if old is None:
         return new.enabled
     return old != new and (old.enabled or new.enabled)
+
+
+def _unlimited(config: Config, name: str) -> ServiceConfig:
+    """A framed-only service without its limits: it has no listener, so
+    `[limits]` does not apply to it (the framed port's limits do)."""
+    return replace(config.services[name], limits=NO_LIMITS)
 
 
 def _on(old: Config, new: Config, name: str) -> bool:

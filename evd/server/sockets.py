@@ -13,6 +13,7 @@ are one socket that every slot shares.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -45,9 +46,21 @@ def bind_slots(
                 for _ in range(count - 1):
                     copies.append(bind(actual, reuse_port=True))
     except BaseException:
-        close_sockets(s for k, s in slots.items() if not (adopted and k in adopted))
+        unbind({k: s for k, s in slots.items() if not (adopted and k in adopted)})
         raise
     return slots
+
+
+def unbind(slots: Slots) -> None:
+    """Undo `bind_slots` when the reload that bound them fails later: close
+    the sockets and remove the UNIX paths they created a moment ago."""
+    for key in slots:
+        if key[1].proto == "unix":
+            try:
+                os.unlink(key[1].host)
+            except OSError:
+                pass
+    close_sockets(slots.values())
 
 
 def close_sockets(socket_lists: Iterable[list[socket.socket]]) -> None:

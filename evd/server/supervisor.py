@@ -61,7 +61,7 @@ from evd.net.listeners import BindError, format_address
 from evd.server import preflight, signals
 from evd.server.daemon import Daemon
 from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
-from evd.server.sockets import Slots, bind_slots, close_sockets
+from evd.server.sockets import Slots, bind_slots, close_sockets, unbind
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
 
@@ -357,7 +357,7 @@ class Supervisor:
         try:
             log.configure(*log_settings(new, self.log_overrides))
         except OSError as exc:
-            close_sockets(bound.values())
+            unbind(bound)
             return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")
         reopen = new.log.file == self.config.log.file
         self.config, self.machine = new, machine

@@ -33,7 +33,8 @@ from evd.core.log import log
 from evd.core.reactor import Reactor
 from evd.server import preflight
 from evd.server.daemon import SWEEP_SLOWEST, Daemon
-from evd.system.pidfile import read_pid
+from evd.system.pidfile import Pidfile, probe, read_pid
+from evd.tools import lifecycle
 from evd.tools.client import Client
 
 WORKERS_CONFIG = BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 5.0\nworkers = 2")
@@ -468,6 +469,26 @@ def test_sighup_right_after_evd_start_writes_the_pidfile_reloads_the_daemon(cont
         assert control.log.wait_for("config.reload", pid=pid)["ok"] is True
         assert control("stop").returncode == 0
         assert process_gone(pid)
+
+
+def test_evd_start_locks_an_empty_pidfile_until_its_daemon_writes_its_pid(tmp_path):
+    """Between `evd start` taking the pidfile and its daemon writing its own
+    pid, the file names nobody: not the `evd start` process, and not a stale
+    pid left in it (which may be anyone's by now).  reload and stop say
+    "starting?" instead of signalling someone."""
+    path = tmp_path / "evd.pid"
+    path.write_text(f"{os.getppid()}\n")  # stale, and alive: must never be signalled
+    pidfile = Pidfile(str(path))
+    pidfile.acquire(write_pid=False)
+    try:
+        assert path.read_text() == ""
+        state = probe(str(path))
+        assert (state.locked, state.pid) == (True, None)
+        for outcome in (lifecycle.reload(str(path)), lifecycle.stop(str(path), 1.0)):
+            assert outcome[0] == 1 and "starting?" in outcome[1], outcome
+    finally:
+        assert pidfile.release() is None
+    assert not path.exists()  # nothing written: still ours to remove
 
 
 # -- evd stop --timeout -----------------------------------------------------------------

@@ -54,10 +54,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from evd.core import loader
+from evd.core.addresses import sockaddr_text
 from evd.core.config import Config, ConfigError
 from evd.core.log import log
 from evd.core.reactor import Reactor
-from evd.net.listeners import BindError, format_address
+from evd.net.listeners import BindError
 from evd.server import preflight, signals
 from evd.server.daemon import Daemon
 from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
@@ -160,7 +161,7 @@ class Supervisor:
     def _log_listener(self, event: str, key: ListenerKey) -> None:
         sock = self.slots[key][0]
         log.info(
-            event, service=key[0], proto=key[1].proto, address=format_address(sock.family, sock.getsockname())
+            event, service=key[0], proto=key[1].proto, address=sockaddr_text(sock.family, sock.getsockname())
         )
 
     def _close_all(self) -> None:

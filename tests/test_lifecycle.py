@@ -494,14 +494,14 @@ def test_evd_start_locks_an_empty_pidfile_until_its_daemon_writes_its_pid(tmp_pa
 # -- evd stop --timeout -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("timeout", ["inf", "nan", "-1", "1e308", "2592001", "soon"])
-def test_stop_refuses_a_timeout_it_cannot_wait_before_signalling(start_evd, timeout):
+def test_stop_refuses_a_timeout_it_cannot_wait_before_signalling(start_evd):
     """Issue 9 #19: these were tracebacks after SIGTERM had been sent."""
     evd = start_evd()
-    out = run_evd("stop", "--timeout", timeout, "-c", str(evd.config_path))
-    assert out.returncode == 2
-    assert "argument --timeout" in out.stderr and "Traceback" not in out.stderr, out.stderr
-    assert evd.proc.poll() is None  # nothing was sent
+    for timeout in ("inf", "nan", "-1", "1e308", "2592001", "soon"):
+        out = run_evd("stop", "--timeout", timeout, "-c", str(evd.config_path))
+        assert out.returncode == 2, (timeout, out.stderr)
+        assert "argument --timeout" in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert evd.proc.poll() is None  # nothing was sent
     assert run_evd("stop", "--timeout", "2592000", "-c", str(evd.config_path)).returncode == 0
     assert evd.proc.wait(WAIT) == 0
 

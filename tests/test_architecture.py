@@ -29,8 +29,8 @@ LAYERS = {
     "server.launch": 10,
     "server.supervisor": 11,
     "server.daemon": 12,
-    "server.reload": 13,
-    "server.preflight": 14,
+    "server.sockets": 13, "server.signals": 13,
+    "server.reload": 14, "server.preflight": 14,
     # sockets: listening and connected
     "net.listeners": 20,
     "net.transport": 21,

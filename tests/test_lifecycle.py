@@ -3,6 +3,7 @@ pidfile, the SIGTERM drain, SIGHUP reloads, SIGUSR1 and the privilege drop."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,16 @@ from conftest import (
     recv_exactly,
 )
 
+from evd.core.loader import parse
+from evd.core.log import log
+from evd.core.reactor import Reactor
+from evd.server import preflight
+from evd.server.daemon import SWEEP_SLOWEST, Daemon
+from evd.system.pidfile import Pidfile, probe, read_pid
+from evd.tools import lifecycle
 from evd.tools.client import Client
+
+WORKERS_CONFIG = BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 5.0\nworkers = 2")
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -383,3 +394,169 @@ def test_privilege_drop_to_nobody_keeps_log_and_pidfile_writable(control, nobody
     assert control("reload").returncode == 0
     assert control("stop").returncode == 0
     assert not control.pidfile.exists()  # removed by nobody, from its own directory
+
+
+# -- signals during start-up ---------------------------------------------------------
+#
+# Issue 9 #14: the pidfile names the daemon before its reactor has handlers,
+# and SIGHUP/SIGUSR1 kill a process that has none: `evd reload` right after a
+# start killed the daemon (and left a stale pidfile).  They are held from
+# before the pidfile is taken until the reactor handles them.
+
+
+def pid_once_written(path: Path, timeout: float = WAIT) -> int:
+    """The pid in the pidfile, as soon as there is one.  No sleep between
+    looks: the window this is after is about a millisecond wide."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = read_pid(str(path))
+        if pid is not None:
+            return pid
+        os.sched_yield()
+    raise AssertionError(f"no pid in {path} within {timeout}s")
+
+
+def hup_at_once(pidfile: Path) -> int:
+    pid = pid_once_written(pidfile)
+    os.kill(pid, signal.SIGHUP)
+    os.kill(pid, signal.SIGUSR1)
+    return pid
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_and_sigusr1_right_after_the_pidfile_appears_do_not_kill_run(start_evd, tmp_path, workers):
+    config = BASE_CONFIG if workers == 1 else WORKERS_CONFIG
+    for _ in range(6 if workers == 1 else 3):
+        assert not (tmp_path / "evd.pid").exists()
+        evd = start_evd(config, wait_ready=False)
+        assert hup_at_once(tmp_path / "evd.pid") == evd.proc.pid
+        evd.ready()
+        assert evd.wait_for("config.reload", pid=evd.proc.pid)["ok"] is True
+        if workers > 1:  # a worker, as soon as it is known, takes them as well
+            for index in range(workers):
+                worker = evd.wait_for("worker.start", worker=index)["worker_pid"]
+                os.kill(worker, signal.SIGHUP)
+                evd.wait_for("worker.reload", pid=worker, ok=True)
+        assert echo_once(evd.addr("echo")) == b"ping"
+        assert evd.stop() == 0
+
+
+def test_sighup_right_after_evd_start_writes_the_pidfile_reloads_the_daemon(control):
+    """`evd start` leaves the pidfile empty until the daemon itself writes
+    its pid: a pid in the file is an invitation to signal it, and the
+    `evd start` process is not the daemon."""
+    control.write(logged_config(BASE_CONFIG))
+    for _ in range(3):
+        starting = subprocess.Popen(
+            [sys.executable, "-m", "evd", "start", "-c", str(control.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            pid = hup_at_once(control.pidfile)
+            out, err = starting.communicate(timeout=3 * WAIT)
+        finally:
+            if starting.poll() is None:
+                starting.kill()
+                starting.wait(WAIT)
+            written = read_pid(str(control.pidfile))
+            control.pids += [p for p in (written,) if p is not None]
+        assert starting.returncode == 0, err
+        assert out == f"evd started, pid {pid}\n"
+        assert control.log.wait_for("config.reload", pid=pid)["ok"] is True
+        assert control("stop").returncode == 0
+        assert process_gone(pid)
+
+
+def test_evd_start_locks_an_empty_pidfile_until_its_daemon_writes_its_pid(tmp_path):
+    """Between `evd start` taking the pidfile and its daemon writing its own
+    pid, the file names nobody: not the `evd start` process, and not a stale
+    pid left in it (which may be anyone's by now).  reload and stop say
+    "starting?" instead of signalling someone."""
+    path = tmp_path / "evd.pid"
+    path.write_text(f"{os.getppid()}\n")  # stale, and alive: must never be signalled
+    pidfile = Pidfile(str(path))
+    pidfile.acquire(write_pid=False)
+    try:
+        assert path.read_text() == ""
+        state = probe(str(path))
+        assert (state.locked, state.pid) == (True, None)
+        for outcome in (lifecycle.reload(str(path)), lifecycle.stop(str(path), 1.0)):
+            assert outcome[0] == 1 and "starting?" in outcome[1], outcome
+    finally:
+        assert pidfile.release() is None
+    assert not path.exists()  # nothing written: still ours to remove
+
+
+# -- evd stop --timeout -----------------------------------------------------------------
+
+
+def test_stop_refuses_a_timeout_it_cannot_wait_before_signalling(start_evd):
+    """Issue 9 #19: these were tracebacks after SIGTERM had been sent."""
+    evd = start_evd()
+    for timeout in ("inf", "nan", "-1", "1e308", "2592001", "soon"):
+        out = run_evd("stop", "--timeout", timeout, "-c", str(evd.config_path))
+        assert out.returncode == 2, (timeout, out.stderr)
+        assert "argument --timeout" in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert evd.proc.poll() is None  # nothing was sent
+    assert run_evd("stop", "--timeout", "2592000", "-c", str(evd.config_path)).returncode == 0
+    assert evd.proc.wait(WAIT) == 0
+
+
+# -- in the process: the sweep, and a reload that meets a bug ------------------------------
+
+NO_IDLE_LIMIT = BASE_CONFIG.replace("rate = 0.0", "rate = 100.0\nidle_timeout = 0.0")
+
+
+def test_no_idle_limit_anywhere_means_a_slow_sweep_that_still_expires_buckets(tmp_path):
+    """Issue 9 #5: `idle_timeout = 0` (never) made the shortest limit 0 and
+    the sweep ran 20 times a second.  Without any positive limit it runs at
+    the slowest period, and still expires rate buckets."""
+    daemon = Daemon(parse(NO_IDLE_LIMIT.format(tmp=tmp_path)), preflight.Machine(), Reactor())
+    reactor = daemon.reactor
+    sweeps: list[float] = []
+
+    def expire(now: float, force: bool = False) -> None:
+        sweeps.append(time.monotonic())
+        reactor.stop()
+
+    daemon.open({})
+    opened = time.monotonic()
+    for service in daemon.services.values():
+        service.admission.expire = expire
+    reactor.call_later(WAIT, reactor.stop)
+    try:
+        reactor.run()
+    finally:
+        reactor.close()
+    assert sweeps, "no sweep expired the rate buckets"
+    assert sweeps[0] - opened >= 0.9 * SWEEP_SLOWEST
+
+
+def test_a_reload_that_meets_a_bug_is_a_failed_reload_not_a_stray_traceback(tmp_path, monkeypatch):
+    """Issue 9 #15: whatever the exception, SIGHUP ends in `config.reload
+    ok=false` with the error; the reload returns the same result."""
+    path = tmp_path / "evd.toml"
+    path.write_text(logged_config(BASE_CONFIG).format(tmp=tmp_path))
+    config = parse(path.read_text(), str(path))
+    log.configure("info", "json", config.log.file)
+    daemon = Daemon(config, preflight.Machine(), Reactor())
+    try:
+        daemon.open({})
+
+        def broken(config: object) -> None:
+            raise ValueError("embedded null byte")
+
+        monkeypatch.setattr(preflight, "check", broken)
+        result = daemon.reload()
+    finally:
+        daemon.reactor.close()
+        log.configure("info", "json", "")
+    assert (result.ok, result.error) == (False, "internal error: ValueError: embedded null byte")
+    events = [json.loads(line) for line in (tmp_path / "evd.log").read_text().splitlines()]
+    reload = [e for e in events if e["event"] == "config.reload"]
+    assert len(reload) == 1 and reload[0]["ok"] is False and reload[0]["error"] == result.error
+    assert any(e["event"] == "error" and e["where"] == "reload" for e in events)

@@ -6,11 +6,13 @@ import json
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
 from conftest import BASE_CONFIG, WAIT, connect, process_gone, recv_all, recv_exactly
 
+from evd.server.supervisor import RESTART_DELAY, Worker, missing
 from evd.tools.client import Client
 
 WORKERS = BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 5.0\nworkers = 2")
@@ -136,3 +138,64 @@ def test_under_systemd_the_main_process_supervises(start_evd, notify_socket):
     evd.send(signal.SIGTERM)
     notify.expect("STOPPING=1")
     assert evd.proc.wait(WAIT) == 0
+
+
+# -- reconciling: one live worker of the current generation per slot ------------------
+
+
+def workers(*spec: tuple[int, int]) -> list[Worker]:
+    """Workers from (slot, generation) pairs."""
+    return [Worker(index, 1000 + n, generation, 0.0) for n, (index, generation) in enumerate(spec)]
+
+
+@pytest.mark.parametrize(
+    ("live", "generation", "held", "now", "start"),
+    [
+        ((), 0, {}, 10.0, [0, 1]),  # at start
+        (((0, 0), (1, 0)), 0, {}, 10.0, []),  # all there
+        (((1, 0),), 0, {}, 10.0, [0]),  # slot 0 died
+        (((1, 0),), 0, {0: 11.0}, 10.0, []),  # ... young: held back
+        (((1, 0),), 0, {0: 11.0}, 11.0, [0]),  # ... until the hold is over
+        (((0, 0), (1, 0)), 1, {}, 10.0, [0, 1]),  # a reload: the old generation does not count
+        (((0, 0), (1, 0), (0, 1)), 1, {}, 10.0, [1]),
+        (((0, 1), (1, 1)), 1, {0: 11.0}, 10.0, []),  # a hold of a filled slot starts nothing
+    ],
+)
+def test_missing_slots(live, generation, held, now, start):
+    assert missing(workers(*live), generation, 2, held, now) == start
+
+
+def test_a_young_death_then_a_reload_never_leaves_two_workers_on_a_slot(start_evd, tmp_path):
+    """Issue 9 #6: the delayed restart of a worker that died young did not
+    know its generation; a reload that changed the listeners within the
+    delay got a new generation of 2 workers, and then the delayed restart
+    added a third, for good."""
+    evd = start_evd(WORKERS)
+    victim = worker_pids(evd)[0]
+    for _ in range(5):  # a machine slow enough makes the victim live past the delay
+        mark = len(evd.drain_events())
+        os.kill(victim, signal.SIGKILL)
+        exited = evd.wait_for_since(mark, "worker.exit", worker_pid=victim)
+        if exited["restart_in"]:
+            break
+        victim = evd.wait_for_since(mark, "worker.start", worker=0)["worker_pid"]
+    else:
+        pytest.skip("no worker could be killed young enough on this machine")
+    held_until = time.monotonic() + RESTART_DELAY
+    fewer = WORKERS.replace("[services.discard]\nenabled = true", "[services.discard]\nenabled = false")
+    evd.config_path.write_text(fewer.format(tmp=tmp_path))
+    evd.send(signal.SIGHUP)
+    assert evd.wait_for_since(mark, "config.reload", pid=evd.proc.pid)["ok"] is True
+    # Watch past the end of the hold: what the old code started then was
+    # the extra worker.
+    while True:
+        by_slot: dict[int, list[int]] = {}
+        for event in evd.drain_events()[mark:]:
+            if event["event"] == "worker.start" and event["generation"] == 1:
+                by_slot.setdefault(event["worker"], []).append(event["worker_pid"])
+        assert all(len(pids) == 1 for pids in by_slot.values()), by_slot
+        if time.monotonic() > held_until + 1.0:
+            break
+        time.sleep(0.05)
+    assert sorted(by_slot) == [0, 1]
+    assert evd.stop() == 0

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import TYPE_CHECKING
 
 from evd.cli.exits import EX_CONFIG, EX_FAIL, EX_OK, error, load_config
 from evd.cli.targets import server_key, status_address
-from evd.core.schema import LEVELS, LOG_FORMATS
+from evd.core.schema import DURATION_MAX, LEVELS, LOG_FORMATS
+
+# `evd stop --timeout`: the bound the schema puts on every duration (a
+# number select() and the clock take exactly).
+STOP_TIMEOUT_MAX = DURATION_MAX
 
 if TYPE_CHECKING:  # launch (and the whole server) is imported only by the commands that run it
     from evd.server.launch import Launch
 
 
-def _prepare(args: argparse.Namespace, pidfile_required: bool) -> tuple[Launch | None, int]:
+def _prepare(args: argparse.Namespace, detach: bool) -> tuple[Launch | None, int]:
     """Steps 1-5 of server/launch.py: (Launch, 0) or (None, exit status)."""
     from evd.server import launch
 
@@ -23,7 +28,7 @@ def _prepare(args: argparse.Namespace, pidfile_required: bool) -> tuple[Launch |
         return None, EX_CONFIG
     overrides = {"level": args.log_level, "format": args.log_format}
     try:
-        return launch.prepare(config, overrides, pidfile_required), EX_OK
+        return launch.prepare(config, overrides, detach), EX_OK
     except launch.StartError as exc:
         if exc.config_error:
             print(exc, file=sys.stderr)
@@ -35,7 +40,7 @@ def _prepare(args: argparse.Namespace, pidfile_required: bool) -> tuple[Launch |
 def cmd_run(args: argparse.Namespace) -> int:
     from evd.server import launch
 
-    prepared, status = _prepare(args, pidfile_required=False)
+    prepared, status = _prepare(args, detach=False)
     if prepared is None:
         return status
     try:
@@ -48,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from evd.server import launch
 
-    prepared, status = _prepare(args, pidfile_required=True)
+    prepared, status = _prepare(args, detach=True)
     if prepared is None:
         return status
     if not prepared.config.log.file and prepared.config.log.format != "journal":
@@ -60,6 +65,20 @@ def cmd_start(args: argparse.Namespace) -> int:
         return EX_FAIL
     print(f"evd started, pid {pid}", flush=True)
     return EX_OK
+
+
+def seconds(text: str) -> float:
+    """`--timeout S`: a finite number of seconds, 0 to STOP_TIMEOUT_MAX
+    (argparse turns the error into `evd stop: error: ...`, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 <= value <= STOP_TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a number of seconds from 0 to {STOP_TIMEOUT_MAX:.0f}"
+        )
+    return value
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -111,7 +130,7 @@ def register(
     stop = sub.add_parser("stop", parents=[common], help="stop the daemon of the pidfile")
     stop.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         metavar="S",
         help="seconds to wait for it to exit (default: daemon.shutdown_timeout + 5)",
     )

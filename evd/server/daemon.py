@@ -5,154 +5,103 @@ listeners, and handles the signals: SIGTERM/SIGINT drain and stop, SIGHUP
 reloads, SIGUSR1 reopens the log file.  Signal handlers only record; the work
 happens in the loop (gunicorn's arbiter, without its size).
 
-Listeners are keyed by (service, configured address).  A reload binds what
-is new first -- if anything fails, nothing changes -- then closes what is
-gone and keeps the rest: the same socket, so there is no moment when a kept
-port refuses connections.  Services outlive their listeners: connections of
-a service whose listener was removed run to their natural end.
+Listeners are keyed by (service, configured address).  A reload carries out
+the plan of server/reload.py: everything that can fail -- reading and
+checking the file, binding what is new, opening a new log file -- comes
+first, and if anything fails nothing changes; then it closes what is gone
+and keeps the rest: the same socket, so there is no moment when a kept port
+refuses connections.  Services outlive their listeners: connections of a
+service whose listener was removed run to their natural end.  `reload`
+returns its `Result` (the runtime control answers with it) as well as
+logging it.
 
 The same class runs a worker of a supervisor (`worker` set, see
-server/supervisor.py): its sockets are shared with the supervisor, which owns the
-listener set, the pidfile and systemd; a worker's reload applies the rest.
+server/supervisor.py): its sockets are shared with the supervisor, which owns
+the listener set, the pidfile and systemd; a worker's reload applies the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import resource
 import signal
+import socket
 import time
-from dataclasses import fields
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 from evd import __version__
-from evd.core import config as config_mod
 from evd.core import loader
-from evd.core.addresses import Address
-
-# Services that have listeners of their own (command and stats are reached
-# through the framed dispatcher only).
-from evd.core.config import (
-    DEFAULT_KEY,
-    LISTENING,
-)
+from evd.core.config import DEFAULT_KEY, LISTENING, Config, ConfigError
 from evd.core.log import log
-from evd.core.reactor import Reactor
+from evd.core.reactor import Reactor, Timer
+from evd.core.seams import HandlerFactory, Reason
 from evd.handlers.commands import Runner
 from evd.handlers.framed import Context, Framed
 from evd.handlers.raw import STREAM_HANDLERS
 from evd.handlers.service import Service
-from evd.net import transport as transport_mod
-from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, StreamListener, bind
+from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, Listener, StreamListener
 from evd.proto.services import datagram_handler
-from evd.server import preflight
+from evd.server import preflight, signals, sockets
+from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
+from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
 
-# What the loop handles; a forked worker arrives with them blocked.
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-# From the supervisor to a worker replaced by a reload: see `retire`.
-RETIRE = signal.SIGUSR2
-# [daemon] keys a running daemon cannot take over: they shape its start.
-RESTART_KEYS = ("pidfile", "user", "group", "workers")
+# The sweep (idle connections, stalled frames, rate buckets) runs at a
+# quarter of the shortest positive idle_timeout, so a connection is closed
+# within a quarter of its limit late, but never more often than FASTEST --
+# a sweep walks every connection -- nor less often than SLOWEST, so rate
+# buckets expire even when no service has an idle limit (0 = never).
+SWEEP_FASTEST = 0.05
+SWEEP_SLOWEST = 1.0
 
 
-def listener_keys(config) -> list[tuple[str, Address]]:
-    return config.listener_keys()
+def sweep_period(idle_timeouts: Iterable[float]) -> float:
+    positive = [t for t in idle_timeouts if t > 0]
+    if not positive:
+        return SWEEP_SLOWEST
+    return max(SWEEP_FASTEST, min(SWEEP_SLOWEST, min(positive) / 4))
 
 
-def bind_all(keys) -> dict:
-    """Bind every listener of `keys`, or none (BindError names the first
-    that failed)."""
-    bound = {}
-    try:
-        for key in keys:
-            bound[key] = bind(key[1])
-    except BindError:
-        for sock in bound.values():
-            sock.close()
-        raise
-    return bound
-
-
-def raise_nofile_limit() -> None:
-    """Use every descriptor we are allowed: each connection costs one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def _default_secret(machine: preflight.Machine) -> bytes | None:
-    """The framed port's HMAC key (key_file), or None: no authentication."""
-    return machine.secrets.get(DEFAULT_KEY)
-
-
-def _describe(key) -> str:
-    name, address = key
-    return f"{name} {address.proto} {address}"
-
-
-def reread(config):
-    """The configuration `config` was read from, read again (ConfigError if
-    it is no longer valid).  The embedded default stays the embedded
-    default: a file appearing at /etc/evd/evd.toml later does not count."""
-    return loader.reread(config)
-
-
-def other_changes(old, new) -> list[str]:
-    """What a reload changes besides services, for `config.reload`."""
-    changed = [
-        f"daemon.{f.name}" + (" (at the next start)" if f.name in RESTART_KEYS else "")
-        for f in fields(old.daemon)
-        if getattr(old.daemon, f.name) != getattr(new.daemon, f.name)
-    ]
-    if old.log != new.log:
-        changed.append("log")
-    if old.commands != new.commands or old.services["command"] != new.services["command"]:
-        changed.append("commands")
-    if old.services["stats"] != new.services["stats"]:
-        changed.append("stats")
-    return changed
+def _framed_enabled(config: Config) -> frozenset[str]:
+    return frozenset(name for name in ("command", "stats") if config.services[name].enabled)
 
 
 class Daemon:
     def __init__(
         self,
-        config,
+        config: Config,
+        machine: preflight.Machine,
         reactor: Reactor | None = None,
         *,
         notifier: Notifier | None = None,
-        pidfile=None,
+        pidfile: Pidfile | None = None,
         worker: tuple[int, int] | None = None,
-        log_overrides: dict | None = None,
+        log_overrides: Overrides | None = None,
     ):
         self.config = config
+        self.machine = machine  # what preflight read for `config`: key secrets, credentials
         self.notifier = notifier or Notifier(None)
         self.pidfile = pidfile  # ours to remove at exit, or None
         self.worker = worker  # (index, pid) under a supervisor
-        self.log_overrides = log_overrides or {}  # `evd run --log-level/--log-format`
-        self.inherited: set[tuple] = set()  # listener keys whose socket systemd owns
+        self.log_overrides: Overrides = log_overrides or {}
+        self.inherited: set[ListenerKey] = set()  # listener keys whose socket systemd owns
         self.reactor = reactor or Reactor()
         self.reactor.on_error = self._loop_error
         self.services: dict[str, Service] = {}
-        self.listeners: dict[tuple, object] = {}
+        self.listeners: dict[ListenerKey, Listener] = {}
         self.guard_ports: set[int] = set(GUARD_PORTS)
         self.started = time.time()
         self.stopping = False  # draining for shutdown_timeout, then out
         self.retiring = False  # serving what is open to its end, then out
         self.stop_signal: str | None = None
-        self._sweep_timer = None
+        self.sweep_every = SWEEP_SLOWEST
+        self._sweep_timer: Timer | None = None
         self.runner = Runner(self.reactor, config.services["command"], config.commands)
-        self.context = Context(
-            self.runner, self.stats, _default_secret(preflight.check(config)), self._framed_enabled(config)
-        )
+        self.context = Context(self.runner, self.stats, None, frozenset())
+        self._update_context()
 
-    @staticmethod
-    def _framed_enabled(config) -> frozenset[str]:
-        return frozenset(name for name in ("command", "stats") if config.services[name].enabled)
-
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, object]:
         """The framed `stats` body."""
         return {
             "uptime": round(time.time() - self.started, 3),
@@ -169,27 +118,30 @@ class Daemon:
             return f"worker.{what}"
         return "config.reload" if what == "reload" else f"daemon.{what}"
 
+    def _update_context(self) -> None:
+        """What framed connections read: the key secrets preflight read,
+        the framed-only services switched on."""
+        self.context.key = self.machine.secrets.get(DEFAULT_KEY)
+        self.context.enabled = _framed_enabled(self.config)
+
     # -- start ----------------------------------------------------------------
 
-    def bind(self, keys=None) -> dict:
-        """Bind every listener of `keys` (default: the whole config) or none."""
-        return bind_all(keys if keys is not None else listener_keys(self.config))
-
-    def open(self, sockets: dict, inherited=()) -> None:
-        """Create the services and start listening on the bound `sockets`
+    def open(self, bound: Mapping[ListenerKey, socket.socket], inherited: Iterable[ListenerKey] = ()) -> None:
+        """Create the services and start listening on the `bound` sockets
         (those of `inherited` came from systemd: their paths are not ours)."""
         self.inherited.update(inherited)
         for svc in self.config.services.values():
             if svc.enabled and svc.name in LISTENING:
                 self.services[svc.name] = Service(svc, self.reactor)
-        for key, sock in sockets.items():
+        for key, sock in bound.items():
             self._open_listener(key, sock)
         self._update_guard_ports()
         self._schedule_sweep()
 
-    def _open_listener(self, key, sock) -> None:
+    def _open_listener(self, key: ListenerKey, sock: socket.socket) -> None:
         name, address = key
         service = self.services[name]
+        listener: Listener
         if address.proto == "udp":
             listener = DatagramEndpoint(
                 self.reactor, sock, service, address, datagram_handler(name), self.guard_ports
@@ -202,11 +154,12 @@ class Daemon:
         self.listeners[key] = listener
         listener.open()
 
-    def _factory(self, name: str):
+    def _factory(self, name: str) -> HandlerFactory:
         if name == "framed":
             service, context = self.services[name], self.context
             return lambda: Framed(service, context)
-        return STREAM_HANDLERS[name]
+        factory: HandlerFactory = STREAM_HANDLERS[name]
+        return factory
 
     def _update_guard_ports(self) -> None:
         self.guard_ports.clear()
@@ -217,18 +170,18 @@ class Daemon:
             if listener.proto == "udp"
         )
 
-    def serve(self, on_ready=None) -> int:
+    def serve(self, on_ready: Callable[[], None] | None = None) -> int:
         """Run until stopped by a signal; the exit status.  `on_ready()` is
         called once listening (`evd start` reports to its terminal there)."""
         reactor = self.reactor
         for signum in (signal.SIGTERM, signal.SIGINT):
-            reactor.add_signal_handler(signum, lambda s=signum: self.shutdown(s))
+            reactor.add_signal_handler(signum, functools.partial(self.shutdown, signum))
         reactor.add_signal_handler(signal.SIGHUP, self.reload)
         reactor.add_signal_handler(signal.SIGUSR1, log.reopen)
         if self.worker:
-            reactor.add_signal_handler(RETIRE, self.retire)
-        # Handlers are in place: whatever came while blocked is delivered now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            reactor.add_signal_handler(signals.RETIRE, self.retire)
+        # Handlers are in place: whatever came while held is delivered now.
+        signals.release()
         reactor.add_before_sleep(self._before_sleep)
         self.notifier.start_watchdog(self.reactor)
         with log.batched():
@@ -258,8 +211,7 @@ class Daemon:
             self.reactor.stop()
 
     def _schedule_sweep(self) -> None:
-        idle = min((s.config.limits.idle_timeout for s in self.services.values()), default=300.0)
-        period = max(0.05, min(1.0, idle / 4))
+        period = self.sweep_every = sweep_period(s.config.limits.idle_timeout for s in self.services.values())
         self.reactor.cancel(self._sweep_timer)
         self._sweep_timer = self.reactor.call_later(period, lambda: self._sweep(period))
 
@@ -272,9 +224,9 @@ class Daemon:
             if limit > 0:
                 for conn in list(service.connections):
                     if conn.idle_for(now) > limit:
-                        conn.close(transport_mod.IDLE)
+                        conn.close(Reason.IDLE)
                     elif conn.protocol.stalled(now, limit):
-                        conn.close(transport_mod.FRAME_TIMEOUT)
+                        conn.close(Reason.FRAME_TIMEOUT)
             service.admission.expire(now)
         return period
 
@@ -311,7 +263,7 @@ class Daemon:
         if self.stopping or self.retiring:
             return
         self.retiring = True
-        self.stop_signal = signal.Signals(RETIRE).name
+        self.stop_signal = signal.Signals(signals.RETIRE).name
         self._close_listeners()
 
     def _close_listeners(self) -> None:
@@ -321,84 +273,76 @@ class Daemon:
 
     def _close_everything(self) -> None:
         self.runner.kill_all()
-        for listener in self.listeners.values():
-            listener.close()
-        self.listeners.clear()
+        self._close_listeners()
         for service in self.services.values():
             for conn in list(service.connections):
-                conn.close(transport_mod.SHUTDOWN)
+                conn.close(Reason.SHUTDOWN)
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the configuration; apply it whole, or not at all.
-        systemd hears RELOADING=1 first and READY=1 after, either way."""
+    # -- SIGHUP ----------------------------------------------------------------
+
+    def reload(self) -> Result:
+        """Re-read the configuration; apply it whole, or not at all.  The
+        result is logged and returned.  systemd hears RELOADING=1 first and
+        READY=1 after, either way."""
+        event = self._event("reload")
         if self.stopping or self.retiring:  # a reload cannot undo a stop
-            log.warning(
-                self._event("reload"),
-                ok=False,
-                error="stopping: reload ignored",
-                added=[],
-                removed=[],
-                changed=[],
-            )
-            return
+            result = Result.failed("stopping: reload ignored")
+            log.warning(event, **result.fields())
+            return result
         self.notifier.reloading()
         try:
-            self._reload()
-        finally:
-            self.notifier.ready(f"serving on {len(self.listeners)} listeners")
+            result = self._reload()
+        except Exception as exc:  # a bug: still a failed reload, and said so
+            log.error("error", where="reload", exc_info=exc)
+            result = Result.failed(f"internal error: {exc.__class__.__name__}: {exc}")
+        self.notifier.ready(f"serving on {len(self.listeners)} listeners")
+        if result.ok:
+            log.info(event, **result.fields())
+        else:
+            log.error(event, **result.fields())
+        return result
 
-    def _reload(self) -> None:
-        event = self._event("reload")
+    def _reload(self) -> Result:
         try:
-            new = reread(self.config)
-            # A worker's listeners are the supervisor's business: it has
-            # already started new workers if they changed.
-            wanted = list(self.listeners) if self.worker else listener_keys(new)
-            added = [k for k in wanted if k not in self.listeners]
-            key = _default_secret(preflight.check(new))
-            bound = self.bind(added)
-        except (config_mod.ConfigError, BindError) as exc:
-            log.error(event, ok=False, error=str(exc), added=[], removed=[], changed=[])
-            return
-        removed = [k for k in self.listeners if k not in set(wanted)]
-        changed = self._apply(new, bound, removed, key)
-        log.info(
-            event,
-            ok=True,
-            added=[_describe(k) for k in added],
-            removed=[_describe(k) for k in removed],
-            changed=changed,
-        )
+            new = loader.reread(self.config)
+            machine = preflight.check(new)
+        except ConfigError as exc:
+            return Result.failed(str(exc))
+        todo = plan(self.config, new, self.listeners, self.machine.secrets, machine.secrets)
+        if self.worker:  # its listeners are the supervisor's business
+            todo = replace(todo, added=(), removed=())
+        try:
+            bound = sockets.bind_slots(todo.added)
+        except BindError as exc:
+            return Result.failed(str(exc))
+        try:
+            log.configure(*log_settings(new, self.log_overrides))
+        except OSError as exc:
+            sockets.unbind(bound)
+            return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")
+        reopen = new.log.file == self.config.log.file
+        self._commit(new, machine, todo, bound)
+        if reopen:  # logrotate may have moved it: a reload reopens it too
+            log.reopen()
+        return todo.result()
 
-    def _apply(self, new, bound: dict, removed: list, hmac_key) -> list[str]:
-        for key in removed:
+    def _commit(self, new: Config, machine: preflight.Machine, todo: Plan, bound: sockets.Slots) -> None:
+        """Carry out `todo`: nothing in here is expected to fail."""
+        for key in todo.removed:
             self.listeners.pop(key).close()
-        changed = []
         for svc in new.services.values():
             if svc.name not in LISTENING:
                 continue
             current = self.services.get(svc.name)
-            if svc.enabled and current is None:
-                self.services[svc.name] = Service(svc, self.reactor)
-            elif current is not None and current.config != svc:
-                changed.append(svc.name)
+            if current is None:
+                if svc.enabled:
+                    self.services[svc.name] = Service(svc, self.reactor)
+            elif current.config != svc:
                 current.apply(svc)
-        for key, sock in bound.items():
-            self._open_listener(key, sock)
-        changed += other_changes(self.config, new)
-        self.config = new
+        for key, socks in bound.items():
+            self._open_listener(key, socks[0])
+        self.config, self.machine = new, machine
         self.runner.apply(new.services["command"], new.commands)
-        self.context.key = hmac_key
-        self.context.enabled = self._framed_enabled(new)
+        self._update_context()
         self._update_guard_ports()
         self._schedule_sweep()
-        log.reopen()
-        try:
-            log.configure(
-                self.log_overrides.get("level") or new.log.level,
-                self.log_overrides.get("format") or new.log.format,
-                new.log.file,
-            )
-        except OSError as exc:
-            log.error("error", where="log.configure", exc_info=exc)
-        return changed

@@ -4,7 +4,8 @@
 
 1. check what the configuration names (key file, user, group) -> exit 78
 2. open the log file and log `daemon.start`
-3. take the pidfile                          -> "already running, pid N", 1
+3. hold SIGHUP/SIGUSR1 (server/signals.py), take the pidfile
+                                             -> "already running, pid N", 1
 4. adopt systemd's sockets, bind the rest    -> "... address in use", 1
 5. hand the log file and pidfile to `daemon.user`, drop privileges
 6. `evd start` only: detach (python-daemon's DaemonContext); the daemon
@@ -13,7 +14,9 @@
 7. serve: one Daemon, or a Supervisor of `workers` processes
 
 Everything that fails because of the operator's setup fails in 1-5, while
-the terminal is still there to say so.
+the terminal is still there to say so.  From step 3 until the reactor has
+handlers, SIGHUP and SIGUSR1 are blocked: the pidfile already names the
+process, and their default action would kill it.
 
 Why `evd start` forks before DaemonContext.open(): open() forks twice and
 the first parent simply exits inside it, so the process that called open()
@@ -25,21 +28,26 @@ the child open() leaves behind.
 from __future__ import annotations
 
 import os
+import resource
 import select
+import socket
 import time
+from collections.abc import Callable
 
 import daemon as python_daemon
 
 from evd import __version__
-from evd.core import config as config_mod
+from evd.core.config import Config, ConfigError
 from evd.core.log import log
 from evd.net.listeners import BindError
-from evd.server import preflight
-from evd.server.daemon import Daemon, bind_all, listener_keys, raise_nofile_limit
-from evd.server.supervisor import Supervisor, bind_slots
+from evd.server import preflight, signals
+from evd.server.daemon import Daemon
+from evd.server.reload import ListenerKey, Overrides, log_settings
+from evd.server.sockets import Slots, bind_slots
+from evd.server.supervisor import Supervisor
 from evd.system import systemd
 from evd.system.pidfile import AlreadyRunning, Pidfile, PidfileError
-from evd.system.privileges import PrivilegeError, drop
+from evd.system.privileges import Credentials, PrivilegeError, drop
 
 # How long `evd start` waits for the daemon to say it listens.  Binding is
 # done before detaching, so this only covers the fork and the services'
@@ -59,13 +67,25 @@ class StartError(Exception):
 class Launch:
     """What steps 1-5 produce and steps 6-7 use."""
 
-    def __init__(self, config, overrides: dict, pidfile, slots: dict, inherited: set, notifier):
+    def __init__(
+        self,
+        config: Config,
+        machine: preflight.Machine,
+        overrides: Overrides,
+        pidfile: Pidfile | None,
+        slots: Slots,
+        inherited: set[ListenerKey],
+        notifier: systemd.Notifier,
+        mask: signals.Mask,
+    ):
         self.config = config
+        self.machine = machine  # what step 1 read: key secrets, credentials
         self.overrides = overrides  # --log-level / --log-format
         self.pidfile = pidfile  # Pidfile, or None (`run` without one)
         self.slots = slots  # {listener key: [socket per worker]}
         self.inherited = inherited  # keys whose socket came from systemd
         self.notifier = notifier
+        self.mask = mask  # the signal mask before step 3 held some
 
     def descriptors(self) -> list[int]:
         """What must survive DaemonContext's closing of every descriptor."""
@@ -74,47 +94,62 @@ class Launch:
             fds.add(self.pidfile.fileno())
         if log.sink.path:
             fds.add(log.sink.fileno())
-        if self.notifier.enabled:
-            fds.add(self.notifier.fileno())
+        notify = self.notifier.fileno()
+        if notify is not None:
+            fds.add(notify)
         return sorted(fds)
 
 
-def prepare(config, overrides: dict, pidfile_required: bool) -> Launch:
-    """Steps 1-5; StartError on any failure, with nothing left behind."""
+def prepare(config: Config, overrides: Overrides, detach: bool) -> Launch:
+    """Steps 1-5 (`detach`: for `evd start`); StartError on any failure,
+    with nothing left behind."""
     try:
-        credentials = preflight.check(config).credentials
-    except config_mod.ConfigError as exc:
+        machine = preflight.check(config)
+    except ConfigError as exc:
         raise StartError(str(exc), config_error=True) from None
     try:
-        log.configure(
-            overrides.get("level") or config.log.level,
-            overrides.get("format") or config.log.format,
-            config.log.file,
-        )
+        log.configure(*log_settings(config, overrides))
     except OSError as exc:
         raise StartError(
             f"cannot open log file {config.log.file}: [Errno {exc.errno}] {exc.strerror}"
         ) from None
     log.info("daemon.start", version=__version__, config=config.source)
-    pidfile = _take_pidfile(config.daemon.pidfile, pidfile_required)
+    # From here until the reactor has handlers, SIGHUP/SIGUSR1 sent to the
+    # pid of the pidfile wait instead of killing us (server/signals.py).
+    mask = signals.hold()
+    pidfile = _take_pidfile(config.daemon.pidfile, required=detach, write_pid=not detach)
     try:
         raise_nofile_limit()
         slots, inherited = _listen(config)
-        if credentials is not None:
-            _hand_over(credentials, pidfile, config.log.file)
-            drop(credentials)
+        if machine.credentials is not None:
+            _hand_over(machine.credentials, pidfile, config.log.file)
+            drop(machine.credentials)
     except (BindError, PidfileError, PrivilegeError) as exc:
         if pidfile is not None:
             pidfile.release()
         log.error("daemon.stop", reason="error", signal=None, error=str(exc))
         raise StartError(str(exc)) from None
-    return Launch(config, overrides, pidfile, slots, inherited, systemd.Notifier.from_env())
+    notifier = systemd.Notifier.from_env()
+    return Launch(config, machine, overrides, pidfile, slots, inherited, notifier, mask)
 
 
-def _take_pidfile(path: str, required: bool) -> Pidfile | None:
+def raise_nofile_limit() -> None:
+    """Use every descriptor we are allowed: each connection costs one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _take_pidfile(path: str, required: bool, write_pid: bool) -> Pidfile | None:
+    """Step 3.  `evd start` (`write_pid` false) locks the file but leaves it
+    empty: its own pid is not the daemon's, and a pid in the file is an
+    invitation to signal it.  The daemon writes its pid once detached."""
     pidfile = Pidfile(path)
     try:
-        pidfile.acquire()
+        pidfile.acquire(write_pid=write_pid)
     except AlreadyRunning as exc:
         log.error("daemon.stop", reason="error", signal=None, error=str(exc))
         raise StartError(str(exc)) from None
@@ -129,9 +164,9 @@ def _take_pidfile(path: str, required: bool) -> Pidfile | None:
     return pidfile
 
 
-def _listen(config) -> tuple[dict, set]:
+def _listen(config: Config) -> tuple[Slots, set[ListenerKey]]:
     """Step 4: {key: [socket per worker]} and the keys systemd gave us."""
-    keys = listener_keys(config)
+    keys = config.listener_keys()
     adopted, leftover = systemd.match(systemd.listen_fds(), keys)
     for sock, name in leftover:
         log.warning(
@@ -143,13 +178,8 @@ def _listen(config) -> tuple[dict, set]:
         sock.close()
     for key, sock in adopted.items():
         log.info("systemd.adopt", service=key[0], proto=key[1].proto, address=systemd.describe(sock))
-    count = config.daemon.workers
     try:
-        if count > 1:
-            slots = bind_slots(keys, count, adopted)
-        else:
-            bound = bind_all([k for k in keys if k not in adopted])
-            slots = {k: [adopted[k] if k in adopted else bound[k]] for k in keys}
+        slots = bind_slots(keys, config.daemon.workers, adopted)
     except BindError:
         for sock in adopted.values():
             sock.close()
@@ -157,7 +187,7 @@ def _listen(config) -> tuple[dict, set]:
     return slots, set(adopted)
 
 
-def _hand_over(credentials, pidfile, log_file: str) -> None:
+def _hand_over(credentials: Credentials, pidfile: Pidfile | None, log_file: str) -> None:
     """Give what we keep writing to the user we become."""
     if pidfile is not None:
         pidfile.chown(credentials.uid, credentials.gid)
@@ -171,12 +201,13 @@ def _hand_over(credentials, pidfile, log_file: str) -> None:
             ) from None
 
 
-def serve(launch: Launch, on_ready=None) -> int:
+def serve(launch: Launch, on_ready: Callable[[], None] | None = None) -> int:
     """Step 7, in this process."""
     config = launch.config
     if config.daemon.workers > 1:
         supervisor = Supervisor(
             config,
+            launch.machine,
             launch.slots,
             inherited=launch.inherited,
             notifier=launch.notifier,
@@ -184,13 +215,15 @@ def serve(launch: Launch, on_ready=None) -> int:
             log_overrides=launch.overrides,
         )
         return supervisor.run(on_ready)
-    try:
-        daemon = Daemon(
-            config, notifier=launch.notifier, pidfile=launch.pidfile, log_overrides=launch.overrides
-        )
-    except config_mod.ConfigError as exc:  # the key file went away since step 1
-        raise StartError(str(exc), config_error=True) from None
-    daemon.open({key: socks[0] for key, socks in launch.slots.items()}, inherited=launch.inherited)
+    daemon = Daemon(
+        config,
+        launch.machine,
+        notifier=launch.notifier,
+        pidfile=launch.pidfile,
+        log_overrides=launch.overrides,
+    )
+    bound: dict[ListenerKey, socket.socket] = {key: socks[0] for key, socks in launch.slots.items()}
+    daemon.open(bound, inherited=launch.inherited)
     return daemon.serve(on_ready)
 
 
@@ -206,6 +239,7 @@ def start(launch: Launch) -> int:
         os.close(read_end)
         os._exit(_detach_and_serve(launch, write_end))
     os.close(write_end)
+    signals.restore(launch.mask)  # this process is a client again
     try:
         line = _await_line(read_end, READY_TIMEOUT)
     finally:
@@ -230,7 +264,7 @@ def _detach_and_serve(launch: Launch, write_end: int) -> int:
             signal_map={},  # our reactor owns the signals
         )
         context.open()  # this process exits in here; the daemon returns
-        if launch.pidfile is not None:
+        if launch.pidfile is not None:  # still holding SIGHUP/SIGUSR1 until it serves
             launch.pidfile.write(os.getpid())
         code = serve(launch, on_ready=lambda: reporter.say(f"ready {os.getpid()}"))
     except BaseException as exc:
@@ -246,7 +280,7 @@ class _Reporter:
     """The daemon's end of the readiness pipe: says one line, once."""
 
     def __init__(self, fd: int):
-        self.fd = fd
+        self.fd: int | None = fd
 
     def say(self, line: str) -> None:
         if self.fd is None:

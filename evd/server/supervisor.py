@@ -17,100 +17,112 @@ systemd are one socket shared by every worker; each accepts from it without
 blocking, and the kernel gives every connection to exactly one.
 
 Workers.  A worker is a fork (no exec) of the supervisor: it keeps slot i's
-sockets, closes the rest of the supervisor's descriptors, and runs its own
-Reactor and Daemon.  Its process group is its own, so a Ctrl-C reaches only
-the supervisor, which passes signals on once.  A pipe nobody writes (the
-lifeline) reaches end-of-file when the supervisor is gone, however it died,
-and the orphaned worker shuts down.
-
 The supervisor's loop has no connections, only signals -- SIGCHLD among
 them, through the reactor's wakeup descriptor -- and timers:
-- SIGCHLD: reap without waiting; a current worker that died is started
-  again, after RESTART_DELAY if it lived less than that (a worker that
-  crashes at once must not turn into a fork loop).
+- SIGCHLD: reap without waiting, then reconcile (below).
 - SIGTERM/SIGINT: close our copies of the sockets, pass the signal on, wait
   for the workers up to shutdown_timeout + KILL_AFTER, then SIGKILL them.
-- SIGHUP: re-read the configuration.  Invalid: `config.reload ok=false`,
+- SIGHUP: re-read the configuration and carry out the plan of
+  server/reload.py, the same plan a single process follows.  Invalid, or a
+  new listener or log file that cannot be opened: `config.reload ok=false`,
   nothing changes.  Same listeners: pass SIGHUP on; each worker applies
   limits, access lists, commands and log settings without dropping anyone.
   Listeners added or removed: bind the new ones, start a new generation of
   workers, and retire the old one (SIGUSR2): it stops accepting and serves
   its open connections to their natural end.
 - SIGUSR1: reopen our log file, pass it on.
+
+Reconciling, not scheduling (gunicorn's `manage_workers`).  Nothing is ever
+"scheduled to start later": after every reap, after a reload and on a
+timer, `manage` compares what runs with what should -- one live worker of
+the current generation on each slot -- and starts what is missing.  A slot
+whose worker died young (under RESTART_DELAY) is held back until then, so a
+worker that crashes at once does not become a fork loop.  Because the
+answer is computed from the live workers each time, no sequence of deaths,
+restarts and reloads can leave two workers of the current generation on
+one slot, or a slot empty for longer than the hold and the timer.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import socket
 import time
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
-from evd.core import config as config_mod
+from evd.core import loader
+from evd.core.addresses import sockaddr_text
+from evd.core.config import Config, ConfigError
 from evd.core.log import log
 from evd.core.reactor import Reactor
-from evd.net.listeners import BindError, bind, format_address
-from evd.server import preflight
-from evd.server.daemon import RETIRE, Daemon, listener_keys, other_changes, reread
+from evd.net.listeners import BindError
+from evd.server import preflight, signals
+from evd.server.daemon import Daemon
+from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
+from evd.server.sockets import Slots, bind_slots, close_sockets, unbind
+from evd.system.pidfile import Pidfile
+from evd.system.systemd import Notifier
 
 # Between a worker that died young and its replacement.  Long enough that a
 # worker failing at start costs little CPU, short enough to recover quickly.
 RESTART_DELAY = 1.0
+# How often `manage` runs even if no worker died: it fills slots whose hold
+# ran out or whose fork failed.  A timer that wakes an idle supervisor once
+# a second costs nothing measurable.
+MANAGE_EVERY = 1.0
 # After shutdown_timeout: the workers drain for that long themselves, so
 # this is only slack for their exit before SIGKILL.
 KILL_AFTER = 2.0
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-BLOCKED_FOR_FORK = (*FORWARDED, RETIRE, signal.SIGCHLD)
+# Blocked across fork: a signal for a new worker must wait until it has
+# handlers of its own (its Daemon releases them), and SIGCHLD is ours.
+BLOCKED_FOR_FORK = signals.HANDLED | {signal.SIGCHLD}
 
 
-def bind_slots(keys, count: int, adopted: dict | None = None) -> dict:
-    """{key: [socket per worker slot]}: TCP/UDP bound `count` times with
-    SO_REUSEPORT (once, plainly, for a single process), UNIX and systemd's
-    sockets once and shared.  All or nothing (BindError)."""
-    slots: dict = {}
-    try:
-        for key in keys:
-            address = key[1]
-            if adopted and key in adopted:
-                slots[key] = [adopted[key]] * count
-            elif address.proto == "unix" or count == 1:
-                slots[key] = [bind(address)] * count
-            else:
-                copies = slots[key] = [bind(address, reuse_port=True)]
-                actual = replace(address, port=copies[0].getsockname()[1])
-                for _ in range(count - 1):
-                    copies.append(bind(actual, reuse_port=True))
-    except BindError:
-        close_sockets(slots.values())
-        raise
-    return slots
-
-
-def close_sockets(socket_lists) -> None:
-    for sock in {id(s): s for socks in socket_lists for s in socks}.values():
-        sock.close()
-
-
+@dataclass(slots=True)
 class Worker:
-    __slots__ = ("index", "pid", "generation", "started")
+    index: int  # its slot: which copy of each socket it serves
+    pid: int
+    generation: int  # bumped by every reload that changes the listeners
+    started: float  # time.monotonic()
 
-    def __init__(self, index: int, pid: int, generation: int, started: float):
-        self.index, self.pid, self.generation, self.started = index, pid, generation, started
+
+def missing(
+    workers: Iterable[Worker], generation: int, count: int, held: Mapping[int, float], now: float
+) -> list[int]:
+    """The slots to start a worker on now: those with no live worker of
+    `generation`, unless held back until a time still to come."""
+    filled = {w.index for w in workers if w.generation == generation}
+    return [i for i in range(count) if i not in filled and held.get(i, 0.0) <= now]
 
 
 class Supervisor:
-    def __init__(self, config, slots: dict, *, inherited=(), notifier=None, pidfile=None, log_overrides=None):
+    def __init__(
+        self,
+        config: Config,
+        machine: preflight.Machine,
+        slots: Slots,
+        *,
+        inherited: Iterable[ListenerKey] = (),
+        notifier: Notifier | None = None,
+        pidfile: Pidfile | None = None,
+        log_overrides: Overrides | None = None,
+    ):
         self.config = config
-        self.count = config.daemon.workers  # fixed for our life: see other_changes
+        self.machine = machine
+        self.count = config.daemon.workers  # fixed for our life: "(at the next start)"
         self.slots = slots
         self.inherited = set(inherited)
-        self.notifier = notifier
+        self.notifier = notifier or Notifier(None)
         self.pidfile = pidfile
-        self.log_overrides = log_overrides or {}
+        self.log_overrides: Overrides = log_overrides or {}
         self.reactor = Reactor()
         self.reactor.on_error = lambda where, exc: log.error("error", where=where, exc_info=exc)
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, Worker] = {}  # by pid: alive, or dead and not reaped yet
         self.generation = 0
+        self.held: dict[int, float] = {}  # slot -> not restarted before this monotonic time
         self.stopping = False
         self.stop_signal: str | None = None
         # Read end for the workers; the write end stays here only.
@@ -118,19 +130,19 @@ class Supervisor:
 
     # -- the supervisor's life ----------------------------------------------
 
-    def run(self, on_ready=None) -> int:
+    def run(self, on_ready: Callable[[], None] | None = None) -> int:
         reactor = self.reactor
         for signum in (signal.SIGTERM, signal.SIGINT):
-            reactor.add_signal_handler(signum, lambda s=signum: self.shutdown(s))
+            reactor.add_signal_handler(signum, functools.partial(self.shutdown, signum))
         reactor.add_signal_handler(signal.SIGHUP, self.reload)
         reactor.add_signal_handler(signal.SIGUSR1, self.reopen_log)
         reactor.add_signal_handler(signal.SIGCHLD, self.reap)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED_FOR_FORK)
+        signals.release(BLOCKED_FOR_FORK)
         reactor.add_before_sleep(log.sink.flush)
         for key in self.slots:
             self._log_listener("listener.open", key)
-        for index in range(self.count):
-            self.spawn(index)
+        self.manage()
+        reactor.call_later(MANAGE_EVERY, self._tick)
         log.info("daemon.ready", listeners=len(self.slots), workers=self.count)
         self.notifier.ready(f"{self.count} workers serving on {len(self.slots)} listeners")
         self.notifier.start_watchdog(self.reactor)
@@ -146,10 +158,10 @@ class Supervisor:
         log.info("daemon.stop", reason="signal", signal=self.stop_signal)
         return 0
 
-    def _log_listener(self, event: str, key) -> None:
+    def _log_listener(self, event: str, key: ListenerKey) -> None:
         sock = self.slots[key][0]
         log.info(
-            event, service=key[0], proto=key[1].proto, address=format_address(sock.family, sock.getsockname())
+            event, service=key[0], proto=key[1].proto, address=sockaddr_text(sock.family, sock.getsockname())
         )
 
     def _close_all(self) -> None:
@@ -159,7 +171,7 @@ class Supervisor:
         os.close(self.lifeline_w)
         os.close(self.lifeline_r)
 
-    def _close_listener(self, key) -> None:
+    def _close_listener(self, key: ListenerKey) -> None:
         self._log_listener("listener.close", key)
         socks = self.slots.pop(key)
         if key[1].proto == "unix" and key not in self.inherited:
@@ -171,20 +183,28 @@ class Supervisor:
 
     # -- workers ---------------------------------------------------------------
 
-    def spawn(self, index: int) -> None:
-        """Fork worker `index` of the current generation."""
+    def manage(self) -> None:
+        """Start a worker on every slot of the current generation that has
+        none (see the module's docstring)."""
         if self.stopping:
             return
+        for index in missing(self.workers.values(), self.generation, self.count, self.held, time.monotonic()):
+            self.spawn(index)
+
+    def _tick(self) -> float | None:
+        self.manage()
+        return None if self.stopping else MANAGE_EVERY
+
+    def spawn(self, index: int) -> None:
+        """Fork worker `index` of the current generation."""
         log.sink.flush()  # else the child would write our pending lines again
-        # Blocked across fork: a signal for the new worker must not reach it
-        # before it has handlers of its own (its Daemon unblocks them).
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_FOR_FORK)
         try:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             log.error("worker.fork", worker=index, error=f"fork: [Errno {exc.errno}] {exc.strerror}")
-            self.reactor.call_later(RESTART_DELAY, lambda: self.spawn(index))
+            self.held[index] = time.monotonic() + RESTART_DELAY
             return
         if pid == 0:
             self._become_worker(index)  # never returns
@@ -199,7 +219,7 @@ class Supervisor:
             os.setpgid(0, 0)
             self.reactor.close_in_child()
             # Not handled here, and commands inherit the mask: unblock it.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            signals.release(frozenset({signal.SIGCHLD}))
             os.close(self.lifeline_w)
             if self.pidfile is not None:
                 self.pidfile.close()  # the lock stays with the supervisor's copy
@@ -217,9 +237,11 @@ class Supervisor:
             log.sink.flush()
             os._exit(code)
 
-    def _serve_worker(self, index: int, sockets: dict) -> int:
+    def _serve_worker(self, index: int, sockets: dict[ListenerKey, socket.socket]) -> int:
         reactor = Reactor()
-        daemon = Daemon(self.config, reactor, worker=(index, os.getpid()), log_overrides=self.log_overrides)
+        daemon = Daemon(
+            self.config, self.machine, reactor, worker=(index, os.getpid()), log_overrides=self.log_overrides
+        )
         daemon.open(sockets)
         lifeline = self.lifeline_r
 
@@ -233,7 +255,7 @@ class Supervisor:
         return daemon.serve()
 
     def reap(self) -> None:
-        """SIGCHLD: collect every dead worker; replace the current ones."""
+        """SIGCHLD: collect every dead worker, then fill what is missing."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -246,6 +268,7 @@ class Supervisor:
                 self._worker_exited(worker, os.waitstatus_to_exitcode(status))
         if self.stopping and not self.workers:
             self.reactor.stop()
+        self.manage()
 
     def _worker_exited(self, worker: Worker, code: int) -> None:
         current = worker.generation == self.generation and not self.stopping
@@ -253,7 +276,10 @@ class Supervisor:
         if current:
             lived = time.monotonic() - worker.started
             delay = RESTART_DELAY if lived < RESTART_DELAY else 0.0
-        fields = dict(
+            if delay:
+                self.held[worker.index] = time.monotonic() + delay
+                self.reactor.call_later(delay, self.manage)
+        fields: dict[str, object] = dict(
             worker=worker.index,
             worker_pid=worker.pid,
             generation=worker.generation,
@@ -263,12 +289,10 @@ class Supervisor:
         )
         if current:
             log.warning("worker.exit", **fields)
-            index = worker.index
-            self.reactor.call_later(delay, lambda: self.spawn(index))
         else:
             log.info("worker.exit", **fields)
 
-    def _signal_workers(self, signum: int, workers=None) -> None:
+    def _signal_workers(self, signum: int, workers: Iterable[Worker] | None = None) -> None:
         for worker in list(workers if workers is not None else self.workers.values()):
             try:
                 os.kill(worker.pid, signum)
@@ -300,71 +324,62 @@ class Supervisor:
         log.reopen()
         self._signal_workers(signal.SIGUSR1)
 
-    def reload(self) -> None:
+    def reload(self) -> Result:
+        """SIGHUP: the same plan as a single process's reload; logged and
+        returned."""
         if self.stopping:  # a reload cannot undo a stop
-            log.warning(
-                "config.reload", ok=False, error="stopping: reload ignored", added=[], removed=[], changed=[]
-            )
-            return
+            result = Result.failed("stopping: reload ignored")
+            log.warning("config.reload", **result.fields())
+            return result
         self.notifier.reloading()
         try:
-            self._reload()
-        finally:
-            self.notifier.ready(f"{self.count} workers serving on {len(self.slots)} listeners")
+            result = self._reload()
+        except Exception as exc:  # a bug: still a failed reload, and said so
+            log.error("error", where="reload", exc_info=exc)
+            result = Result.failed(f"internal error: {exc.__class__.__name__}: {exc}")
+        self.notifier.ready(f"{self.count} workers serving on {len(self.slots)} listeners")
+        if result.ok:
+            log.info("config.reload", **result.fields())
+        else:
+            log.error("config.reload", **result.fields())
+        return result
 
-    def _reload(self) -> None:
+    def _reload(self) -> Result:
         try:
-            new = reread(self.config)
-            preflight.check(new)
-            wanted = listener_keys(new)
-            added = [k for k in wanted if k not in self.slots]
-            bound = bind_slots(added, self.count)
-        except (config_mod.ConfigError, BindError) as exc:
-            log.error("config.reload", ok=False, error=str(exc), added=[], removed=[], changed=[])
-            return
-        removed = [k for k in self.slots if k not in set(wanted)]
-        serving = {k[0] for k in wanted} | {k[0] for k in self.slots}
-        changed = [
-            name
-            for name in new.services
-            if name in serving and self.config.services[name] != new.services[name]
-        ]
-        changed += other_changes(self.config, new)
-        self.config = new
-        self._apply_log(new)
-        if added or removed:
-            self._new_generation(added, removed, bound)
+            new = loader.reread(self.config)
+            machine = preflight.check(new)
+        except ConfigError as exc:
+            return Result.failed(str(exc))
+        todo = plan(self.config, new, self.slots, self.machine.secrets, machine.secrets)
+        try:
+            bound = bind_slots(todo.added, self.count)
+        except BindError as exc:
+            return Result.failed(str(exc))
+        try:
+            log.configure(*log_settings(new, self.log_overrides))
+        except OSError as exc:
+            unbind(bound)
+            return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")
+        reopen = new.log.file == self.config.log.file
+        self.config, self.machine = new, machine
+        if todo.added or todo.removed:
+            self._new_generation(todo, bound)
         else:
             self._signal_workers(signal.SIGHUP)
-        log.info(
-            "config.reload",
-            ok=True,
-            added=[f"{k[0]} {k[1].proto} {k[1]}" for k in added],
-            removed=[f"{k[0]} {k[1].proto} {k[1]}" for k in removed],
-            changed=changed,
-        )
+        if reopen:  # logrotate may have moved it: a reload reopens it too
+            log.reopen()
+        return todo.result()
 
-    def _apply_log(self, new) -> None:
-        try:
-            log.sink.reopen()
-            log.configure(
-                self.log_overrides.get("level") or new.log.level,
-                self.log_overrides.get("format") or new.log.format,
-                new.log.file,
-            )
-        except OSError as exc:
-            log.error("error", where="log.configure", exc_info=exc)
-
-    def _new_generation(self, added, removed, bound) -> None:
+    def _new_generation(self, todo: Plan, bound: Slots) -> None:
         """Listeners changed: workers cannot be handed new sockets, so new
         workers get the new set and the old ones retire."""
-        for key in removed:
+        for key in todo.removed:
             self._close_listener(key)
         self.slots.update(bound)
-        for key in added:
+        for key in todo.added:
             self._log_listener("listener.open", key)
         old = [w for w in self.workers.values() if w.generation == self.generation]
         self.generation += 1
-        for index in range(self.count):
-            self.spawn(index)
-        self._signal_workers(RETIRE, old)
+        self.held.clear()  # a new generation starts at once
+        self.manage()
+        self._signal_workers(signals.RETIRE, old)

@@ -108,11 +108,14 @@ class Pidfile:
         self.path = path
         self.fd: int | None = None
         self.pid: int | None = None
+        self.owner: int | None = None  # the process that took the lock
         self.created_dirs: list[str] = []  # made by us: chown them on a privilege drop
 
-    def acquire(self) -> None:
-        """Lock the pidfile and write our pid, or raise AlreadyRunning /
-        PidfileError.  The lock is held until `release` or process exit."""
+    def acquire(self, write_pid: bool = True) -> None:
+        """Lock the pidfile and write our pid (or, without `write_pid`,
+        empty it: `evd start`, whose daemon writes its own pid later), or
+        raise AlreadyRunning / PidfileError.  The lock is held until
+        `release` or process exit."""
         self._make_dirs()
         for _ in range(_RACE_RETRIES):
             try:
@@ -123,7 +126,11 @@ class Pidfile:
                 self._lock(fd)
                 if self._same_file(fd):
                     self.fd = fd
-                    self.write(os.getpid())
+                    self.owner = os.getpid()
+                    if write_pid:
+                        self.write(os.getpid())
+                    else:  # a stale pid left in the file must not be signalled
+                        self._rewrite(fd, b"")
                     return
             except BaseException:
                 os.close(fd)
@@ -174,25 +181,34 @@ class Pidfile:
 
     def write(self, pid: int) -> None:
         """Replace the content with `pid` (the daemon's, after detaching)."""
+        self._rewrite(self._fd(), f"{pid}\n".encode())
+        self.pid = pid
+
+    def _rewrite(self, fd: int, content: bytes) -> None:
         try:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{pid}\n".encode(), 0)
+            os.ftruncate(fd, 0)
+            if content:
+                os.pwrite(fd, content, 0)
         except OSError as exc:
             raise _error("write", self.path, exc) from None
-        self.pid = pid
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise PidfileError(f"pidfile {self.path}: not held")
+        return self.fd
 
     def chown(self, uid: int, gid: int) -> None:
         """Hand the file (and the directories we made) to the user we drop
         to, so it can still remove them at exit."""
         try:
-            os.fchown(self.fd, uid, gid)
+            os.fchown(self._fd(), uid, gid)
             for directory in self.created_dirs:
                 os.chown(directory, uid, gid)
         except OSError as exc:
             raise _error("chown", self.path, exc) from None
 
     def fileno(self) -> int:
-        return self.fd
+        return self._fd()
 
     def release(self) -> str | None:
         """Remove the file if it is still ours, then unlock.  Returns a
@@ -200,7 +216,10 @@ class Pidfile:
         if self.fd is None:
             return None
         warning = None
-        if self._same_file(self.fd) and read_pid(self.path) == self.pid == os.getpid():
+        # Ours: the file we locked, holding what we wrote -- our pid, or
+        # nothing if `evd start` fails before its daemon wrote one.
+        mine = os.getpid() == (self.pid if self.pid is not None else self.owner)
+        if mine and self._same_file(self.fd) and read_pid(self.path) == self.pid:
             try:
                 os.unlink(self.path)
             except OSError as exc:

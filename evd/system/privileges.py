@@ -14,6 +14,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+from collections.abc import Callable
 
 from evd.core.config import ConfigError
 
@@ -37,7 +38,7 @@ def resolve(user: str, group: str) -> Credentials | None:
     as we are.  Raises ConfigError for unknown names."""
     if not user and not group:
         return None
-    errors = []
+    errors: list[str] = []
     uid, gid, name = os.getuid(), os.getgid(), ""
     if user:
         try:
@@ -62,13 +63,14 @@ def drop(creds: Credentials) -> None:
     that is not root may name itself; its groups are what its login gave)."""
     if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == (creds.uid, creds.uid, creds.gid, creds.gid):
         return
-    for syscall, call, arg in (
-        ("setgroups", os.setgroups, creds.groups),
-        ("setgid", os.setgid, creds.gid),
-        ("setuid", os.setuid, creds.uid),
-    ):
+    steps: list[tuple[str, Callable[[], None], object]] = [
+        ("setgroups", lambda: os.setgroups(creds.groups), creds.groups),
+        ("setgid", lambda: os.setgid(creds.gid), creds.gid),
+        ("setuid", lambda: os.setuid(creds.uid), creds.uid),
+    ]
+    for syscall, call, arg in steps:
         try:
-            call(arg)
+            call()
         except OSError as exc:
             raise PrivilegeError(
                 f"cannot drop privileges: {syscall}({arg}): [Errno {exc.errno}] {exc.strerror}"

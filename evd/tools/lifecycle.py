@@ -24,6 +24,9 @@ EX_OK = 0
 EX_FAIL = 1
 EX_NOT_RUNNING = 3  # LSB: "program is not running"
 STATS_TIMEOUT = 2.0  # status must answer quickly even if the daemon does not
+# The longest `stop` waits: 30 days, the bound of every duration in the
+# configuration, and a number select() takes.
+MAX_WAIT = 30 * 86400.0
 
 
 def _running_pid(path: str) -> tuple[int | None, str]:
@@ -39,6 +42,8 @@ def _running_pid(path: str) -> tuple[int | None, str]:
 
 
 def stop(pidfile: str, timeout: float) -> tuple[int, str]:
+    if not 0 <= timeout <= MAX_WAIT:  # NaN too: before anything is signalled
+        return EX_FAIL, f"cannot wait {timeout} s: a timeout is 0 to {MAX_WAIT:.0f} s"
     pid, why = _running_pid(pidfile)
     if pid is None:
         return (EX_OK if why.startswith("not running") else EX_FAIL), why

@@ -8,7 +8,9 @@ condition holds, bounded by a guard timer.
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 
 import pytest
 
@@ -211,6 +213,49 @@ def test_ipv4_senders_of_a_dual_stack_endpoint_share_their_ipv4_bucket(reactor, 
         endpoint.close()
 
 
+# --- UNIX socket paths (issue 9, defect 18) -------------------------------------
+
+
+def unix_listener(reactor, tmp_path, name="s.sock"):
+    address = Address("unix", str(tmp_path / name), 0)
+    service = Service(service_of(), reactor)
+    listener = listeners.StreamListener(reactor, listeners.bind(address), service, address, raw.Echo)
+    listener.open()
+    return listener, address.host
+
+
+def test_close_removes_the_socket_it_bound(reactor, log, tmp_path):
+    listener, path = unix_listener(reactor, tmp_path)
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    listener.close()
+    assert not os.path.exists(path)
+
+
+def test_close_leaves_a_regular_file_put_at_its_path(reactor, log, tmp_path):
+    listener, path = unix_listener(reactor, tmp_path)
+    other = tmp_path / "other"
+    other.write_text("not evd's")
+    os.replace(other, path)  # a new inode, whatever the file system reuses
+    listener.close()
+    assert open(path).read() == "not evd's"
+
+
+def test_close_leaves_another_daemons_socket_at_its_path(reactor, log, tmp_path):
+    listener, path = unix_listener(reactor, tmp_path)
+    theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        theirs.bind(str(tmp_path / "theirs.sock"))
+        theirs.listen()
+        os.replace(tmp_path / "theirs.sock", path)
+        listener.close()
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(LIMIT)
+            probe.connect(path)  # still theirs, still reachable
+    finally:
+        theirs.close()
+
+
 # --- the private accept and its public fallback ----------------------------------
 
 
@@ -245,6 +290,21 @@ def test_c_accept_is_none_without_the_private_method():
         pass
 
     assert listeners.c_accept(Plain()) is None
+
+
+def test_unlink_if_ours_as_the_supervisor_calls_it(tmp_path):
+    path = str(tmp_path / "sup.sock")
+    sock = listeners.bind(Address("unix", path, 0))
+    try:
+        identity = listeners.bound_identity(path)
+        assert identity == listeners.path_identity(path) and identity is not None
+        assert listeners.unlink_if_ours(path, None) is False  # not bound here: never
+        assert listeners.unlink_if_ours(path, identity) is True
+        assert not os.path.exists(path)
+        assert listeners.bound_identity(path) is None
+        assert listeners.unlink_if_ours(path, identity) is False  # already gone
+    finally:
+        sock.close()
 
 
 # --- the running state's views (runtime control, metrics) ------------------------

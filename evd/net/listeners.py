@@ -16,7 +16,9 @@ event and never answer a datagram that could be the echo of another small
 service (the loop and reflection guard of SPEC section 4).
 
 Admission is the service's (`Service.admit`, `release`, `opened`); a
-listener only asks and reports.
+listener only asks and reports.  A UNIX socket's path is removed at close
+only if it is still the file this process bound (`unlink_if_ours`): the path
+may have been taken over by another daemon or a file since.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ GUARD_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37})
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+# (st_dev, st_ino) of a UNIX socket file, as this process bound it.
+Identity = tuple[int, int]
+# Paths this process bound, and what it found there right after binding:
+# what `Listener.close` (and the supervisor) may remove later.
+_BOUND_UNIX: dict[str, Identity] = {}
+
 # For the supervisor, until it imports addresses.sockaddr_text itself.
 format_address = sockaddr_text
 
@@ -101,6 +109,37 @@ def _clear_stale_unix(path: str) -> None:
     raise BindError(f"{path} is in use by another process")
 
 
+def path_identity(path: str) -> Identity | None:
+    """(st_dev, st_ino) of the socket file at `path`, None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def bound_identity(path: str) -> Identity | None:
+    """The identity of the socket file this process bound at `path`, or
+    None if it bound none there (systemd's sockets, say)."""
+    return _BOUND_UNIX.get(path)
+
+
+def unlink_if_ours(path: str, identity: Identity | None) -> bool:
+    """Remove `path` if it is still the socket file `identity` names: a
+    file or another daemon's socket put there since is left alone.  True if
+    removed.  (A check-then-unlink race remains with whoever replaces the
+    file in between; it needs a process that deletes our socket anyway.)"""
+    if identity is None or path_identity(path) != identity:
+        return False
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    if _BOUND_UNIX.get(path) == identity:
+        del _BOUND_UNIX[path]
+    return True
+
+
 def bind(address: Address, reuse_port: bool = False) -> socket.socket:
     """A bound, non-blocking socket for `address` (listening if a stream)."""
     sock = None
@@ -109,6 +148,9 @@ def bind(address: Address, reuse_port: bool = False) -> socket.socket:
             _clear_stale_unix(address.host)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(address.host)
+            identity = path_identity(address.host)
+            if identity is not None:
+                _BOUND_UNIX[address.host] = identity
         else:
             kind = socket.SOCK_DGRAM if address.proto == "udp" else socket.SOCK_STREAM
             sock, sockaddr = _ip_socket(address, kind)
@@ -143,6 +185,8 @@ class Listener:
         self.proto = address.proto
         self._family = int(sock.family)
         self.actual = sockaddr_text(sock.family, sock.getsockname())
+        # The socket file bound for this listener (None: not bound here).
+        self.identity = bound_identity(address.host) if address.proto == "unix" else None
 
     def open(self) -> None:
         self.reactor.add_reader(self.sock.fileno(), self._on_read)
@@ -151,10 +195,7 @@ class Listener:
     def close(self) -> None:
         self.reactor.remove_reader(self.sock.fileno())
         if self.proto == "unix" and self.owns_path:
-            try:
-                os.unlink(self.address.host)
-            except OSError:
-                pass
+            unlink_if_ours(self.address.host, self.identity)
         self.sock.close()
         log.info("listener.close", service=self.service.name, proto=self.proto, address=self.actual)
 

@@ -91,6 +91,7 @@ class Connection(Protocol):
     count, list (`evd ctl conns`), re-limit and close them."""
 
     conn_id: int
+    protocol: Handler  # the daemon's sweep and drain ask it (stalled, drain)
     host: str | None  # the peer's IP (IPv4-mapped folded); None for UNIX peers
     bytes_in: int
     bytes_out: int

@@ -330,3 +330,45 @@ def test_ipv4_mapped_networks_in_the_rules_match_ipv4_peers():
     assert adm.connect("10.1.2.3", 0.0) is None
     assert adm.connect("::ffff:10.1.2.3", 0.0) is None
     assert adm.connect("11.0.0.1", 0.0) == ACCESS
+
+
+# --- views (runtime control) and the public switches ----------------------------------
+
+
+def test_sources_show_open_connections_and_tokens():
+    adm = Admission(config(rate=2.0, burst=4, per_source=10))
+    assert adm.sources(0.0) == []
+    assert adm.connect("10.0.0.1", 0.0) is None
+    assert adm.connect("10.0.0.1", 0.0) is None
+    assert adm.datagram("10.0.0.2", 0.0) is None
+    assert adm.connect(None, 0.0) is None  # a UNIX peer: no source
+    views = {v.host: v for v in adm.sources(0.5)}
+    assert set(views) == {"10.0.0.1", "10.0.0.2"}
+    assert views["10.0.0.1"].connections == 2 and views["10.0.0.2"].connections == 0
+    # Two tokens spent at t=0, one back after 0.5 s at 2/s.
+    assert views["10.0.0.1"].tokens == pytest.approx(3.0)
+    assert views["10.0.0.2"].tokens == pytest.approx(4.0)  # never above burst
+    assert adm.tokens("192.0.2.9", 0.5) == 4.0  # no bucket yet: a full one
+    adm.disconnect("10.0.0.1")
+    adm.disconnect("10.0.0.1")
+    adm.expire(100.0)
+    assert adm.sources(100.0) == []
+
+
+def test_sources_without_a_rate_have_no_tokens():
+    adm = Admission(config(rate=0.0))
+    assert adm.connect("10.0.0.1", 0.0) is None
+    (view,) = adm.sources(0.0)
+    assert view.tokens is None and adm.tokens("10.0.0.1", 0.0) is None
+    assert adm.per_source("10.0.0.1") == 1 and adm.per_source("10.0.0.2") == 0
+
+
+@pytest.mark.parametrize(
+    "only_from, rate, checked",
+    [((), 0.0, False), (("10.0.0.0/8",), 0.0, True), ((), 5.0, True)],
+)
+def test_checks_datagrams_only_when_something_applies(only_from, rate, checked):
+    adm = Admission(config(only_from=only_from, rate=rate))
+    assert adm.checks_datagrams is checked
+    adm.apply(config(only_from=(), rate=0.0))
+    assert adm.checks_datagrams is False

@@ -56,6 +56,26 @@ def test_sigterm_stops_cleanly_with_daemon_stop(evd):
     assert not (evd.tmp / "echo.sock").exists()
 
 
+def test_stopping_leaves_what_replaced_its_unix_socket(evd, tmp_path):
+    """Only the inode evd bound is removed at exit: a file, or another
+    daemon's socket, put at the path meanwhile stays (issue 9, defect 18)."""
+    regular = tmp_path / "regular"
+    regular.write_text("someone else's")
+    os.replace(regular, evd.tmp / "echo.sock")
+    theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        theirs.bind(str(tmp_path / "theirs.sock"))
+        theirs.listen()
+        os.replace(tmp_path / "theirs.sock", evd.tmp / "framed.sock")
+        assert evd.stop(signal.SIGTERM) == 0
+        assert (evd.tmp / "echo.sock").read_text() == "someone else's"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(WAIT)
+            probe.connect(str(evd.tmp / "framed.sock"))
+    finally:
+        theirs.close()
+
+
 def test_sigint_stops_cleanly(evd):
     assert evd.stop(signal.SIGINT) == 0
     assert evd.wait_for("daemon.stop")["signal"] == "SIGINT"

@@ -11,13 +11,16 @@ import re
 import socket
 import struct
 from datetime import UTC, datetime
-from types import SimpleNamespace
 
 import pytest
 
+import evd.handlers.service as service_mod
 import evd.net.transport as transport_mod
+from evd.core.config import Limits, ServiceConfig
 from evd.core.reactor import Reactor
+from evd.core.seams import Reason
 from evd.handlers import raw as handlers
+from evd.handlers.service import Service
 from evd.net.transport import RECV_SIZE, StreamTransport
 
 LIMIT = 5.0
@@ -41,28 +44,18 @@ def counting_pattern(size: int) -> bytes:
 # --- stand-ins and drivers ----------------------------------------------------
 
 
-class Admission:
-    def __init__(self):
-        self.disconnects = []
-
-    def connect(self, host, now):
-        return None
-
-    def disconnect(self, host):
-        self.disconnects.append(host)
+def make_service(reactor, name="echo", high=256 * KiB, low=64 * KiB):
+    """The real running state of a service, with these water marks."""
+    limits = Limits(write_high=high, write_low=low, rate=0.0)
+    return Service(ServiceConfig(name, True, limits=limits), reactor)
 
 
-def make_service(name="echo", high=256 * KiB, low=64 * KiB):
-    return SimpleNamespace(
-        name=name,
-        config=SimpleNamespace(limits=SimpleNamespace(write_high=high, write_low=low)),
-        connections=set(),
-        admission=Admission(),
-        bytes_in=0,
-        bytes_out=0,
-        requests=0,
-        errors=0,
-    )
+def open_transport(service, sock, protocol, host=None, port=0):
+    """A transport as a listener makes one: admitted, counted, started."""
+    assert service.admit(host, port, service.reactor.now) is None
+    t = StreamTransport(service.reactor, sock, protocol, service, host=host, port=port)
+    t.start(service.opened(t))
+    return t
 
 
 class LogRecorder:
@@ -240,6 +233,7 @@ class RecordingEcho(handlers.Echo):
 def log(monkeypatch):
     rec = LogRecorder()
     monkeypatch.setattr(transport_mod, "log", rec)
+    monkeypatch.setattr(service_mod, "log", rec)
     return rec
 
 
@@ -255,21 +249,18 @@ def conn(loop, log):
     """conn(protocol, service=None) -> (transport, peer) over a socketpair."""
     made = []
 
-    def make(protocol, service=None, start=True, sockets=None):
-        service = service or make_service()
-        a, b = sockets or socket.socketpair()
+    def make(protocol, service=None):
+        service = service or make_service(loop.reactor)
+        a, b = socket.socketpair()
         a.setblocking(False)
-        t = StreamTransport(loop.reactor, a, protocol, service, host=None)
-        service.connections.add(t)
+        t = open_transport(service, a, protocol)
         peer = Peer(loop.reactor, b)
         made.append((t, peer))
-        if start:
-            t.start(len(made))
         return t, peer
 
     yield make
     for t, peer in made:
-        t.close("test-teardown")
+        t.close(Reason.SHUTDOWN)
         peer.close()
 
 
@@ -359,7 +350,7 @@ def test_writelines_of_many_chunks_with_nothing_queued(loop, conn):
 def test_flow_control_pauses_above_high_and_resumes_below_low(loop, conn):
     high, low = 64 * KiB, 16 * KiB
     proto = RecordingEcho()
-    t, peer = conn(proto, make_service(high=high, low=low))
+    t, peer = conn(proto, make_service(loop.reactor, high=high, low=low))
     most = [0]
     loop.reactor.add_before_sleep(lambda: most.__setitem__(0, max(most[0], t.buffered)))
     payload = counting_pattern(1 * MiB)
@@ -389,7 +380,7 @@ def test_flow_control_pauses_above_high_and_resumes_below_low(loop, conn):
 
 def test_writelines_over_high_pauses_reading(loop, conn):
     proto = Recorder()
-    t, peer = conn(proto, make_service(high=32 * KiB, low=8 * KiB))
+    t, peer = conn(proto, make_service(loop.reactor, high=32 * KiB, low=8 * KiB))
     t.writelines([b"x" * (400 * KiB), b"y" * (400 * KiB)])
     assert t.write_paused
     peer.send(b"not read while paused")
@@ -407,7 +398,7 @@ def test_writelines_over_high_pauses_reading(loop, conn):
 
 def test_peer_eof_flushes_pending_output_then_closes_with_eof(loop, conn, log):
     proto = RecordingEcho()
-    service = make_service(high=16 * MiB, low=4 * MiB)  # never pause: queue it all
+    service = make_service(loop.reactor, high=16 * MiB, low=4 * MiB)  # never pause: queue it all
     t, peer = conn(proto, service)
     payload = counting_pattern(1 * MiB)
     peer.send(payload, shutdown=True)  # send everything, then half-close; do not read
@@ -421,7 +412,7 @@ def test_peer_eof_flushes_pending_output_then_closes_with_eof(loop, conn, log):
     assert t.closed and t.close_reason == "eof"
     assert proto.lost == ["eof"]
     assert t not in service.connections
-    assert service.admission.disconnects == [None]
+    assert service.admission.current == 0
     assert service.bytes_in == service.bytes_out == len(payload)
     closes = log.named("conn.close")
     assert len(closes) == 1
@@ -457,20 +448,18 @@ def test_peer_reset_closes_with_reset_exactly_once(loop, log):
     accepted, addr = server.accept()
     server.close()
     accepted.setblocking(False)
-    service = make_service(high=64 * MiB, low=1 * MiB)
+    service = make_service(loop.reactor, high=64 * MiB, low=1 * MiB)
     proto = Recorder(on_made=lambda tr: tr.write(counting_pattern(4 * MiB)))
-    t = StreamTransport(loop.reactor, accepted, proto, service, host=addr[0], port=addr[1])
-    service.connections.add(t)
-    t.start(7)
+    t = open_transport(service, accepted, proto, host=addr[0], port=addr[1])
     assert t.buffered > 0  # data pending towards the client
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()  # RST
     loop.run_until(lambda: t.closed, what="transport closed after RST")
     assert t.close_reason == "reset"
     loop.run_for(0.02)
-    t.close("again")
+    t.close(Reason.ERROR)
     assert proto.lost == ["reset"]
-    assert service.admission.disconnects == [addr[0]]
+    assert service.admission.current == 0 and service.admission.per_source(addr[0]) == 0
     assert service.errors == 0
     assert [f["reason"] for _, f in log.named("conn.close")] == ["reset"]
     assert log.named("error") == []
@@ -480,7 +469,7 @@ def test_handler_exception_closes_only_that_connection(loop, conn, log):
     def boom(tr, data):
         raise RuntimeError("handler bug")
 
-    service = make_service(name="svc")
+    service = make_service(loop.reactor, name="svc")
     bad = Recorder(on_data=boom)
     t_bad, p_bad = conn(bad, service)
     good = RecordingEcho()
@@ -512,7 +501,7 @@ def test_connection_made_raising_closes_with_error(loop, conn, log):
         raise ValueError("made")
 
     proto = Recorder(on_made=boom)
-    service = make_service(name="x")
+    service = make_service(loop.reactor, name="x")
     t, _peer = conn(proto, service)
     assert t.closed and t.close_reason == "error"
     assert proto.lost == ["error"]
@@ -525,7 +514,7 @@ def test_connection_lost_raising_is_logged_and_close_completes(loop, conn, log):
         def connection_lost(self, reason):
             raise KeyError("lost")
 
-    service = make_service(name="y")
+    service = make_service(loop.reactor, name="y")
     t, peer = conn(BadLost(), service)
     peer.start_reading()
     t.write(b"abc")
@@ -540,19 +529,19 @@ def test_connection_lost_raising_is_logged_and_close_completes(loop, conn, log):
 
 def test_close_twice_is_harmless(loop, conn, log):
     proto = Recorder()
-    service = make_service()
+    service = make_service(loop.reactor)
     t, peer = conn(proto, service)
     peer.start_reading()
     peer.send(b"12345")
     loop.run_until(lambda: len(proto.data) == 5)
     t.close()
-    t.close("second")
+    t.close(Reason.IDLE)
     t.close_when_flushed()
     t.write(b"ignored after close")
     t.writelines([b"also ignored"])
     assert proto.lost == ["done"]
     assert t.close_reason == "done"
-    assert service.admission.disconnects == [None]
+    assert service.admission.current == 0
     assert service.bytes_in == 5
     assert len(log.named("conn.close")) == 1
     loop.run_until(lambda: peer.eof)
@@ -564,13 +553,13 @@ def test_close_when_flushed_sends_everything_first(loop, conn):
     t, peer = conn(proto)
     data = counting_pattern(2 * MiB)
     t.write(data)
-    t.close_when_flushed("custom")
+    t.close_when_flushed(Reason.IDLE)
     assert not t.closed
     t.write(b"too late")  # refused once closing
     peer.start_reading()
     loop.run_until(lambda: peer.eof)
     assert bytes(peer.received) == data
-    assert proto.lost == ["custom"]
+    assert proto.lost == ["idle"]
 
 
 # --- the stream handlers ------------------------------------------------------
@@ -608,7 +597,7 @@ def test_time_sends_four_bytes_then_closes(loop, conn):
 
 
 def test_discard_reads_and_drops(loop, conn):
-    service = make_service(name="discard")
+    service = make_service(loop.reactor, name="discard")
     t, peer = conn(handlers.Discard(), service)
     peer.start_reading()
     peer.send(b"z" * (3 * MiB), shutdown=True)
@@ -620,7 +609,7 @@ def test_discard_reads_and_drops(loop, conn):
 
 def test_chargen_produces_the_pattern_bounded_by_write_high(loop, conn):
     high, low = 128 * KiB, 32 * KiB
-    service = make_service(name="chargen", high=high, low=low)
+    service = make_service(loop.reactor, name="chargen", high=high, low=low)
     t, peer = conn(handlers.Chargen(), service)
     block = len(chargen_cycle()) * (65536 // len(chargen_cycle()))
     loop.run_until(lambda: t.write_paused, what="chargen paused")
@@ -644,7 +633,7 @@ def test_chargen_produces_the_pattern_bounded_by_write_high(loop, conn):
 
 def test_chargen_closes_when_peer_goes(loop, conn):
     proto = handlers.Chargen()
-    t, peer = conn(proto, make_service(name="chargen", high=64 * KiB, low=16 * KiB))
+    t, peer = conn(proto, make_service(loop.reactor, name="chargen", high=64 * KiB, low=16 * KiB))
     peer.start_reading()
     loop.run_until(lambda: len(peer.received) > 256 * KiB)
     peer.close()
@@ -655,7 +644,9 @@ def test_chargen_closes_when_peer_goes(loop, conn):
 def test_chargen_does_not_spin_while_closing(loop, conn):
     # Regression: Chargen used to re-arm call_later(0) forever while closing.
     # write_high far above what one refill writes: chargen never pauses.
-    t, peer = conn(handlers.Chargen(), make_service(name="chargen", high=64 * MiB, low=16 * MiB))
+    t, peer = conn(
+        handlers.Chargen(), make_service(loop.reactor, name="chargen", high=64 * MiB, low=16 * MiB)
+    )
     peer.shutdown()  # the client half-closes and never reads
     loop.run_until(lambda: t.eof, what="EOF seen")
     assert not t.closed and t.buffered > 0  # closing, waiting to flush
@@ -713,7 +704,7 @@ def test_timefmt_line_length_limit_is_1024_inclusive():
 
 
 def test_timefmt_over_a_socket(loop, conn):
-    service = make_service(name="timefmt")
+    service = make_service(loop.reactor, name="timefmt")
     t, peer = conn(handlers.Timefmt(), service)
     peer.start_reading()
     before = datetime.now().year
@@ -735,7 +726,7 @@ def test_accepted_tcp_connections_send_without_nagle_delay(loop, log, monkeypatc
 
     monkeypatch.setattr(listeners, "log", log)
     address = Address("tcp", "127.0.0.1", 0)
-    service = make_service()
+    service = make_service(loop.reactor)
     service.connections_total = 0
     listener = listeners.StreamListener(
         loop.reactor, listeners.bind(address), service, address, handlers.Echo
@@ -749,3 +740,27 @@ def test_accepted_tcp_connections_send_without_nagle_delay(loop, log, monkeypatc
     finally:
         client.close()
         listener.close()
+
+
+def test_a_connection_the_poller_refuses_is_closed_and_released(loop, log, monkeypatch):
+    """epoll_ctl can fail (ENOSPC past max_user_watches): that connection
+    closes with the error named, and its admission slot comes back."""
+    import errno
+
+    service = make_service(loop.reactor)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    real = loop.reactor.add_reader
+
+    def add_reader(fd, callback):
+        if fd == a.fileno():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, callback)
+
+    monkeypatch.setattr(loop.reactor, "add_reader", add_reader)
+    t = open_transport(service, a, handlers.Echo())
+    assert t.closed and t.close_reason == "error"
+    assert not service.connections and service.admission.current == 0
+    (close,) = log.named("conn.close")
+    assert close[1]["error"] == "epoll_ctl: [Errno 28] No space left on device"
+    b.close()

@@ -87,14 +87,23 @@ HandlerFactory = Callable[[], Handler]
 
 
 class Connection(Protocol):
-    """What a service knows of each of its open connections."""
+    """What a service knows of each of its open connections: enough to
+    count, list (`evd ctl conns`), re-limit and close them."""
 
     conn_id: int
+    protocol: Handler  # the daemon's sweep and drain ask it (stalled, drain)
+    host: str | None  # the peer's IP (IPv4-mapped folded); None for UNIX peers
     bytes_in: int
     bytes_out: int
     requests: int
+    opened: float  # reactor time of the accept
 
+    @property
+    def peer(self) -> str: ...
+
+    def idle_for(self, now: float) -> float: ...
     def apply_limits(self, limits: Limits) -> None: ...
+    def close(self, reason: Reason = Reason.DONE, **extra: object) -> None: ...
 
 
 class ServiceState(Protocol):
@@ -104,3 +113,5 @@ class ServiceState(Protocol):
     config: ServiceConfig
     errors: int
     requests: int
+
+    def closed(self, conn: Connection) -> None: ...  # a connection's one way out

@@ -11,8 +11,14 @@ to a transport.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
+from evd.core.seams import Reason
 from evd.proto import services
+
+if TYPE_CHECKING:
+    from evd.core.reactor import Timer
+    from evd.core.seams import Transport
 
 # timefmt over TCP: the longest line we wait for.  A format is at most
 # TIMEFMT_MAX bytes; anything this long without a newline is not a client
@@ -29,8 +35,9 @@ class Handler:
     # Slots, not a __dict__: a handler per connection, 10,000 idle ones.
     __slots__ = ("transport",)
     echoes = False
+    transport: Transport
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: Transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -78,7 +85,7 @@ class Daytime(Handler):
 
     __slots__ = ()
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: Transport) -> None:
         self.transport = transport
         transport.write(services.daytime(time.time()))
         transport.close_when_flushed()
@@ -89,7 +96,7 @@ class Time(Handler):
 
     __slots__ = ()
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: Transport) -> None:
         self.transport = transport
         transport.write(services.rfc868(time.time()))
         transport.close_when_flushed()
@@ -100,8 +107,9 @@ class Chargen(Handler):
     `write_high` queued (the transport's flow control says when to refill)."""
 
     __slots__ = ("_timer",)
+    _timer: Timer | None
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: Transport) -> None:
         self.transport = transport
         self._timer = None
         self._fill()
@@ -109,19 +117,18 @@ class Chargen(Handler):
     def resume_writing(self) -> None:
         self._fill()
 
-    def _fill(self):
+    def _fill(self) -> None:
         transport = self.transport
         for _ in range(CHARGEN_BURST):
             if transport.write_paused or transport.closing:
-                return None
+                return
             transport.write(services.CHARGEN_BLOCK)
         if not transport.write_paused and not transport.closing and self._timer is None:
             # The kernel took everything: come back after other connections
             # have had their turn, rather than loop here.
             self._timer = transport.reactor.call_later(0, self._refill)
-        return None
 
-    def _refill(self):
+    def _refill(self) -> None:
         self._timer = None
         self._fill()
 
@@ -131,7 +138,7 @@ class Chargen(Handler):
 
     def drain(self) -> None:
         """Chargen never ends by itself: stop now, after what is queued."""
-        self.transport.close_when_flushed("shutdown")
+        self.transport.close_when_flushed(Reason.SHUTDOWN)
 
 
 class Timefmt(Handler):
@@ -139,8 +146,9 @@ class Timefmt(Handler):
     formatted local time and CRLF.  An unusable format gets an empty line."""
 
     __slots__ = ("_buf",)
+    _buf: bytes
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: Transport) -> None:
         self.transport = transport
         self._buf = b""
 
@@ -153,10 +161,10 @@ class Timefmt(Handler):
             self.transport.requests += len(lines)
             self.transport.write(b"".join(replies))
         if len(self._buf) > TIMEFMT_LINE_MAX:
-            self.transport.close("line_too_long")
+            self.transport.close(Reason.LINE_TOO_LONG)
 
 
-STREAM_HANDLERS = {
+STREAM_HANDLERS: dict[str, type[Handler]] = {
     "echo": Echo,
     "discard": Discard,
     "chargen": Chargen,

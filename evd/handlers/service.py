@@ -5,51 +5,80 @@ configuration (swapped on reload), its admission rules, its counters and the
 set of its open connections.  Listeners come and go with reloads; the
 `Service` object stays, so counters and open connections survive a reload.
 
+Admission and counting happen here and nowhere else.  A connection's life,
+as the listener and the transport report it:
+
+    admit(host, port, now)  -> None: a slot is taken; or the refusal reason
+    release(host)              the slot goes back unused (the handler or the
+                               transport could not be built)
+    opened(conn)            -> its conn id; counted, logged `conn.open`
+    closed(conn)               the transport's one way out: slot back,
+                               byte counts folded in
+
+and a datagram's: `admission.datagram(...)`, then `dropped(...)` when it
+goes unanswered.
+
 Counters are cheap on the hot path: a connection keeps its own byte counts
 and adds them to the service's totals once, when it closes; `snapshot` adds
-the open connections' running counts.
+the open connections' running counts.  The views at the end (connections,
+refusals by reason, admission's sources) are for the runtime control and
+metrics surfaces: read-only, computed when asked, never on the hot path.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
 
+from evd.core.addresses import SockAddr, peer_text, sockaddr_text
 from evd.core.config import ServiceConfig
 from evd.core.log import log
+from evd.core.seams import Connection, Reason
 from evd.proto.admission import Admission
+
+if TYPE_CHECKING:
+    from evd.core.reactor import Reactor, Timer
 
 # One sequence for the whole process, so a `conn` id names one connection in
 # the logs whatever service it belongs to.
 conn_ids = itertools.count(1)
 
+# `udp.drop` reasons for replies the kernel would not take: the datagram was
+# admitted and answered, the answer was lost.  Every other drop reason is a
+# refusal (loop, access, rate) and counts in `rejected` too.
+SEND_FAILURES = ("send_buffer_full", "send_errno_")
 
-class ThrottledLog:
+P = TypeVar("P")
+
+
+class ThrottledLog(Generic[P]):
     """Logs `event` (udp.drop, conn.reject) at most once per second per
     service, with a `count` of what happened since the last line: a flood of
-    refused clients must not become a flood of log lines."""
+    refused clients must not become a flood of log lines.  The peer is kept
+    as the kernel gave it and `render`ed only for a line actually written."""
 
-    __slots__ = ("event", "service", "reactor", "pending", "timer")
+    __slots__ = ("event", "service", "reactor", "render", "pending", "timer")
 
-    def __init__(self, event: str, service: str, reactor):
+    def __init__(self, event: str, service: str, reactor: Reactor, render: Callable[[P], str]):
         self.event = event
         self.service = service
         self.reactor = reactor
-        self.pending: dict[str, list] = {}  # reason -> [count, last peer]
-        self.timer = None
+        self.render = render
+        self.pending: dict[str, tuple[int, P]] = {}  # reason -> (count, last peer)
+        self.timer: Timer | None = None
 
-    def note(self, reason: str, peer: str) -> None:
+    def note(self, reason: str, peer: P) -> None:
         if self.timer is None:
             # The first one in a quiet second is said at once ...
-            log.warning(self.event, service=self.service, peer=peer, reason=reason, count=1)
+            log.warning(self.event, service=self.service, peer=self.render(peer), reason=reason, count=1)
             self.timer = self.reactor.call_later(1.0, self._report)
             return
         # ... the rest are summed and said once a second while they last.
         entry = self.pending.get(reason)
-        if entry is None:
-            self.pending[reason] = [1, peer]
-        else:
-            entry[0] += 1
-            entry[1] = peer
+        self.pending[reason] = (1 if entry is None else entry[0] + 1, peer)
 
     def _report(self) -> float | None:
         if not self.pending:
@@ -57,22 +86,48 @@ class ThrottledLog:
             return None
         pending, self.pending = self.pending, {}
         for reason, (count, peer) in pending.items():
-            log.warning(self.event, service=self.service, peer=peer, reason=reason, count=count)
+            log.warning(self.event, service=self.service, peer=self.render(peer), reason=reason, count=count)
         return 1.0
 
 
+def _render_peer(peer: tuple[str | None, int]) -> str:
+    return peer_text(*peer)
+
+
+def _render_sender(sender: tuple[int, SockAddr]) -> str:
+    return sockaddr_text(*sender)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionView:
+    """One open connection, as `evd ctl conns` lists it."""
+
+    conn: int
+    service: str
+    peer: str
+    age_s: float
+    idle_s: float
+    bytes_in: int
+    bytes_out: int
+
+
 class Service:
-    def __init__(self, config: ServiceConfig, reactor):
+    def __init__(self, config: ServiceConfig, reactor: Reactor):
         self.name = config.name
         self.config = config
         self.reactor = reactor
         self.admission = Admission(config)
-        self.drops = ThrottledLog("udp.drop", config.name, reactor)
-        self.rejects = ThrottledLog("conn.reject", config.name, reactor)
-        self.connections: set = set()
+        self.drops: ThrottledLog[tuple[int, SockAddr]] = ThrottledLog(
+            "udp.drop", config.name, reactor, _render_sender
+        )
+        self.rejects: ThrottledLog[tuple[str | None, int]] = ThrottledLog(
+            "conn.reject", config.name, reactor, _render_peer
+        )
+        self.connections: set[Connection] = set()
         # Totals of closed connections (TCP/UNIX) plus all datagrams (UDP).
         self.connections_total = 0
-        self.rejected = 0
+        self.rejected: Counter[str] = Counter()  # connections refused, by reason
+        self.udp_drops: Counter[str] = Counter()  # datagrams not answered, by reason
         self.bytes_in = 0
         self.bytes_out = 0
         self.requests = 0
@@ -85,7 +140,49 @@ class Service:
         for conn in self.connections:
             conn.apply_limits(config.limits)
 
-    def snapshot(self) -> dict:
+    # -- a connection's life ---------------------------------------------------
+
+    def admit(self, host: str | None, port: int, now: float) -> str | None:
+        """A new connection from `host` (None: a UNIX peer): None when it
+        may go on (its slot is taken), else the reason it was refused
+        (counted and logged `conn.reject`)."""
+        reason = self.admission.connect(host, now)
+        if reason is not None:
+            self.rejected[reason] += 1
+            self.rejects.note(reason, (host, port))
+        return reason
+
+    def release(self, host: str | None) -> None:
+        """Give back the slot `admit` took for a connection that never got
+        a transport."""
+        self.admission.disconnect(host)
+
+    def opened(self, conn: Connection) -> int:
+        """An admitted connection has its transport: count it, name it."""
+        self.connections.add(conn)
+        self.connections_total += 1
+        conn_id = next(conn_ids)
+        if log.info_on:
+            log.info("conn.open", service=self.name, peer=conn.peer, conn=conn_id)
+        return conn_id
+
+    def closed(self, conn: Connection) -> None:
+        """The transport's close: the slot goes back, the counts fold in."""
+        self.connections.discard(conn)
+        self.admission.disconnect(conn.host)
+        self.bytes_in += conn.bytes_in
+        self.bytes_out += conn.bytes_out
+        self.requests += conn.requests
+
+    def dropped(self, reason: str, family: int, sender: SockAddr) -> None:
+        """A datagram that goes unanswered: turned away by the loop guard or
+        admission, or its answer not taken by the kernel (SEND_FAILURES)."""
+        self.udp_drops[reason] += 1
+        self.drops.note(reason, (family, sender))
+
+    # -- views -----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, int]:
         bytes_in, bytes_out, requests = self.bytes_in, self.bytes_out, self.requests
         for conn in self.connections:
             bytes_in += conn.bytes_in
@@ -94,9 +191,39 @@ class Service:
         return {
             "connections_current": len(self.connections),
             "connections_total": self.connections_total,
-            "rejected": self.rejected,
+            "rejected": self.rejected_total(),
             "bytes_in": bytes_in,
             "bytes_out": bytes_out,
             "requests": requests,
             "errors": self.errors,
         }
+
+    def rejected_total(self) -> int:
+        """Connections and datagrams refused: `stats` `rejected`."""
+        refused = sum(n for reason, n in self.udp_drops.items() if not reason.startswith(SEND_FAILURES))
+        return sum(self.rejected.values()) + refused
+
+    def open_connections(self, now: float) -> list[ConnectionView]:
+        """Every open connection, oldest first.  `idle_s` is as exact as
+        the periodic sweep: traffic is noticed by comparing byte counts."""
+        return [
+            ConnectionView(
+                conn=conn.conn_id,
+                service=self.name,
+                peer=conn.peer,
+                age_s=round(now - conn.opened, 3),
+                idle_s=round(conn.idle_for(now), 3),
+                bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out,
+            )
+            for conn in sorted(self.connections, key=lambda c: c.conn_id)
+        ]
+
+    def kill(self, conn_id: int) -> bool:
+        """Close connection `conn_id` (`reason = "killed"`); False if this
+        service has no such connection."""
+        for conn in self.connections:
+            if conn.conn_id == conn_id:
+                conn.close(Reason.KILLED)
+                return True
+        return False

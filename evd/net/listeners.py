@@ -14,24 +14,39 @@ second.
 UDP endpoints answer datagrams in batches of DATAGRAM_BATCH per readable
 event and never answer a datagram that could be the echo of another small
 service (the loop and reflection guard of SPEC section 4).
+
+Admission is the service's (`Service.admit`, `release`, `opened`); a
+listener only asks and reports.  A UNIX socket's path is removed at close
+only if it is still the file this process bound (`unlink_if_ours`): the path
+may have been taken over by another daemon or a file since.
 """
 
 from __future__ import annotations
 
-import _socket
 import errno
 import os
 import socket
 import stat
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from evd.core.addresses import Address
+from evd.core.addresses import Address, fold_mapped, sockaddr_text
 from evd.core.log import log
-from evd.handlers.service import conn_ids
-from evd.net import transport as transport_mod
+from evd.core.seams import HandlerFactory
+from evd.handlers.service import Service
 from evd.net.transport import RECV_BUFFER, RECV_VIEW, StreamTransport
 
+if TYPE_CHECKING:
+    from evd.core.reactor import Reactor, Timer
+
+try:  # the C socket type, to wrap accepted descriptors (see c_accept)
+    from _socket import socket as CSocket
+except ImportError:  # pragma: no cover - every CPython has it
+    CSocket = None  # type: ignore[assignment,misc]
+
 AF_INET6, AF_UNIX = int(socket.AF_INET6), int(socket.AF_UNIX)
+SOCK_STREAM = int(socket.SOCK_STREAM)
 IPPROTO_TCP, TCP_NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 INHERITS_NODELAY = sys.platform.startswith("linux")
 
@@ -48,22 +63,21 @@ GUARD_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37})
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+# (st_dev, st_ino) of a UNIX socket file, as this process bound it.
+Identity = tuple[int, int]
+# Paths this process bound, and what it found there right after binding:
+# what `Listener.close` (and the supervisor) may remove later.
+_BOUND_UNIX: dict[str, Identity] = {}
+
+# For the supervisor, until it imports addresses.sockaddr_text itself.
+format_address = sockaddr_text
+
+
 class BindError(Exception):
     """A listener could not be opened; str() is the one-line message."""
 
 
-def format_address(family: int, sockaddr) -> str:
-    if family == socket.AF_UNIX:
-        return sockaddr if isinstance(sockaddr, str) and sockaddr else "unix"
-    host, port = sockaddr[0], sockaddr[1]
-    if family == socket.AF_INET6:
-        if host.startswith("::ffff:") and "." in host:
-            return f"{host[7:]}:{port}"
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
-
-
-def _ip_socket(address: Address, kind: int) -> tuple[socket.socket, tuple]:
+def _ip_socket(address: Address, kind: int) -> tuple[socket.socket, tuple[str, int]]:
     if address.host == "*":
         try:
             sock = socket.socket(socket.AF_INET6, kind)
@@ -95,6 +109,37 @@ def _clear_stale_unix(path: str) -> None:
     raise BindError(f"{path} is in use by another process")
 
 
+def path_identity(path: str) -> Identity | None:
+    """(st_dev, st_ino) of the socket file at `path`, None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def bound_identity(path: str) -> Identity | None:
+    """The identity of the socket file this process bound at `path`, or
+    None if it bound none there (systemd's sockets, say)."""
+    return _BOUND_UNIX.get(path)
+
+
+def unlink_if_ours(path: str, identity: Identity | None) -> bool:
+    """Remove `path` if it is still the socket file `identity` names: a
+    file or another daemon's socket put there since is left alone.  True if
+    removed.  (A check-then-unlink race remains with whoever replaces the
+    file in between; it needs a process that deletes our socket anyway.)"""
+    if identity is None or path_identity(path) != identity:
+        return False
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    if _BOUND_UNIX.get(path) == identity:
+        del _BOUND_UNIX[path]
+    return True
+
+
 def bind(address: Address, reuse_port: bool = False) -> socket.socket:
     """A bound, non-blocking socket for `address` (listening if a stream)."""
     sock = None
@@ -103,6 +148,9 @@ def bind(address: Address, reuse_port: bool = False) -> socket.socket:
             _clear_stale_unix(address.host)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(address.host)
+            identity = path_identity(address.host)
+            if identity is not None:
+                _BOUND_UNIX[address.host] = identity
         else:
             kind = socket.SOCK_DGRAM if address.proto == "udp" else socket.SOCK_STREAM
             sock, sockaddr = _ip_socket(address, kind)
@@ -129,13 +177,16 @@ class Listener:
     # else's to clean up: systemd's (socket activation) or a supervisor's.
     owns_path = True
 
-    def __init__(self, reactor, sock: socket.socket, service, address: Address):
+    def __init__(self, reactor: Reactor, sock: socket.socket, service: Service, address: Address):
         self.reactor = reactor
         self.sock = sock
         self.service = service
         self.address = address  # as configured: the reload key
         self.proto = address.proto
-        self.actual = format_address(sock.family, sock.getsockname())
+        self._family = int(sock.family)
+        self.actual = sockaddr_text(sock.family, sock.getsockname())
+        # The socket file bound for this listener (None: not bound here).
+        self.identity = bound_identity(address.host) if address.proto == "unix" else None
 
     def open(self) -> None:
         self.reactor.add_reader(self.sock.fileno(), self._on_read)
@@ -144,10 +195,7 @@ class Listener:
     def close(self) -> None:
         self.reactor.remove_reader(self.sock.fileno())
         if self.proto == "unix" and self.owns_path:
-            try:
-                os.unlink(self.address.host)
-            except OSError:
-                pass
+            unlink_if_ours(self.address.host, self.identity)
         self.sock.close()
         log.info("listener.close", service=self.service.name, proto=self.proto, address=self.actual)
 
@@ -155,12 +203,33 @@ class Listener:
         raise NotImplementedError
 
 
+def c_accept(sock: socket.socket) -> Callable[[], tuple[int, Any]] | None:
+    """The C-level accept of `sock` -- (fd, sockaddr), no Python socket
+    object made -- or None where this Python lacks it (it is private API):
+    the listener then uses the public `accept`, slower, same result."""
+    accept = getattr(sock, "_accept", None)
+    if CSocket is None or not callable(accept):
+        return None
+    return accept  # type: ignore[no-any-return]
+
+
 class StreamListener(Listener):
-    def __init__(self, reactor, sock, service, address, handler_factory):
+    def __init__(
+        self,
+        reactor: Reactor,
+        sock: socket.socket,
+        service: Service,
+        address: Address,
+        handler_factory: HandlerFactory,
+    ):
         super().__init__(reactor, sock, service, address)
         self.handler_factory = handler_factory
-        self._family = int(sock.family)
-        self._backoff_timer = None
+        # socket.accept() converts family and type to enums for every
+        # connection, and socket.socket adds Python-level __init__ and
+        # close() wrappers: the C-level accept and socket type skip both,
+        # a measurable share of the connect path (figures in README).
+        self._c_accept = c_accept(sock)
+        self._backoff_timer: Timer | None = None
         self._last_backoff_log = -1.0
         # Replies leave at once (no Nagle delay behind an unacknowledged
         # segment).  Linux gives accepted sockets the listener's TCP_NODELAY,
@@ -178,15 +247,16 @@ class StreamListener(Listener):
         super().close()
 
     def _on_read(self) -> None:
-        # The C-level accept, and the C socket type for the connection:
-        # socket.accept() converts family and type to enums for every
-        # connection, and socket.socket adds Python-level __init__ and
-        # close() wrappers (together ~6% of the connect path's CPU).
-        accept = self.sock._accept
+        c_accept = self._c_accept
         family = self._family
+        conn: CSocket
         for _ in range(ACCEPT_BATCH):
             try:
-                fd, sockaddr = accept()
+                if c_accept is not None:
+                    fd, sockaddr = c_accept()
+                    conn = CSocket(family, SOCK_STREAM, 0, fd)
+                else:
+                    conn, sockaddr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -196,7 +266,7 @@ class StreamListener(Listener):
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up before we got to it
                 raise
-            self._admit(_socket.socket(family, socket.SOCK_STREAM, 0, fd), sockaddr)
+            self._admit(conn, sockaddr)
 
     def _back_off(self, exc: OSError) -> None:
         now = self.reactor.now
@@ -217,40 +287,54 @@ class StreamListener(Listener):
         self._backoff_timer = None
         self.reactor.add_reader(self.sock.fileno(), self._on_read)
 
-    def _admit(self, conn: socket.socket, sockaddr) -> None:
+    def _admit(self, conn: CSocket, sockaddr: Any) -> None:
         service = self.service
         if self._family == AF_UNIX:
             host, port = None, 0
         else:
             host, port = sockaddr[0], sockaddr[1]
-            if self._family == AF_INET6 and host.startswith("::ffff:") and "." in host:
-                host = host[7:]  # an IPv4 client of a dual-stack socket
-        reason = service.admission.connect(host, self.reactor.now)
-        if reason is not None:
+            if self._family == AF_INET6:
+                host = fold_mapped(host)  # an IPv4 client of a dual-stack socket
+        if service.admit(host, port, self.reactor.now) is not None:
             conn.close()
-            service.rejected += 1
-            service.rejects.note(reason, transport_mod.peer_name(host, port))
             return
-        conn.setblocking(False)
-        if self._nodelay_each:
-            conn.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-        transport = StreamTransport(self.reactor, conn, self.handler_factory(), service, host, port)
-        service.connections.add(transport)
-        service.connections_total += 1
-        conn_id = next(conn_ids)
-        if log.info_on:
-            log.info("conn.open", service=service.name, peer=transport.peer, conn=conn_id)
-        transport.start(conn_id)
+        # From here the service holds a slot for this connection: whatever
+        # fails before the transport exists gives it back (asyncio's
+        # _accept_connection2), and the listener goes on accepting.
+        try:
+            conn.setblocking(False)
+            if self._nodelay_each:
+                conn.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+            transport = StreamTransport(self.reactor, conn, self.handler_factory(), service, host, port)
+        except Exception as exc:
+            conn.close()
+            service.release(host)
+            service.errors += 1
+            log.error("error", where=f"{service.name}.accept", exc_info=exc)
+            return
+        transport.start(service.opened(transport))
+
+
+# payload -> reply, or None: no reply (proto/services.py)
+DatagramHandler = Callable[[bytes], bytes | None]
 
 
 class DatagramEndpoint(Listener):
-    def __init__(self, reactor, sock, service, address, handler, guard_ports: set):
+    def __init__(
+        self,
+        reactor: Reactor,
+        sock: socket.socket,
+        service: Service,
+        address: Address,
+        handler: DatagramHandler,
+        guard_ports: set[int],
+    ):
         super().__init__(reactor, sock, service, address)
         self.handler = handler
         # Datagrams are received into the process's one buffer (recvfrom
         # would malloc 64 KiB for each); echo answers from it uncopied.
         # 64 KiB truncates none: the largest UDP payload is 65,507 bytes.
-        self._echoes = getattr(handler, "echoes", False)
+        self._echoes = bool(getattr(handler, "echoes", False))
         # Shared with every endpoint of this daemon: GUARD_PORTS plus each
         # port evd itself receives UDP on (kept current by the daemon).
         self.guard_ports = guard_ports
@@ -262,10 +346,16 @@ class DatagramEndpoint(Listener):
         guard = self.guard_ports
         handler = self.handler
         echoes = self._echoes
+        family = self._family
+        # A dual-stack socket's IPv4 senders arrive as ::ffff:a.b.c.d; their
+        # rate bucket is their IPv4 address's, as for connections.
+        mapped = family == AF_INET6
         buffer, view = RECV_BUFFER, RECV_VIEW
-        checked = admission.filters or admission._rate
+        checked = admission.checks_datagrams
+        now = self.reactor.now
         # Counted in locals, added to the service once per batch.
         bytes_in = bytes_out = requests = 0
+        reply: bytes | memoryview | None
         try:
             for _ in range(DATAGRAM_BATCH):
                 try:
@@ -278,15 +368,17 @@ class DatagramEndpoint(Listener):
                     continue
                 bytes_in += n
                 if sockaddr[1] in guard:
-                    service.rejected += 1
-                    service.drops.note("loop", format_address(sock.family, sockaddr))
+                    service.dropped("loop", family, sockaddr)
                     continue
                 if checked:
-                    peer = format_address(sock.family, sockaddr)
-                    reason = admission.datagram(peer.rpartition(":")[0].strip("[]"), self.reactor.now)
+                    # The bucket is keyed by the host as the kernel gave it:
+                    # no text is made for a datagram that passes.
+                    host = sockaddr[0]
+                    if mapped and host.startswith("::ffff:"):
+                        host = fold_mapped(host)
+                    reason = admission.datagram(host, now)
                     if reason is not None:
-                        service.rejected += 1
-                        service.drops.note(reason, peer)
+                        service.dropped(reason, family, sockaddr)
                         continue
                 requests += 1
                 if echoes:  # straight back from the receive buffer
@@ -303,10 +395,10 @@ class DatagramEndpoint(Listener):
                 try:
                     bytes_out += sock.sendto(reply, sockaddr)
                 except (BlockingIOError, InterruptedError):
-                    service.drops.note("send_buffer_full", format_address(sock.family, sockaddr))
+                    service.dropped("send_buffer_full", family, sockaddr)
                 except OSError as exc:
                     service.errors += 1
-                    service.drops.note(f"send_errno_{exc.errno}", format_address(sock.family, sockaddr))
+                    service.dropped(f"send_errno_{exc.errno}", family, sockaddr)
         finally:
             service.bytes_in += bytes_in
             service.bytes_out += bytes_out

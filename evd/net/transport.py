@@ -9,13 +9,16 @@ meaning.  The split is CPython's asyncio selector transport, minus futures:
   callback returns); the protocol gets a bytes copy of just what arrived.
   A `recv(64 KiB)` instead would malloc 64 KiB and shrink it on every read,
   and glibc's consolidation of small free chunks on each such large request
-  was 3% of the echo path's CPU.  An echo connection (`protocol.echoes`)
-  skips the copy and the protocol: it sends straight from the shared buffer
-  and copies only what the kernel does not take.
-- Writing: `write` tries `send` at once; only what the kernel did not take is
-  queued (a deque of memoryviews, so a partial send copies nothing) and only
-  then is the socket watched for writability.  A queue of many small chunks
-  (pipelined replies) leaves in one `sendmsg`.
+  showed in the echo path's profile.  An echo connection
+  (`protocol.echoes`) skips the copy and the protocol: it sends straight
+  from the shared buffer and copies only what the kernel does not take.
+  The two readers stay two functions, as in asyncio: they are the hot path.
+- Writing: `write` and `writelines` try the kernel at once; only what it
+  did not take is queued (a deque of memoryviews, so a partial send copies
+  nothing) and only then is the socket watched for writability.  A queue
+  of many small chunks (pipelined replies) leaves in one `sendmsg`.  Every
+  write goes through `_send`, the one place that calls the kernel and
+  counts what it took.
 - Flow control: above `write_high` queued bytes the transport stops reading
   the peer (an echo client that never reads cannot make evd buffer without
   bound) and tells the protocol it is `write_paused`; below `write_low` it
@@ -26,17 +29,32 @@ meaning.  The split is CPython's asyncio selector transport, minus futures:
 - Errors: one ladder everywhere -- would-block: try later; OS error: this
   connection is finished; anything else raised by the protocol: a bug, logged
   with its traceback, and this connection (only) is closed.
-- Closing: `close` is the single exit; it runs once (`connection_lost` exactly
-  once), unregisters, closes the socket, folds counters into the service and
-  logs `conn.close`.
+- Closing: `close` is the single exit; it runs once (`connection_lost`
+  exactly once), drops the descriptor's callbacks from the reactor (no
+  epoll_ctl: closing the socket takes it out of epoll), closes the socket,
+  tells the service (`service.closed`: the admission slot and the counters)
+  and logs `conn.close`.
+
+A transport that layers something over the socket (TLS, issue 13) keeps
+all of the above and replaces the kernel calls: the two readers (bytes in)
+and `_send` (bytes out).
 """
 
 from __future__ import annotations
 
 import errno
 from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
+from evd.core.addresses import peer_text
 from evd.core.log import log
+from evd.core.seams import Buffer, Handler, Reason, ServiceState
+from evd.handlers.raw import Handler as InertHandler
+
+if TYPE_CHECKING:
+    from evd.core.config import Limits
+    from evd.core.reactor import Reactor
 
 # One recv per readable event; 64 KiB matches the loopback MTU and a typical
 # socket buffer, so a busy peer is drained in few calls without big copies.
@@ -56,20 +74,27 @@ _NO_QUEUE = ()
 # Errors that mean "the peer is gone", as opposed to something to report.
 PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN})
 
-# Close reasons as they appear in `conn.close`.
-EOF = "eof"  # the peer closed its side and we flushed ours
-DONE = "done"  # the service finished (daytime, time, a framed close)
-RESET = "reset"  # the peer reset the connection or vanished
-ERROR = "error"  # an OS error or a bug in the handler
-IDLE = "idle"  # no traffic for idle_timeout
-FRAME_TIMEOUT = "frame_timeout"  # a request trickled in for over idle_timeout
-SHUTDOWN = "shutdown"  # the daemon is stopping
+# For callers outside net/ that still name the reasons here; use Reason.
+IDLE, FRAME_TIMEOUT, SHUTDOWN = Reason.IDLE, Reason.FRAME_TIMEOUT, Reason.SHUTDOWN
+
+# What a closed transport points at instead of its handler: the reference
+# cycle transport <-> handler is broken, and a late call does nothing.
+_GONE: Handler = InertHandler()
 
 
-def peer_name(host: str | None, port: int) -> str:
-    if host is None:
-        return "unix"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+class StreamSocket(Protocol):
+    """What a transport needs of its socket: socket.socket, or the C-level
+    socket the listener accepts into."""
+
+    def fileno(self) -> int: ...
+    def recv_into(self, buffer: bytearray, /) -> int: ...
+    def send(self, data: Buffer, /) -> int: ...
+    def sendmsg(self, buffers: Sequence[Buffer], /) -> int: ...
+    def close(self) -> None: ...
+
+
+def _noop() -> None:
+    pass
 
 
 class StreamTransport:
@@ -102,7 +127,15 @@ class StreamTransport:
         "__weakref__",
     )
 
-    def __init__(self, reactor, sock, protocol, service, host: str | None, port: int = 0):
+    def __init__(
+        self,
+        reactor: Reactor,
+        sock: StreamSocket,
+        protocol: Handler,
+        service: ServiceState,
+        host: str | None,
+        port: int = 0,
+    ):
         self.reactor = reactor
         self.sock = sock
         self.fd = sock.fileno()
@@ -116,17 +149,17 @@ class StreamTransport:
         self.requests = 0
         self.opened = self.last_active = reactor.now
         self._moved = 0  # bytes_in + bytes_out at the last sweep
-        self._out = _NO_QUEUE  # a deque only while bytes wait
+        self._out: deque[Buffer] | tuple[()] = _NO_QUEUE  # a deque only while bytes wait
         self._out_size = 0
         # A protocol that says `echoes = True` (RFC 862's echo: the hot path)
         # is not called for data: what arrives goes straight back.
-        self._reader = self._on_read_echo if getattr(protocol, "echoes", False) else self._on_read
+        self._reader = self._on_read_echo if protocol.echoes else self._on_read
         self._reading = False
         self.write_paused = False
         self.eof = False  # the peer half-closed
         self._closing = False  # close once the queue is empty
         self.closed = False
-        self.close_reason = ""
+        self.close_reason = Reason.DONE  # meaningful once closing
         limits = service.config.limits
         self._high = limits.write_high
         self._low = limits.write_low
@@ -135,9 +168,9 @@ class StreamTransport:
     def peer(self) -> str:
         """For logs: "127.0.0.1:5555", "[::1]:5555" or "unix" (made only
         when a line needs it, not for every connection)."""
-        return peer_name(self.host, self.port)
+        return peer_text(self.host, self.port)
 
-    def apply_limits(self, limits) -> None:
+    def apply_limits(self, limits: Limits) -> None:
         self._high = limits.write_high
         self._low = limits.write_low
 
@@ -152,7 +185,10 @@ class StreamTransport:
             self._bug("connection_made", exc)
             return
         if self._reading:  # closing stops reading too
-            self.reactor.add_reader(self.fd, self._reader)
+            try:
+                self.reactor.add_reader(self.fd, self._reader)
+            except OSError as exc:  # ENOSPC: epoll's max_user_watches reached
+                self._os_error("epoll_ctl", exc)
 
     # -- reading ------------------------------------------------------------
 
@@ -188,6 +224,8 @@ class StreamTransport:
         if self._out:  # earlier output waits: queue behind it
             self._enqueue((RECV_VIEW[:n].tobytes(),))
             return
+        # The send is inline rather than through _send: this is the echo
+        # path's one call per request that could be saved.
         try:
             sent = self.sock.send(RECV_VIEW[:n])
         except (BlockingIOError, InterruptedError):
@@ -209,9 +247,9 @@ class StreamTransport:
         if keep:
             self._stop_reading()  # open a while yet; an EOF'd socket stays readable
         elif self._out:
-            self.close_when_flushed(EOF)
+            self.close_when_flushed(Reason.EOF)
         else:
-            self.close(EOF)
+            self.close(Reason.EOF)
 
     def _stop_reading(self) -> None:
         if self._reading:
@@ -219,7 +257,7 @@ class StreamTransport:
             self.reactor.remove_reader(self.fd)
 
     def _start_reading(self) -> None:
-        if not self._reading and not self.eof and not self._closing and not self.closed:
+        if not self._reading and not self.eof and not self._closing:
             self._reading = True
             self.reactor.add_reader(self.fd, self._reader)
 
@@ -233,39 +271,41 @@ class StreamTransport:
 
     # -- writing ------------------------------------------------------------
 
-    def write(self, data) -> None:
-        if self._closing or self.closed or not data:
+    def _send(self, chunks: Sequence[Buffer]) -> int | None:
+        """Hand `chunks` to the kernel in one call and count what it took:
+        that many bytes (0 when it would block), or None when the send
+        failed and the connection is closed."""
+        try:
+            sent = self.sock.send(chunks[0]) if len(chunks) == 1 else self.sock.sendmsg(chunks)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._os_error("send", exc)
+            return None
+        self.bytes_out += sent
+        return sent
+
+    def write(self, data: Buffer) -> None:
+        if self._closing or not data:  # closed is closing too
             return
         if self._out:
             self._enqueue((data,))
             return
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._os_error("send", exc)
-            return
-        self.bytes_out += sent
-        if sent != len(data):
+        sent = self._send((data,))
+        if sent is not None and sent != len(data):
             self._enqueue((memoryview(data)[sent:],))
 
-    def writelines(self, chunks) -> None:
+    def writelines(self, chunks: Sequence[Buffer]) -> None:
         """Several chunks in one sendmsg when nothing is queued; what the
         kernel does not take is queued as with `write`."""
-        if self._closing or self.closed:
+        if self._closing:
             return
         if self._out or len(chunks) > SENDMSG_CHUNKS:
             self._enqueue(chunks)
             return
-        try:
-            sent = self.sock.sendmsg(chunks)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._os_error("sendmsg", exc)
+        sent = self._send(chunks)
+        if sent is None:
             return
-        self.bytes_out += sent
         for i, chunk in enumerate(chunks):
             if sent < len(chunk):
                 rest = list(chunks[i:])
@@ -275,14 +315,15 @@ class StreamTransport:
                 return
             sent -= len(chunk)
 
-    def _enqueue(self, chunks) -> None:
+    def _enqueue(self, chunks: Sequence[Buffer]) -> None:
         """Queue what the kernel did not take now: watch for writability,
         and stop reading the peer above write_high."""
         chunks = [c for c in chunks if c]  # an empty chunk would stall _flush
-        if not self._out:
-            self._out = deque()
+        out = self._out
+        if not isinstance(out, deque):
+            out = self._out = deque()
             self.reactor.add_writer(self.fd, self._on_write)
-        self._out.extend(chunks)
+        out.extend(chunks)
         self._out_size += sum(map(len, chunks))
         if self._out_size > self._high and not self.write_paused:
             self.write_paused = True
@@ -310,20 +351,10 @@ class StreamTransport:
     def _flush(self) -> None:
         """Send as much of the queue as the kernel takes now."""
         out = self._out
-        while out:
-            try:
-                if len(out) == 1:
-                    sent = self.sock.send(out[0])
-                else:
-                    sent = self.sock.sendmsg([out[i] for i in range(min(len(out), SENDMSG_CHUNKS))])
-            except (BlockingIOError, InterruptedError):
+        while isinstance(out, deque) and out:
+            sent = self._send(out if len(out) <= SENDMSG_CHUNKS else [out[i] for i in range(SENDMSG_CHUNKS)])
+            if not sent:  # would block, or closed
                 return
-            except OSError as exc:
-                self._os_error("send", exc)
-                return
-            if not sent:
-                return
-            self.bytes_out += sent
             self._out_size -= sent
             while sent:
                 chunk = out[0]
@@ -348,11 +379,14 @@ class StreamTransport:
         if self.write_paused and self._out_size <= self._low:
             self.write_paused = False
             self._start_reading()
-            self._call(self.protocol.resume_writing)
+            try:
+                self.protocol.resume_writing()
+            except Exception as exc:
+                self._bug("resume_writing", exc)
 
     # -- closing ------------------------------------------------------------
 
-    def close_when_flushed(self, reason: str = DONE) -> None:
+    def close_when_flushed(self, reason: Reason = Reason.DONE) -> None:
         """Stop reading; close once everything queued has been sent."""
         if self.closed:
             return
@@ -363,7 +397,7 @@ class StreamTransport:
         self._closing = True
         self.close_reason = reason
 
-    def close(self, reason: str = DONE, **extra) -> None:
+    def close(self, reason: Reason = Reason.DONE, **extra: object) -> None:
         """The one way out; runs once."""
         if self.closed:
             return
@@ -379,11 +413,7 @@ class StreamTransport:
         except OSError:
             pass
         service = self.service
-        service.connections.discard(self)
-        service.admission.disconnect(self.host)
-        service.bytes_in += self.bytes_in
-        service.bytes_out += self.bytes_out
-        service.requests += self.requests
+        service.closed(self)
         try:
             self.protocol.connection_lost(reason)
         except Exception as exc:
@@ -391,7 +421,8 @@ class StreamTransport:
         # Break the reference cycles (transport <-> protocol, and the bound
         # reader): a closed connection is then freed at once by reference
         # counting, and the cyclic GC has nothing to find on the connect path.
-        self.protocol = self._reader = None
+        self.protocol = _GONE
+        self._reader = _noop
         if log.info_on:
             log.info(
                 "conn.close",
@@ -409,20 +440,13 @@ class StreamTransport:
 
     def _os_error(self, syscall: str, exc: OSError) -> None:
         if exc.errno in PEER_GONE:
-            self.close(RESET)
+            self.close(Reason.RESET)
         else:
-            self.close(ERROR, error=f"{syscall}: [Errno {exc.errno}] {exc.strerror}")
-
-    def _call(self, method, *args):
-        try:
-            return method(*args)
-        except Exception as exc:
-            self._bug(method.__name__, exc)
-            return None
+            self.close(Reason.ERROR, error=f"{syscall}: [Errno {exc.errno}] {exc.strerror}")
 
     def _bug(self, where: str, exc: Exception) -> None:
         self._log_bug(where, exc)
-        self.close(ERROR)
+        self.close(Reason.ERROR)
 
     def _log_bug(self, where: str, exc: Exception) -> None:
         self.service.errors += 1

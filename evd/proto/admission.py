@@ -13,8 +13,9 @@ source addresses costs at most MAX_BUCKETS small entries.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
-from evd.core.config import Limits, ServiceConfig
+from evd.core.config import Limits, Network, ServiceConfig
 
 # About 100 bytes each: 64k buckets is a few MiB at worst, and far more
 # distinct clients per `burst / rate` seconds than a small daemon serves.
@@ -38,15 +39,24 @@ def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
-def fold_mapped(net):
+def fold_mapped(net: Network) -> Network:
     """An IPv4-mapped IPv6 network (::ffff:10.0.0.0/104) as the IPv4 network
     it means: peers are folded to IPv4 the same way, so both must be."""
-    if net.version == 6 and net.subnet_of(_MAPPED):
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
         return ipaddress.ip_network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
     return net
+
+
+@dataclass(frozen=True, slots=True)
+class SourceView:
+    """One client IP as admission sees it (`evd ctl sources`)."""
+
+    host: str
+    connections: int  # open now
+    tokens: float | None  # left in its rate bucket now; None: no rate limit
 
 
 class Admission:
@@ -67,6 +77,9 @@ class Admission:
         self._burst = float(limits.burst)
         # With no access lists, the address never needs parsing.
         self.filters = bool(self._only_from or self._no_access)
+        # Whether a datagram needs asking about at all: with neither lists
+        # nor a rate, the UDP path skips admission entirely.
+        self.checks_datagrams = self.filters or self._rate > 0
 
     def _allowed(self, host: str) -> bool:
         ip = parse_ip(host)
@@ -134,9 +147,48 @@ class Admission:
                 del self._per_source[host]
 
     def datagram(self, host: str, now: float) -> str | None:
-        """A datagram from `host`: None to answer, or the reason to drop it."""
+        """A datagram from `host` (the sender's IP as the kernel gave it,
+        IPv4-mapped folded): None to answer, or the reason to drop it.
+
+        This runs for every datagram, so the common case -- a known client
+        with tokens left -- is `_take_token` inlined: one call, no min()."""
         if self.filters and not self._allowed(host):
             return ACCESS
-        if self._rate and not self._take_token(host, now):
-            return RATE
+        rate = self._rate
+        if rate:
+            bucket = self._buckets.get(host)
+            if bucket is None:
+                self._take_token(host, now)  # a new client: a full bucket
+                return None
+            tokens = bucket[0] + (now - bucket[1]) * rate
+            if tokens > self._burst:
+                tokens = self._burst
+            bucket[1] = now
+            if tokens < 1.0:
+                bucket[0] = tokens
+                return RATE
+            bucket[0] = tokens - 1.0
         return None
+
+    # -- views (runtime control; not on the hot path) ------------------------
+
+    def per_source(self, host: str) -> int:
+        """Open connections from `host` now."""
+        return self._per_source.get(host, 0)
+
+    def tokens(self, host: str, now: float) -> float | None:
+        """Tokens `host` has now (a client without a bucket has a full
+        one), or None when there is no rate limit."""
+        if not self._rate:
+            return None
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            return self._burst
+        return min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+
+    def sources(self, now: float) -> list[SourceView]:
+        """Every client IP admission keeps state for: open connections or a
+        rate bucket not yet refilled and expired."""
+        hosts = list(self._per_source)
+        hosts += [h for h in self._buckets if h not in self._per_source]
+        return [SourceView(h, self.per_source(h), self.tokens(h, now)) for h in hosts]

@@ -22,14 +22,23 @@ import ipaddress
 import os
 import socket
 import time
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING
 
-from evd.core.addresses import Address
+from evd.core.addresses import Address, fold_mapped, sockaddr_text
 from evd.core.log import log
+
+if TYPE_CHECKING:
+    from evd.core.reactor import Reactor
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 
 
-def under_systemd(env=os.environ) -> bool:
+# A listener's key: (service name, configured address).
+ListenerKey = tuple[str, Address]
+
+
+def under_systemd(env: Mapping[str, str] = os.environ) -> bool:
     """Started by systemd as a service (not just on a systemd machine)."""
     return bool(env.get("NOTIFY_SOCKET") or env.get("INVOCATION_ID"))
 
@@ -43,8 +52,8 @@ class Notifier:
     $NOTIFY_SOCKET."""
 
     def __init__(self, address: str | None = None):
-        self.address = None
-        self.sock = None
+        self.address = ""
+        self.sock: socket.socket | None = None
         self._warned = False
         if not address:
             return
@@ -54,7 +63,7 @@ class Notifier:
         self.sock.setblocking(False)
 
     @classmethod
-    def from_env(cls, env=os.environ) -> Notifier:
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Notifier:
         return cls(env.get("NOTIFY_SOCKET"))
 
     @property
@@ -87,13 +96,19 @@ class Notifier:
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")
 
-    def start_watchdog(self, reactor) -> None:
+    def start_watchdog(self, reactor: Reactor) -> None:
         """Ping now and every half $WATCHDOG_USEC from a reactor timer, so a
         loop that stops turning stops pinging."""
         period = watchdog_period() if self.enabled else None
         if period is not None:
-            self.watchdog()
-            reactor.call_later(period, lambda: self.watchdog() or period)
+            every = period
+
+            def ping() -> float:
+                self.watchdog()
+                return every
+
+            ping()
+            reactor.call_later(period, ping)
 
     def fileno(self) -> int | None:
         return self.sock.fileno() if self.sock is not None else None
@@ -104,7 +119,7 @@ class Notifier:
             self.sock = None
 
 
-def watchdog_period(env=os.environ) -> float | None:
+def watchdog_period(env: Mapping[str, str] = os.environ) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of $WATCHDOG_USEC, as
     sd_watchdog_enabled(3) advises), or None if the watchdog is off or meant
     for another process."""
@@ -120,7 +135,7 @@ def watchdog_period(env=os.environ) -> float | None:
 # -- socket activation -------------------------------------------------------
 
 
-def listen_fds(env=os.environ) -> list[tuple[socket.socket, str]]:
+def listen_fds(env: MutableMapping[str, str] = os.environ) -> list[tuple[socket.socket, str]]:
     """The inherited sockets with their names ("" when unnamed), and the
     LISTEN_* variables removed.  Empty unless they are meant for us."""
     pid, count = env.pop("LISTEN_PID", ""), env.pop("LISTEN_FDS", "")
@@ -160,46 +175,45 @@ def _bound_to(sock: socket.socket, address: Address) -> bool:
     such a listener a socket."""
     name = sock.getsockname()
     if address.proto == "unix":
-        return name == address.host
+        return bool(name == address.host)
     host, port = name[0], name[1]
     if address.port != port:
         return False
     if address.host == "*":
         return host in ("::", "0.0.0.0")
     try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-        if getattr(ip, "ipv4_mapped", None):
-            ip = ip.ipv4_mapped
-        return ip == ipaddress.ip_address(address.host)
+        return ipaddress.ip_address(fold_mapped(host.split("%")[0])) == ipaddress.ip_address(address.host)
     except ValueError:
         return False
 
 
-def match(inherited, keys) -> tuple[dict, list]:
+def match(
+    inherited: Sequence[tuple[socket.socket, str]], keys: Sequence[ListenerKey]
+) -> tuple[dict[ListenerKey, socket.socket], list[tuple[socket.socket, str]]]:
     """Assign inherited sockets to listener keys (service, Address):
     ({key: socket}, [(socket, name) matched to nothing]).  A name
     "SERVICE-PROTO" picks among that service's listeners of that protocol
     (the one at the socket's address if there is one, else the first free);
     an unnamed socket, or one whose name fits nothing, goes by address."""
-    adopted, leftover = {}, []
+    adopted: dict[ListenerKey, socket.socket] = {}
+    leftover: list[tuple[socket.socket, str]] = []
     for sock, name in inherited:
         proto = _proto(sock)
         free = [k for k in keys if k not in adopted and k[1].proto == proto]
         named = [k for k in free if f"{k[0]}-{proto}" == name]
         at_address = [k for k in (named or free) if _bound_to(sock, k[1])]
-        key = (at_address or named or [None])[0]
-        if key is None:
-            leftover.append((sock, name))
+        chosen = at_address or named
+        if chosen:
+            adopted[chosen[0]] = sock
         else:
-            adopted[key] = sock
+            leftover.append((sock, name))
     return adopted, leftover
 
 
 def describe(sock: socket.socket) -> str:
+    """Where an inherited socket is bound, for the logs; it may be no
+    socket we can name at all."""
     try:
-        name = sock.getsockname()
+        return sockaddr_text(sock.family, sock.getsockname())
     except OSError as exc:
-        return f"? ({errno.errorcode.get(exc.errno, exc.errno)})"
-    if sock.family == socket.AF_UNIX:
-        return name or "unix"
-    return f"[{name[0]}]:{name[1]}" if sock.family == socket.AF_INET6 else f"{name[0]}:{name[1]}"
+        return f"? ({errno.errorcode.get(exc.errno or 0, exc.errno)})"

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hmac
 import socket
+from types import TracebackType
+from typing import Any
 
+from evd.core.addresses import dial
 from evd.proto.framing import Decoder, Frame, encode
 
 DEFAULT_TIMEOUT = 10.0
@@ -30,23 +33,9 @@ class ServerError(Exception):
         super().__init__(f"{self.code}: {self.message}")
 
 
-def parse_address(address: str) -> tuple[int, object]:
-    """ "HOST:PORT", "[V6]:PORT" or "unix:PATH" -> (family, sockaddr)."""
-    if address.startswith("unix:"):
-        return socket.AF_UNIX, address[5:]
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"bad address {address!r}: expected HOST:PORT or unix:PATH")
-    if host.startswith("[") and host.endswith("]"):
-        return socket.AF_INET6, (host[1:-1], int(port))
-    if host in ("", "*"):
-        host = "127.0.0.1"
-    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
-
-
 class Client:
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, key: bytes | None = None):
-        family, sockaddr = parse_address(address)
+        family, sockaddr = dial(address)
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.decoder = Decoder(CLIENT_MAX_HEADER, CLIENT_MAX_BODY)
@@ -62,13 +51,15 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, header: dict, body: bytes = b"") -> None:
+    def send(self, header: dict[str, Any], body: bytes = b"") -> None:
         self.sock.sendall(encode(header, body))
 
     def recv(self) -> Frame:
@@ -82,7 +73,7 @@ class Client:
                 raise ConnectionError("the server closed the connection")
             self.decoder.feed(data)
 
-    def call(self, svc: str, body: bytes = b"", **fields) -> Frame:
+    def call(self, svc: str, body: bytes = b"", **fields: Any) -> Frame:
         """One request and its response; ServerError if not ok."""
         self.send({"svc": svc, **fields}, body)
         frame = self.recv()

@@ -69,9 +69,6 @@ Identity = tuple[int, int]
 # what `Listener.close` (and the supervisor) may remove later.
 _BOUND_UNIX: dict[str, Identity] = {}
 
-# For the supervisor, until it imports addresses.sockaddr_text itself.
-format_address = sockaddr_text
-
 
 class BindError(Exception):
     """A listener could not be opened; str() is the one-line message."""

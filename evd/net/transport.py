@@ -74,9 +74,6 @@ _NO_QUEUE = ()
 # Errors that mean "the peer is gone", as opposed to something to report.
 PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN})
 
-# For callers outside net/ that still name the reasons here; use Reason.
-IDLE, FRAME_TIMEOUT, SHUTDOWN = Reason.IDLE, Reason.FRAME_TIMEOUT, Reason.SHUTDOWN
-
 # What a closed transport points at instead of its handler: the reference
 # cycle transport <-> handler is broken, and a late call does nothing.
 _GONE: Handler = InertHandler()

@@ -165,7 +165,7 @@ class Daemon:
         self.guard_ports.clear()
         self.guard_ports.update(GUARD_PORTS)
         self.guard_ports.update(
-            int(listener.actual.rpartition(":")[2])
+            int(listener.sock.getsockname()[1])
             for listener in self.listeners.values()
             if listener.proto == "udp"
         )

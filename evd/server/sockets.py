@@ -13,12 +13,11 @@ are one socket that every slot shares.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from evd.net.listeners import bind
+from evd.net.listeners import bind, bound_identity, unlink_if_ours
 from evd.server.reload import ListenerKey
 
 # {listener key: [socket per worker slot]}; a single process has one slot.
@@ -56,10 +55,7 @@ def unbind(slots: Slots) -> None:
     the sockets and remove the UNIX paths they created a moment ago."""
     for key in slots:
         if key[1].proto == "unix":
-            try:
-                os.unlink(key[1].host)
-            except OSError:
-                pass
+            unlink_if_ours(key[1].host, bound_identity(key[1].host))
     close_sockets(slots.values())
 
 

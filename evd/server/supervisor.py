@@ -58,7 +58,7 @@ from evd.core.addresses import sockaddr_text
 from evd.core.config import Config, ConfigError
 from evd.core.log import log
 from evd.core.reactor import Reactor
-from evd.net.listeners import BindError
+from evd.net.listeners import BindError, bound_identity, unlink_if_ours
 from evd.server import preflight, signals
 from evd.server.daemon import Daemon
 from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
@@ -175,10 +175,7 @@ class Supervisor:
         self._log_listener("listener.close", key)
         socks = self.slots.pop(key)
         if key[1].proto == "unix" and key not in self.inherited:
-            try:
-                os.unlink(key[1].host)
-            except OSError:
-                pass
+            unlink_if_ours(key[1].host, bound_identity(key[1].host))
         close_sockets([socks])
 
     # -- workers ---------------------------------------------------------------

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evd.tools.bench import process_tree
+from evd.tools.bench.probes import process_tree
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"

@@ -22,8 +22,12 @@ LAYERS = {
     "cli.lifecycle": 2, "cli.configure": 2, "cli.switch": 2, "cli.call": 2, "cli.bench": 2,
     "cli.targets": 3, "cli.exits": 3,
     # client side: tools that talk to a daemon (the daemon never imports them)
-    "tools.lifecycle": 5, "tools.bench": 5, "tools.explain": 5, "tools.dropin": 5, "tools.reloadnow": 5,
-    "tools.client": 6,
+    "tools.bench.runner": 4,
+    "tools.lifecycle": 5, "tools.bench.modes": 5, "tools.explain": 5, "tools.dropin": 5, "tools.reloadnow": 5,
+    "tools.client": 6, "tools.bench.framed": 6, "tools.bench.report": 6,
+    "tools.bench.loop": 7,
+    "tools.bench.target": 8, "tools.bench.probes": 8, "tools.bench.measure": 8,
+    "tools.bench.options": 9,
     # the daemon process: start-up, workers, one daemon, its reload plan, and
     # what the configuration names on the machine
     "server.launch": 10,

@@ -7,15 +7,53 @@ business (tests/bench/run.py), not the test suite's.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import multiprocessing
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
 
-from evd.tools import bench
+from evd.tools.bench import measure, report
+from evd.tools.bench.measure import Window
+from evd.tools.bench.modes import ConnectMode
+from evd.tools.bench.options import BenchError, Options
+from evd.tools.bench.target import SOURCE_BASE, SourcePorts, Target, find
+
+# evd's default limits (no [limits] table), per_source lowered so that a
+# generator not spreading its connections over addresses is refused, and an
+# access list that admits only the addresses `--sources` spreads over.
+SPREAD_CONFIG = """\
+[daemon]
+pidfile = "{tmp}/evd.pid"
+shutdown_timeout = 5.0
+
+[log]
+level = "info"
+format = "json"
+
+[services.echo]
+tcp = ["127.0.0.1:0"]
+udp = ["127.0.0.1:0"]
+only_from = ["127.64.0.0/10"]
+per_source = 2
+
+[services.daytime]
+enabled = false
+
+[services.time]
+enabled = false
+
+[services.timefmt]
+enabled = false
+
+[services.framed]
+enabled = false
+"""
 
 
 def evd_bench(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -96,24 +134,115 @@ def test_refuses_remote_targets_and_unbounded_runs():
     assert proc.returncode == 1 and "duration" in proc.stderr
 
 
-def test_a_closed_port_is_a_set_up_error_not_a_hang():
-    proc = evd_bench("tcp", "--address", f"127.0.0.1:{_closed_port()}", "-d", "1")
+@pytest.mark.parametrize("mode", ["tcp", "connect"])
+def test_a_closed_port_is_a_set_up_error_not_a_hang(mode):
+    proc = evd_bench(mode, "--address", f"127.0.0.1:{_closed_port()}", "-d", "1")
     assert proc.returncode == 1 and "set-up" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "mode, proto, extra",
+    [
+        ("tcp", "tcp", ["-n", "8", "--sources", "4"]),  # 2 per address: per_source admits them
+        ("connect", "tcp", ["-n", "4", "--sources", "64"]),
+        ("udp", "udp", ["-n", "4", "--sources", "64"]),
+    ],
+)
+def test_sources_spread_the_load_over_addresses_the_server_admits(start_evd, mode, proto, extra):
+    evd = start_evd(SPREAD_CONFIG)
+    result = run_json(mode, "--address", address(evd, "echo", proto), "-d", "0.5", "-w", "0", *extra)
+    assert result["sources"] == int(extra[-1])
+    assert result["requests"] > 0 and result["errors"] == 0 and result["lost"] == 0, result
+
+
+def test_without_sources_the_generator_is_a_client_the_server_refuses(start_evd):
+    evd = start_evd(SPREAD_CONFIG)
+    result = run_json("udp", "--address", address(evd, "echo", "udp"), "-d", "0.5", "-w", "0", "-n", "2")
+    assert "sources" not in result
+    assert result["requests"] == 0 and result["lost"] > 0, result
+    evd.wait_for("udp.drop", reason="access")
+
+
+def test_sources_are_distinct_loopback_addresses_clear_of_the_target():
+    opts = Options(mode="udp", address="127.64.0.2:7", sources=100)
+    opts.check()
+    sources = find(opts).sources
+    assert len(sources) == len(set(sources)) == 100
+    assert "127.64.0.2" not in sources and sources[0] == str(SOURCE_BASE)
+    assert all(ipaddress.ip_address(a) in ipaddress.ip_network("127.64.0.0/10") for a in sources)
+    # Without `sources`: streams from 127.0.0.2-5 (not the target), UDP the kernel's choice.
+    assert find(Options(mode="tcp", address="127.0.0.3:7")).sources == ("127.0.0.2", "127.0.0.4", "127.0.0.5")
+    assert find(Options(mode="udp", address="127.0.0.1:7")).sources == ()
+
+
+@pytest.mark.parametrize("address", ["[::1]:7", "unix:/tmp/x.sock"])
+def test_sources_need_an_ipv4_loopback_target(address):
+    with pytest.raises(BenchError, match="sources"):
+        find(Options(mode="tcp", address=address, sources=4))
+
+
+def test_sources_are_bounded():
+    with pytest.raises(BenchError, match="sources"):
+        Options(sources=70000).check()
+
+
+def test_connect_source_pairs_turn_the_address_fastest_and_keep_their_number():
+    addresses = tuple(str(SOURCE_BASE + i) for i in range(1024))
+    ports = SourcePorts(addresses)
+    assert ports.usable and len(addresses) * (ports.hi - ports.lo + 1) == SourcePorts.PAIRS
+    bound = []
+    for _ in range(3):
+        sock = socket.socket()
+        try:
+            ports.bind(sock)
+            bound.append(sock.getsockname()[0])
+        finally:
+            sock.close()
+    assert len(set(bound)) == 3, bound
+    assert SourcePorts(addresses[:4]).hi - SourcePorts.FIRST + 1 >= 4096  # four: a wide range each
+
+
+def _connect_run(target: Target, out) -> None:
+    opts = Options(mode="connect", connections=2, duration=0.3, warmup=0)
+    opts.check()
+    mode = ConnectMode(opts, target, 0, 2)
+    try:
+        out.send(mode.run(Window(time.monotonic(), 0, 0.3)))
+    finally:
+        mode.close()
+
+
+def test_connect_failing_at_once_ends_the_run_by_itself():
+    """A connect() that fails at once (here ENETUNREACH: TCP to a multicast
+    address never leaves the host) must be counted, retried next tick, and
+    not keep the loop refilling forever."""
+    ctx = multiprocessing.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    child = ctx.Process(target=_connect_run, args=(Target(socket.AF_INET, ("224.0.0.1", 7), ()), theirs))
+    child.start()
+    try:
+        assert mine.poll(10), "the connect run did not end"
+        result = mine.recv()
+    finally:
+        child.kill()
+        child.join(5)
+    assert result["requests"] == 0 and result["errors"] >= 2, result
+    assert any("unreachable" in why for why in result["why"]), result
 
 
 def test_percentiles_of_a_histogram():
     histogram = {10: 50, 20: 49, 1000: 1}
-    assert bench.percentile(histogram, 100, 0.5) == 10
-    assert bench.percentile(histogram, 100, 0.99) == 20
-    assert bench.percentile(histogram, 100, 0.999) == 1000
-    assert bench.percentile({}, 0, 0.5) is None
+    assert report.percentile(histogram, 100, 0.5) == 10
+    assert report.percentile(histogram, 100, 0.99) == 20
+    assert report.percentile(histogram, 100, 0.999) == 1000
+    assert report.percentile({}, 0, 0.5) is None
 
 
 def test_payloads_are_distinct_and_sized():
     for size in (1, 4, 64, 1024):
-        payloads = bench.payloads(size)
+        payloads = measure.payloads(size)
         assert {len(p) for p in payloads} == {size}
-    assert len(set(bench.payloads(64))) == bench.VARIANTS
+    assert len(set(measure.payloads(64))) == measure.VARIANTS
 
 
 def _closed_port() -> int:

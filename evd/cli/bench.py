@@ -6,6 +6,7 @@ import argparse
 
 from evd.cli.exits import EX_FAIL, EX_OK, error, load_config
 from evd.cli.targets import echo_address, framed_address
+from evd.tools.bench.options import MODES
 
 
 def _address(args: argparse.Namespace) -> str | None:
@@ -22,13 +23,13 @@ def _address(args: argparse.Namespace) -> str | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from evd.tools import bench
+    from evd.tools.bench import options, report, runner
 
     address = _address(args)
     if address is None:
         error(f"no {args.mode} target in the configuration; give --address")
         return EX_FAIL
-    opts = bench.Options(
+    opts = options.Options(
         mode=args.mode,
         address=address,
         connections=args.connections,
@@ -39,13 +40,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         depth=args.depth,
         server_pid=args.server_pid,
         allow_remote=args.allow_remote,
+        sources=args.sources,
     )
     try:
-        result = bench.run(opts)
-    except bench.BenchError as exc:
+        result = runner.run(opts)
+    except options.BenchError as exc:
         error(str(exc))
         return EX_FAIL
-    print(bench.to_json(result) if args.json else bench.describe(result), flush=True)
+    print(report.to_json(result) if args.json else report.describe(result), flush=True)
     return EX_OK
 
 
@@ -57,11 +59,11 @@ def register(
     bench = sub.add_parser(
         "bench",
         help="a bounded load generator against an evd address",
-        description="tcp: ping-pong; udp: one datagram in flight per socket; "
+        description="tcp: ping-pong; udp: one datagram in flight per slot; "
         "connect: a connection per request; framed: pipelined echo "
         "frames; idle: hold connections, then check them",
     )
-    bench.add_argument("mode", nargs="?", default="tcp", choices=("tcp", "udp", "connect", "framed", "idle"))
+    bench.add_argument("mode", nargs="?", default="tcp", choices=MODES)
     bench.add_argument("-c", "--config", metavar="PATH", help="configuration to find the default address in")
     bench.add_argument(
         "--address",
@@ -111,6 +113,15 @@ def register(
         default=0,
         metavar="PID",
         help="report this server's CPU per request (and RSS for idle) from /proc",
+    )
+    bench.add_argument(
+        "--sources",
+        type=int,
+        default=0,
+        metavar="N",
+        help="spread connections and datagrams over N loopback source addresses "
+        "(127.64.0.0/10), so that per-client limits see N modest clients "
+        "(default: 127.0.0.2-5 for streams, the kernel's choice for udp)",
     )
     bench.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
     bench.add_argument("--json", action="store_true", help="print one JSON line")

@@ -14,8 +14,6 @@ suite; every loop here is bounded in count and time.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import resource
 import select
 import socket
@@ -37,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from conftest import EvdProcess
 
 from evd.proto.framing import encode
+from evd.tools.bench.probes import process_cpu, process_rss_kb
 
 CONFIG = """\
 [daemon]
@@ -56,17 +55,6 @@ enabled = false
 tcp = ["127.0.0.1:0"]
 idle_timeout = 2.0
 """
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
-
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Prober(threading.Thread):
@@ -269,16 +257,20 @@ def run(attack, seconds: float, tmp: Path) -> dict:
         prober = Prober(evd.addr("echo"))
         prober.start()
         time.sleep(0.5)  # a baseline for the prober
-        rss0, cpu0, t0 = rss_kib(evd.proc.pid), cpu_s(evd.proc.pid), time.monotonic()
+        rss0, cpu0, t0 = (
+            process_rss_kb(evd.proc.pid, tree=False),
+            process_cpu(evd.proc.pid, tree=False),
+            time.monotonic(),
+        )
         peak = rss0
         result = {}
         worker = threading.Thread(target=lambda: result.setdefault("note", attack(evd, seconds)))
         worker.start()
         while worker.is_alive():
-            peak = max(peak, rss_kib(evd.proc.pid))
+            peak = max(peak, process_rss_kb(evd.proc.pid, tree=False))
             worker.join(0.1)
         elapsed = time.monotonic() - t0
-        cpu = (cpu_s(evd.proc.pid) - cpu0) / elapsed
+        cpu = (process_cpu(evd.proc.pid, tree=False) - cpu0) / elapsed
         prober.stop.set()
         prober.join(5)
         p50, p99 = prober.figures()

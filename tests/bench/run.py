@@ -2,7 +2,7 @@
 """The evd benchmark: evd against asyncio, uvloop, Twisted and a minimal
 selectors loop, on one machine, in one run.  Not part of the test suite.
 
-    python3 tests/bench/run.py              # 3 rounds, ~11 minutes
+    python3 tests/bench/run.py              # 3 rounds, ~12 minutes
     python3 tests/bench/run.py --quick      # 1 round, 2 s per load: a smoke run
     python3 tests/bench/run.py --only tcp64,udp64 --servers evd,uvloop
     python3 tests/bench/run.py --generator loadgen   # cross-check with ../shared/bench/loadgen.c
@@ -16,8 +16,13 @@ CPU 0 and the generator to CPU 1 (taskset), both at nice -10 when root (other
 work on the machine then yields to them); every server is started fresh for
 every measurement and warmed up; rounds are interleaved (A B C D E, A B C D E,
 ...) so drift hits everyone alike; the report gives medians over rounds and
-ratios to a reference (asyncio, or evd's raw echo for the framed loads)
-taken within the same round.
+ratios to a reference taken within the same round: asyncio; or, for evd's
+own variants, evd itself (raw echo for the framed loads, every limit opened
+for the default-limits loads, log level warning for the info load).
+
+A load is one entry in LOADS: the generator's mode and counts, the servers,
+evd's configuration (log level, limits, extra TOML), the generator's source
+addresses and extra options, and what runs beside it while it is measured.
 
 It creates and uses its own virtualenv, tests/bench/.venv, with evd (editable,
 this checkout) and tests/bench/requirements.txt: uvloop, Twisted and
@@ -45,83 +50,14 @@ import platform
 import signal
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 sys.path.insert(0, str(HERE))
+import loadgen
 import report
-from servers import SERVERS, ServerError, evd_config, start_server, startup_time, workers_fork
-
-
-@dataclass(frozen=True)
-class Load:
-    name: str
-    title: str
-    mode: str  # evd bench mode
-    connections: int
-    size: int = 64
-    depth: int = 1
-    servers: tuple | None = None  # None: every server
-    evd_level: str = "warning"
-    reference: tuple = ("same", "asyncio")  # (load, server) its ratios are taken to
-    server_cpus: str = "0"
-
-
-LOADS = [
-    Load("tcp64", "TCP ping-pong 50 × 64 B", "tcp", 50, 64),
-    Load("tcp1k", "TCP ping-pong 50 × 1 KiB", "tcp", 50, 1024),
-    Load("lat64", "TCP 1 × 64 B (latency)", "tcp", 1, 64),
-    Load("connect", "connect/echo/close, 20 in flight (evd: log warning)", "connect", 20, 64),
-    Load(
-        "connect_info",
-        "connect/echo/close, 20 in flight, evd log info",
-        "connect",
-        20,
-        64,
-        servers=("evd",),
-        evd_level="info",
-        reference=("connect", "asyncio"),
-    ),
-    Load("udp64", "UDP ping-pong 20 × 64 B", "udp", 20, 64),
-    Load(
-        "framed1",
-        "framed echo 50 × 64 B, depth 1",
-        "framed",
-        50,
-        64,
-        1,
-        servers=("evd",),
-        reference=("tcp64", "evd"),
-    ),
-    Load(
-        "framed16",
-        "framed echo 50 × 64 B, depth 16",
-        "framed",
-        50,
-        64,
-        16,
-        servers=("evd",),
-        reference=("tcp64", "evd"),
-    ),
-    Load("idle", "10,000 idle connections", "idle", 10000),
-    # workers: both evds may use both cores, which the generator shares.
-    Load(
-        "workers2",
-        "TCP 50 × 64 B, evd workers=1 vs 2 on CPUs 0-1",
-        "tcp",
-        50,
-        64,
-        servers=("evd", "evd-w2"),
-        reference=("same", "evd"),
-        server_cpus="0,1",
-    ),
-]
-SPECIAL = ("startup",)
-# What --generator loadgen runs with the C tool; the rest stays on evd bench.
-# Not connect: loadgen binds its source ports in the ephemeral range itself,
-# and each such port, while its TIME_WAIT lasts (a minute), is skipped by
-# every other process's connect() and bind(port 0) -- after one 5-second
-# run, servers and other people's tests on the machine failed to start.
-LOADGEN_MODES = {"tcp": "tcp-pingpong", "udp": "udp-pingpong", "idle": "tcp-idle"}
+from loads import DEFAULT_LIMITS, DEFAULT_RATE, LOADS, RATE_MARGIN, SPECIAL, Load
+from servers import SERVERS, EvdSetup, ServerError, evd_config, start_server, startup_time, workers_fork
 
 
 @dataclass
@@ -151,11 +87,11 @@ def generate(load: Load, settings: Settings, address: str, pid: int) -> dict:
     hold = settings.idle_hold if load.mode == "idle" else settings.duration
     limit = hold + settings.warmup + 180
     pre = prefix(settings.gen_cpus, settings.nice)
-    if settings.generator == "loadgen" and load.mode in LOADGEN_MODES:
+    if settings.generator == "loadgen" and load.mode in loadgen.LOADGEN_MODES and loadgen.can_run(load):
         host, _, port = address.rpartition(":")
         cmd = [
             settings.loadgen,
-            LOADGEN_MODES[load.mode],
+            loadgen.LOADGEN_MODES[load.mode],
             "--host",
             host,
             "--port",
@@ -174,7 +110,7 @@ def generate(load: Load, settings: Settings, address: str, pid: int) -> dict:
         if load.mode == "idle":
             cmd[6:8] = ["-n", str(load.connections)]
         out = _run(pre + cmd, limit)
-        return from_loadgen(load.mode, json.loads(out))
+        return loadgen.from_loadgen(load.mode, json.loads(out))
     cmd = [
         str(VENV_PY),
         "-m",
@@ -198,6 +134,8 @@ def generate(load: Load, settings: Settings, address: str, pid: int) -> dict:
         "--server-pid",
         str(pid),
         "--json",
+        *(["--sources", str(load.sources)] if load.sources else []),
+        *load.bench_args,
     ]
     result = json.loads(_run(pre + cmd, limit))
     result["generator"] = "evd bench"
@@ -211,40 +149,6 @@ def _run(cmd: list[str], timeout: float) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def from_loadgen(mode: str, r: dict) -> dict:
-    """loadgen's JSON in evd bench's field names."""
-    if mode == "idle":
-        return {
-            "mode": mode,
-            "requests": r.get("check_ok"),
-            "errors": r.get("errors"),
-            "held": r.get("held"),
-            "rss_before_kb": r.get("before_rss_kb"),
-            "rss_after_kb": r.get("held_rss_kb"),
-            "rss_per_conn_kib": round(r["rss_bytes_per_conn"] / 1024, 3)
-            if r.get("rss_bytes_per_conn")
-            else None,
-            "generator": "loadgen",
-        }
-    rps = r.get("rps") or 0.0
-
-    def per_req(pct):
-        return round(pct / 100 / rps * 1e6, 3) if pct is not None and rps else None
-
-    return {
-        "mode": mode,
-        "requests": r.get("requests"),
-        "req_s": rps,
-        "p50_us": r.get("p50_us"),
-        "p99_us": r.get("p99_us"),
-        "p999_us": r.get("p999_us"),
-        "errors": r.get("errors"),
-        "server_cpu_us_per_req": per_req(r.get("srv_cpu_pct")),
-        "generator_cpu_us_per_req": per_req(r.get("loadgen_cpu_pct")),
-        "generator": "loadgen",
-    }
-
-
 def snapshot_evd(tmp: Path) -> str:
     """Copy evd's code into the run's directory and make every evd process of
     the run (servers and generator) import that copy: the venv's evd is this
@@ -254,8 +158,8 @@ def snapshot_evd(tmp: Path) -> str:
     shutil.copytree(ROOT / "evd", copy, ignore=shutil.ignore_patterns("__pycache__"))
     os.environ["PYTHONPATH"] = str(copy.parent)  # inherited by every child
     digest = hashlib.sha256()
-    for path in sorted(copy.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(copy.rglob("*.py")):
+        digest.update(str(path.relative_to(copy)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -268,7 +172,8 @@ def measure(load: Load, server: str, settings: Settings, tmp: Path) -> dict:
                 address = f"127.0.0.1:{srv.udp_port}"
             else:
                 address = f"127.0.0.1:{srv.tcp_port}"
-            result = generate(load, settings, address, srv.pid)
+            with load.during(srv) if load.during else nullcontext():
+                result = generate(load, settings, address, srv.pid)
     except (ServerError, subprocess.TimeoutExpired, ValueError, OSError) as exc:
         result = {"failed": str(exc)}
     result.update(load=load.name, server=server, wall_s=round(time.monotonic() - started, 2))
@@ -314,6 +219,7 @@ def run(settings: Settings, tmp: Path) -> dict:
                 result = measure(load, server, settings, tmp)
                 result["round"] = rnd
                 measurements.append(result)
+                _check_spread(load, result)
                 print(
                     f"bench: [{done}/{total}] round {rnd} {load.name} {server}: {report.brief(result)}",
                     file=sys.stderr,
@@ -341,6 +247,21 @@ def run(settings: Settings, tmp: Path) -> dict:
     }
 
 
+def _check_spread(load: Load, result: dict) -> None:
+    """Flag a default-limits run whose source addresses came close to evd's
+    default rate: its figure would soon measure refusals, not the service."""
+    if load.evd.limits != "default" or load.mode not in ("connect", "udp") or not result.get("req_s"):
+        return
+    per_source = result["req_s"] / (load.sources or 1)
+    result["per_source_rate"] = round(per_source, 1)
+    if per_source > DEFAULT_RATE * RATE_MARGIN:
+        print(
+            f"bench: WARNING {load.name}: {per_source:.0f}/s per source address, near evd's default "
+            f"rate ({DEFAULT_RATE:.0f}/s); raise its sources in LOADS",
+            file=sys.stderr,
+        )
+
+
 def _servers(load: Load, settings: Settings) -> list[str]:
     wanted = load.servers or SERVERS
     if load.name == "workers2":
@@ -357,7 +278,9 @@ def _load_info(load: Load) -> dict:
         "size": load.size,
         "depth": load.depth,
         "reference": list(load.reference),
-        "evd_log_level": load.evd_level,
+        "evd_log_level": load.evd.level,
+        "evd_limits": load.evd.limits,
+        "sources": load.sources,
         "server_cpus": load.server_cpus,
     }
 
@@ -434,22 +357,12 @@ def _cpu_list(text: str) -> set[int]:
     return cpus
 
 
-def build_loadgen() -> str:
-    source = ROOT.parent / "shared" / "bench" / "loadgen.c"
-    gcc = shutil.which("gcc")
-    if not source.exists() or gcc is None:
-        raise SystemExit(f"bench: --generator loadgen needs gcc and {source}")
-    binary = Path(tempfile.gettempdir()) / "evd-bench-loadgen"
-    subprocess.run([gcc, "-O2", "-Wall", "-o", str(binary), str(source), "-lm"], check=True, timeout=120)
-    return str(binary)
-
-
 def main(argv=None) -> int:
     settings, args = parse_args(argv)
     if shutil.which("taskset") is None:
         raise SystemExit("bench: needs taskset (util-linux)")
     if settings.generator == "loadgen":
-        settings.loadgen = build_loadgen()
+        settings.loadgen = loadgen.build()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # finally-blocks stop the servers
     info = machine()
     started = time.time()
@@ -463,7 +376,10 @@ def main(argv=None) -> int:
         wall_s=round(time.time() - started, 1),
         command="python3 tests/bench/run.py " + " ".join(sys.argv[1:]),
         settings={k: v for k, v in vars(settings).items() if k != "loads"} | {"loads": settings.loads},
-        evd_config_example=evd_config(Path("/tmp/evd-bench-XXXX"), "warning", echo=True, framed=False),
+        evd_config_example=evd_config(Path("/tmp/evd-bench-XXXX"), EvdSetup(), echo=True, framed=False),
+        evd_config_default_limits=evd_config(
+            Path("/tmp/evd-bench-XXXX"), DEFAULT_LIMITS, echo=True, framed=False
+        ),
     )
     data["summary"] = report.summarise(data)
     text = report.markdown(data)

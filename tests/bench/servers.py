@@ -3,7 +3,8 @@
 Every server listens on port 0 and we read the real ports back: the peers
 print "ready TCPPORT UDPPORT"; evd at log level warning logs nothing at start,
 so its listening sockets are found in /proc (its descriptors' inodes matched
-against /proc/net/{tcp,udp}), and one echo or hello proves it serves.
+against /proc/net/{tcp,udp}; the service under test on 127.0.0.1, anything a
+load adds on other loopback addresses), and one echo or hello proves it serves.
 Every wait has a deadline; `start_server` is a context manager that always
 stops what it started (SIGTERM, then SIGKILL).
 """
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evd.tools.bench import process_tree
+from evd.tools.bench.probes import process_tree
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
@@ -33,8 +34,9 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 PRIME_CONNECTIONS = 4
 
-CONFIG = """\
-# evd for the benchmark: every limit opened, one service listening.
+# evd's configuration for a load: a head, its limits, the services.
+HEAD = """\
+# evd for the benchmark: {what}, one service listening.
 [daemon]
 pidfile = "{tmp}/evd.pid"
 shutdown_timeout = 1.0
@@ -44,17 +46,28 @@ workers = {workers}
 level = "{level}"
 format = "json"
 file = "{log_file}"
-
+"""
+# Every limit opened: what the server costs with nothing to check.
+OPENED = """
 [limits]
 max_connections = 1000000
 per_source = 1000000
 rate = 0.0
-
+"""
+# The default limits are evd's own (no [limits] table at all: rate buckets,
+# per_source, max_connections as `evd check-config` shows them), plus access
+# lists as a site has them: an only_from that admits the generator and a
+# no_access it does not match, both checked for every connection and datagram.
+ACCESS = """\
+only_from = ["127.0.0.0/8"]
+no_access = ["192.0.2.0/24"]
+"""
+SERVICES = """
 [services.echo]
 enabled = {echo}
 tcp = ["127.0.0.1:0"]
 udp = ["127.0.0.1:0"]
-
+{echo_extra}
 [services.daytime]
 enabled = false
 
@@ -67,24 +80,52 @@ enabled = false
 [services.framed]
 enabled = {framed}
 tcp = ["127.0.0.1:0"]
-"""
+{framed_extra}"""
+# Where the service under test listens; a load's own listeners (a metrics
+# port, say) take other loopback addresses, so they are told apart in /proc.
+SERVICE_HOST = "127.0.0.1"
 
 
 class ServerError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class EvdSetup:
+    """How evd is configured for a load (the peers have no configuration)."""
+
+    level: str = "warning"
+    limits: str = "opened"  # or "default"
+    service: str = ""  # TOML lines for the service under test's table
+    tables: str = ""  # TOML tables appended to the file
+
+
 def evd_config(
-    tmp: Path, level: str, echo: bool, framed: bool, workers: int = 1, log_file: str | None = None
+    tmp: Path,
+    setup: EvdSetup,
+    echo: bool,
+    framed: bool,
+    workers: int = 1,
+    log_file: str | None = None,
 ) -> str:
-    return CONFIG.format(
+    if setup.limits not in ("opened", "default"):
+        raise ValueError(f"limits: opened or default, not {setup.limits!r}")
+    default = setup.limits == "default"
+    extra = (ACCESS if default else "") + (setup.service + "\n" if setup.service else "")
+    head = HEAD.format(
+        what="default limits" if default else "every limit opened",
         tmp=tmp,
-        level=level,
-        echo=str(echo).lower(),
-        framed=str(framed).lower(),
+        level=setup.level,
         workers=workers,
         log_file=f"{tmp}/evd.log" if log_file is None else log_file,
     )
+    services = SERVICES.format(
+        echo=str(echo).lower(),
+        framed=str(framed).lower(),
+        echo_extra=extra if echo else "",
+        framed_extra=extra if framed else "",
+    )
+    return head + ("" if default else OPENED) + services + (setup.tables and "\n" + setup.tables)
 
 
 @dataclass
@@ -93,6 +134,8 @@ class Running:
     proc: subprocess.Popen
     tcp_port: int = 0
     udp_port: int = 0
+    # evd: every listening (proto, host, port), the service's and a load's own
+    listeners: frozenset[tuple[str, str, int]] = frozenset()
 
     @property
     def pid(self) -> int:
@@ -125,8 +168,9 @@ def _read_line(proc: subprocess.Popen, stream, want, timeout: float) -> str:
                 buf += chunk
 
 
-def listening_ports(pid: int) -> tuple[set, set]:
-    """(TCP listening ports, UDP bound ports) of pid and its descendants."""
+def listening_ports(pid: int) -> set[tuple[str, str, int]]:
+    """(proto, host, port) of every TCP listening and UDP bound socket of pid
+    and its descendants (IPv4 only: the benchmark's servers use 127/8)."""
     inodes = set()
     for p in process_tree(pid):
         try:
@@ -140,16 +184,18 @@ def listening_ports(pid: int) -> tuple[set, set]:
                 continue
             if link.startswith("socket:["):
                 inodes.add(int(link[8:-1]))
-    found = {"tcp": set(), "udp": set()}
+    found = set()
     for proto, state in (("tcp", "0A"), ("udp", "07")):  # LISTEN; UDP's "closed" = bound
-        for table in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if parts[3] == state and int(parts[9]) in inodes:
-                        found[proto].add(int(parts[1].rsplit(":", 1)[1], 16))
-    return found["tcp"], found["udp"]
+        with open(f"/proc/net/{proto}") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if parts[3] == state and int(parts[9]) in inodes:
+                    host, port = parts[1].split(":")
+                    # the address in network order, printed as a host-order word
+                    ip = socket.inet_ntoa(int(host, 16).to_bytes(4, sys.byteorder))
+                    found.add((proto, ip, int(port, 16)))
+    return found
 
 
 def _wait_evd(srv: Running, echo: bool, workers: int, stderr_path: Path) -> None:
@@ -157,7 +203,9 @@ def _wait_evd(srv: Running, echo: bool, workers: int, stderr_path: Path) -> None
     while True:
         if srv.proc.poll() is not None:
             raise ServerError(f"evd exited {srv.proc.returncode}: {_tail(stderr_path)}")
-        tcp, udp = listening_ports(srv.pid)
+        listeners = listening_ports(srv.pid)
+        tcp = {port for proto, host, port in listeners if (proto, host) == ("tcp", SERVICE_HOST)}
+        udp = {port for proto, host, port in listeners if (proto, host) == ("udp", SERVICE_HOST)}
         children = len(process_tree(srv.pid)) - 1
         if len(tcp) == 1 and len(udp) == (1 if echo else 0) and (workers == 1 or children >= workers):
             break
@@ -169,6 +217,7 @@ def _wait_evd(srv: Running, echo: bool, workers: int, stderr_path: Path) -> None
         time.sleep(0.02)  # polling /proc for a condition, under a deadline
     srv.tcp_port = tcp.pop()
     srv.udp_port = udp.pop() if udp else 0
+    srv.listeners = frozenset(listeners)
 
 
 def prime(tcp_port: int, udp_port: int, echo: bool) -> None:
@@ -239,7 +288,7 @@ def start_server(name: str, load, tmp: Path, prefix: list[str]):
         workers = 2 if name == "evd-w2" else 1
         echo = load.mode != "framed"
         config = tmp / "evd.toml"
-        config.write_text(evd_config(tmp, load.evd_level, echo=echo, framed=not echo, workers=workers))
+        config.write_text(evd_config(tmp, load.evd, echo=echo, framed=not echo, workers=workers))
         stderr_path = tmp / "evd.stderr"
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
@@ -281,7 +330,7 @@ def startup_time(tmp: Path, prefix: list[str]) -> float:
     """Seconds from spawning `evd run` (echo + framed, log info on stderr) to
     reading its `daemon.ready` line."""
     config = tmp / "evd-startup.toml"
-    config.write_text(evd_config(tmp, "info", echo=True, framed=True, log_file=""))
+    config.write_text(evd_config(tmp, EvdSetup(level="info"), echo=True, framed=True, log_file=""))
     started = time.monotonic()
     proc = subprocess.Popen(
         prefix + [PY, "-m", "evd", "run", "-c", str(config)],
@@ -307,7 +356,7 @@ def _event(line: str) -> str | None:
 def workers_fork(tmp: Path, prefix: list[str]) -> bool | str:
     """True if evd accepts workers = 2 and really forks two workers; else why not."""
     config = tmp / "evd-workers.toml"
-    config.write_text(evd_config(tmp, "warning", echo=True, framed=False, workers=2))
+    config.write_text(evd_config(tmp, EvdSetup(), echo=True, framed=False, workers=2))
     check = subprocess.run(
         [PY, "-m", "evd", "check-config", "-c", str(config)], capture_output=True, text=True, timeout=60
     )

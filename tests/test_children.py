@@ -4,6 +4,7 @@ their parent-death signal (evd/system/children.py), with real processes."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import select
 import shutil
@@ -138,7 +139,11 @@ def test_without_setpriv_prctl_is_used_and_works():
         "import ctypes, sys; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], preexec_fn=found.preexec, capture_output=True, check=True, timeout=LIMIT
+        [sys.executable, "-c", code],
+        preexec_fn=functools.partial(found.preexec, os.getpid()),
+        capture_output=True,
+        check=True,
+        timeout=LIMIT,
     )
     assert int(out.stdout) == signal.SIGKILL
 

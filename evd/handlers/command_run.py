@@ -194,7 +194,9 @@ class Run:
                 # Its own session: a job-control shell's jobs leave the
                 # group, not the session, and no terminal of ours is its.
                 start_new_session=True,
-                preexec_fn=deathsig.preexec,
+                preexec_fn=None
+                if deathsig.preexec is None
+                else functools.partial(deathsig.preexec, os.getpid()),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             raise CommandError("internal", f"cannot run {quote(program)}: {_why(exc)}") from None

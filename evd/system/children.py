@@ -47,11 +47,13 @@ PROBE_TIMEOUT = 5.0
 @dataclass(frozen=True, slots=True)
 class Deathsig:
     """How a command gets its parent-death signal: `prefix` goes before its
-    argv, `preexec` runs in the child before exec (forcing fork)."""
+    argv, `preexec(parent_pid)` runs in the child before exec (forcing
+    fork); the parent's pid is taken at each spawn, since a daemon may have
+    forked since this was made."""
 
     mode: str  # "setpriv", "prctl" or "none"
     prefix: tuple[str, ...] = ()
-    preexec: Callable[[], None] | None = None
+    preexec: Callable[[int], None] | None = None
 
 
 NONE = Deathsig("none")
@@ -103,9 +105,8 @@ def prctl_preexec() -> Deathsig | None:
     # PR_GET changes nothing: it only proves prctl works for this process.
     if prctl(PR_GET_PDEATHSIG, ctypes.byref(current), 0, 0, 0) != 0:
         return None
-    parent = os.getpid()
 
-    def preexec() -> None:
+    def preexec(parent: int) -> None:
         # Best effort: a refused prctl must not make the command unrunnable.
         prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent:  # evd died before the line above

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
+from evd.core.log import log
 from evd.core.reactor import Reactor
 from evd.handlers.commands import ENV, Runner
 from evd.system import children
@@ -51,6 +52,7 @@ class Loop:
 
 
 def measure(heap_mib: int, runs: int) -> None:
+    log.configure("warning", "json")  # command.start/end lines are not the question
     ballast = [bytes(1024) for _ in range(heap_mib * 1024)]
     modes = {"none": children.NONE, "prctl": children.prctl_preexec(), "setpriv": children.setpriv(ENV)}
     config = SimpleNamespace(timeout=10.0, max_output=1 << 16, max_concurrent=1)

@@ -188,9 +188,11 @@ def related(root: int, pipes: Iterable[int] = ()) -> set[int]:
 
 def holders(inodes: set[int]) -> set[int]:
     """Pids of the processes (other than this one) that hold one of the
-    pipes `inodes` open; only processes we may inspect (our own user's)."""
+    pipes `inodes` open.  Only our own user's processes are looked at: a
+    command runs as evd's user, and reading every descriptor of every
+    process (as root) is the expensive part."""
     links = {f"pipe:[{inode}]" for inode in inodes}
-    me = os.getpid()
+    me, uid = os.getpid(), os.geteuid()
     found = set()
     for name in _pids():
         pid = int(name)
@@ -198,8 +200,10 @@ def holders(inodes: set[int]) -> set[int]:
             continue
         base = f"/proc/{name}/fd"
         try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
             fds = os.listdir(base)
-        except OSError:  # gone, or another user's
+        except OSError:  # gone
             continue
         for fd in fds:
             try:

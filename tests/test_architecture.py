@@ -41,12 +41,15 @@ LAYERS = {
     # connection handlers and a service's running state
     "handlers.framed": 30,
     "handlers.raw": 31, "handlers.commands": 31, "handlers.service": 31,
+    "handlers.command_run": 32,
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
     "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
     "proto.access": 42,
-    # the operating system: systemd, privileges, the pidfile, key files
+    # the operating system: systemd, privileges, the pidfile, key files, a
+    # command's processes
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,
+    "system.children": 50,
     # primitives: the loop, the log, the configuration (found, validated,
     # written back), the interfaces between layers, addresses
     "core.log": 60,

@@ -36,7 +36,7 @@ LAYERS = {
     "server.sockets": 13, "server.signals": 13,
     "server.reload": 14, "server.preflight": 14,
     # sockets: listening and connected
-    "net.listeners": 20,
+    "net.listeners": 20, "net.tls": 20,
     "net.transport": 21,
     # connection handlers and a service's running state
     "handlers.framed": 30,
@@ -50,6 +50,7 @@ LAYERS = {
     # command's processes
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,
     "system.children": 50,
+    "system.certificates": 49,  # reads the TLS key as system.secrets reads keys
     # primitives: the loop, the log, the configuration (found, validated,
     # written back), the interfaces between layers, addresses
     "core.log": 60,

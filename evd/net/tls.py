@@ -1,0 +1,461 @@
+"""TLS over TCP: a stream transport whose bytes pass through OpenSSL.
+
+Why SSLObject and two memory BIOs
+---------------------------------
+OpenSSL never touches the socket.  Each readable event is one `recv_into`
+the process's receive buffer, fed to the incoming BIO; whole records are
+decrypted and handed on; what OpenSSL writes (records, the handshake's
+flights, alerts) is collected from the outgoing BIO and sent with one
+`send`.  That is asyncio's sslproto and h11's sans-IO shape, and it was
+chosen by measurement (README, "TLS"): a non-blocking SSLSocket lets
+OpenSSL read the socket itself, two `read`s per record (its header, then
+its body) and one `write` per handshake record, where this transport makes
+one `recv` and one `send` per request, as plain TCP does.  A memory BIO
+also never blocks, so OpenSSL never raises SSLWantWriteError here, and
+SSLWantReadError only means "a record is not whole yet": the kernel's
+would-block stays where it is for plain TCP, in this transport.
+
+What StreamTransport's write path is told
+-----------------------------------------
+StreamTransport (net/transport.py) keeps its queue, flow control and close
+path; this class replaces `_send` and the two readers.  `_send` encrypts the
+chunks it is given and sends the ciphertext.  If the kernel takes only part
+of it, the rest waits in `_cipher` and `_send` reports that it took nothing:
+the plaintext stays queued -- counted against `write_high`, keeping
+`close_when_flushed` waiting -- and the next `_send`, which the queue makes
+with the same chunks at its head, first finishes the ciphertext and then
+reports those chunks taken.  That is SSL_write's own retry rule; it is what
+lets the shared write path work unchanged.
+
+The handshake
+-------------
+The handler hears nothing until the handshake is done: a framed hello must
+not leave before it, and `conn.open` carries the verified client's CN.
+Until then the transport's protocol is a placeholder that ends the
+connection when the daemon drains.  A connection closed before its
+handshake finished -- an OpenSSL error, the peer's EOF, `handshake_timeout`
+(enforced by the daemon's periodic sweep through `ServerTLS.sweep`), idle --
+logs `tls.fail` with that reason, throttled like `conn.reject`, and no
+`conn.open`/`conn.close` pair.
+
+Reading and closing
+-------------------
+Every whole record of one recv is delivered, even if the handler paused
+meanwhile (as one larger recv would have been); a partial record waits for
+the rest.  A kernel EOF in the middle of a record is a reset.  Records that
+reading produces (TLS 1.3 tickets, a key update, an alert) are sent at once.
+On close a close_notify is written and offered to the kernel once, without
+waiting, unless the connection failed or the peer is not reading; evd never
+waits for the peer's close_notify.  Renegotiation is refused by the
+context (system/certificates.py).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, cast
+
+from evd.core.addresses import peer_text
+from evd.core.seams import Buffer, Handler, Reason
+from evd.handlers.service import Service, ThrottledLog
+from evd.net.transport import RECV_BUFFER, RECV_SIZE, RECV_VIEW, StreamSocket, StreamTransport
+
+if TYPE_CHECKING:
+    from evd.core.reactor import Reactor
+    from evd.core.seams import Transport
+
+# Decrypted records land here (one process, one thread: free again when the
+# callback returns).  SSLObject.read without a buffer would allocate its
+# whole length for every record, as recv(64 KiB) did (see net/transport.py).
+# A TLS record holds at most 16 KiB, so one record always fits.
+PLAIN_BUFFER = bytearray(RECV_SIZE)
+PLAIN_VIEW = memoryview(PLAIN_BUFFER)
+
+Peer = tuple[str | None, int]
+
+
+def _render_peer(peer: Peer) -> str:
+    return peer_text(*peer)
+
+
+def failure_reason(exc: ssl.SSLError) -> str:
+    """`tls.fail` reason for an OpenSSL error: its reason code in lower
+    case ("wrong_version_number", "unsupported_protocol",
+    "peer_did_not_return_a_certificate"), or what kind of error it was."""
+    if exc.reason:
+        return str(exc.reason).lower()
+    if isinstance(exc, ssl.SSLEOFError):
+        return "eof"
+    return "ssl_error"
+
+
+def common_name(cert: Mapping[str, object]) -> str | None:
+    """The subject's CN of a decoded certificate (`getpeercert()`); the
+    last one if there are several, the most specific by X.509 convention."""
+    found = None
+    subject = cert.get("subject", ())
+    assert isinstance(subject, tuple)
+    for rdn in subject:
+        for key, value in rdn:
+            if key == "commonName":
+                found = str(value)
+    return found
+
+
+class _Handshaking:
+    """The protocol of a connection whose handshake is under way: the real
+    handler has not been told of it yet.  A daemon that drains ends it (it
+    has nothing in flight); everything else is ignored."""
+
+    __slots__ = ("transport",)
+    echoes = False
+
+    def __init__(self, transport: TLSTransport):
+        self.transport = transport
+
+    def connection_made(self, transport: Transport) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, reason: str) -> None:
+        pass
+
+    def stalled(self, now: float, limit: float) -> bool:
+        return False
+
+    def drain(self) -> None:
+        self.transport.close(Reason.SHUTDOWN)
+
+
+class TLSTransport(StreamTransport):
+    __slots__ = (
+        "tls",
+        "client_cn",
+        "_obj",
+        "_incoming",
+        "_outgoing",
+        "_handler",
+        "_cipher",
+        "_inflight",
+        "_partial",
+        "_opened",
+    )
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        sock: StreamSocket,
+        protocol: Handler,
+        service: Service,
+        host: str | None,
+        port: int,
+        tls: ServerTLS,
+    ):
+        super().__init__(reactor, sock, protocol, service, host, port)
+        self.tls = tls
+        self.client_cn: str | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._obj = tls.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._handler: Handler | None = protocol  # told once the handshake is done
+        self.protocol = _Handshaking(self)
+        self._reader = self._on_handshake
+        self._cipher: Buffer = b""  # ciphertext the kernel has not taken yet
+        self._inflight = 0  # plaintext bytes whose ciphertext that is (0: records of our own)
+        self._partial = False  # OpenSSL holds the start of a record
+        self._opened = False  # the handshake is done and conn.open said
+
+    @property
+    def proto(self) -> str:
+        return "tls"
+
+    def start(self, conn_id: int) -> None:
+        """Wait for the client's hello; the handler comes later."""
+        self.conn_id = conn_id
+        self._reading = True
+        self.tls.handshaking.add(self)
+        try:
+            self.reactor.add_reader(self.fd, self._reader)
+        except OSError as exc:
+            self._os_error("epoll_ctl", exc)
+
+    # -- the handshake ------------------------------------------------------
+
+    def _on_handshake(self) -> None:
+        if not self._pull():
+            return
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._send_records()  # the server's flight, if the client's was whole
+            return
+        except ssl.SSLError as exc:
+            self._send_records()  # the alert tells the client why
+            self.fail(failure_reason(exc))
+            return
+        self._send_records()  # the last flight; TLS 1.3 session tickets
+        if not self.closed:
+            self._established()
+
+    def _established(self) -> None:
+        """Hand the connection to its handler, as StreamTransport.start does
+        for plain TCP, then deliver what came with the client's Finished."""
+        self._opened = True
+        self.tls.handshaking.discard(self)
+        cert = self._obj.getpeercert()
+        extra = {}
+        if cert:  # only when tls_client_ca asked for one, and it was verified
+            self.client_cn = common_name(cert)
+            extra["client_cn"] = self.client_cn
+        handler = self._handler
+        assert handler is not None
+        self._handler = None
+        self.protocol = handler
+        self._reader = self._on_read_echo if handler.echoes else self._on_read
+        if self._reading:
+            self.reactor.add_reader(self.fd, self._reader)  # replaces _on_handshake
+        self.tls.service.announce(self, self.conn_id, **extra)
+        try:
+            handler.connection_made(self)
+        except Exception as exc:
+            self._bug("connection_made", exc)
+            return
+        if self._incoming.pending and not self._closing:
+            self._decrypt_echo() if handler.echoes else self._decrypt()
+
+    def fail(self, reason: str) -> None:
+        """End a connection whose handshake did not finish (`tls.fail`)."""
+        self.close(Reason.ERROR, tls_fail=reason)
+
+    # -- reading ------------------------------------------------------------
+
+    def _pull(self) -> bool:
+        """One recv into the incoming BIO; False if nothing came (would
+        block) or the connection ended."""
+        try:
+            n = self.sock.recv_into(RECV_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._os_error("recv", exc)
+            return False
+        if n:
+            self._incoming.write(RECV_VIEW[:n])
+            return True
+        if self._partial:  # the peer vanished in the middle of a record
+            self.close(Reason.RESET)
+        else:
+            self._on_eof()
+        return False
+
+    def _on_read(self) -> None:
+        if self._pull():
+            self._decrypt()
+
+    def _on_read_echo(self) -> None:
+        if self._pull():
+            self._decrypt_echo()
+
+    def _record(self) -> int:
+        """Decrypt the next whole record into PLAIN_BUFFER: its size; 0 when
+        none is whole yet; -1 when the connection ended (the peer's
+        close_notify, or an error)."""
+        try:
+            # Given a buffer, read() returns the count (typeshed says bytes).
+            got = cast(int, self._obj.read(RECV_SIZE, PLAIN_BUFFER))
+        except ssl.SSLWantReadError:
+            # Only ever asked with bytes just received or still pending:
+            # they began a record that is not whole yet.
+            self._partial = True
+            return 0
+        except ssl.SSLZeroReturnError:
+            got = 0
+        except ssl.SSLError as exc:
+            self._send_records()  # the alert
+            self.close(Reason.ERROR, error=f"tls: {failure_reason(exc)}")
+            return -1
+        if got:
+            self._partial = False
+            self.bytes_in += got
+            return got
+        # read() gives 0 for the peer's close_notify: its end of the stream.
+        self._send_records()
+        self._on_eof()
+        return -1
+
+    def _decrypt(self) -> None:
+        incoming = self._incoming
+        while True:
+            got = self._record()
+            if got <= 0:
+                break
+            try:
+                self.protocol.data_received(PLAIN_VIEW[:got].tobytes())
+            except Exception as exc:
+                self._bug("data_received", exc)
+                return
+            if self._closing or not incoming.pending:
+                break
+        if self._outgoing.pending and not self.closed:
+            self._send_records()
+
+    def _decrypt_echo(self) -> None:
+        """RFC 862 over TLS: each record goes straight back."""
+        incoming = self._incoming
+        while True:
+            got = self._record()
+            if got <= 0:
+                break
+            chunk = PLAIN_VIEW[:got]
+            if self._out:
+                self._enqueue((chunk.tobytes(),))
+            else:
+                sent = self._send((chunk,))
+                if sent is None:
+                    return
+                if sent != got:  # the buffer is reused: queue a copy
+                    self._enqueue((chunk.tobytes(),))
+            if self._closing or not incoming.pending:
+                break
+        if self._outgoing.pending and not self.closed:
+            self._send_records()
+
+    # -- writing ------------------------------------------------------------
+
+    def _send(self, chunks: Sequence[Buffer]) -> int | None:
+        """See the module's docstring: plaintext is taken once its
+        ciphertext is all in the kernel."""
+        if self._inflight or self._cipher:
+            if not self._push():
+                return None if self.closed else 0
+            taken, self._inflight = self._inflight, 0
+            if taken:
+                self.bytes_out += taken
+                return taken
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            self._obj.write(data)
+        except ssl.SSLError as exc:
+            self.close(Reason.ERROR, error=f"tls: {failure_reason(exc)}")
+            return None
+        size = len(data)
+        if self._push():
+            self.bytes_out += size
+            return size
+        if self.closed:
+            return None
+        self._inflight = size
+        return 0
+
+    def _push(self) -> bool:
+        """Offer the waiting ciphertext and whatever OpenSSL wrote since to
+        the kernel: True when all of it went."""
+        data: Buffer = self._outgoing.read()
+        if self._cipher:
+            data = b"".join((self._cipher, data)) if data else self._cipher
+        if not data:
+            return True
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._os_error("send", exc)
+            return False
+        if sent == len(data):
+            self._cipher = b""
+            return True
+        self._cipher = memoryview(data)[sent:]
+        return False
+
+    def _send_records(self) -> None:
+        """Send records OpenSSL wrote on its own (handshake, tickets,
+        alerts); if the kernel is full, watch for writability even when no
+        plaintext is queued."""
+        if not self._push() and not self.closed and not self._out:
+            self.reactor.add_writer(self.fd, self._on_write)
+
+    def _on_write(self) -> None:
+        if self._cipher and not self._out and not self._push():
+            return  # only records of our own wait, and still do
+        super()._on_write()
+
+    # -- closing ------------------------------------------------------------
+
+    def close(self, reason: Reason = Reason.DONE, **extra: object) -> None:
+        if self.closed:
+            return
+        if not self._opened:
+            self.tls.handshaking.discard(self)
+            if reason is not Reason.SHUTDOWN:
+                self.tls.failed(self, str(extra.get("tls_fail") or extra.get("error") or reason))
+        elif reason is not Reason.RESET and reason is not Reason.ERROR:
+            self._close_notify()
+        super().close(reason, **extra)
+
+    def _close_notify(self) -> None:
+        """Write close_notify and offer it to the kernel once.  Not when
+        earlier records still wait: the peer is not reading."""
+        if self._cipher:
+            return
+        try:
+            self._obj.unwrap()
+        except (ssl.SSLError, ValueError):
+            pass  # SSLWantReadError: ours is written; theirs is not awaited
+        data = self._outgoing.read()
+        if data:
+            try:
+                self.sock.send(data)
+            except OSError:
+                pass
+
+    def _log_close(self, reason: Reason, extra: dict[str, object]) -> None:
+        if self._opened:  # else it was tls.fail, and never conn.open
+            super()._log_close(reason, extra)
+
+
+class ServerTLS:
+    """One service's TLS: the context new connections get (a reload puts
+    the freshly read one here; open connections keep theirs), the
+    handshakes under way (for `handshake_timeout`), and `tls.fail`."""
+
+    def __init__(self, service: Service, context: ssl.SSLContext, reactor: Reactor):
+        self.service = service
+        self.context = context
+        self.handshaking: set[TLSTransport] = set()
+        self.failures: Counter[str] = Counter()  # by reason, for stats and metrics
+        self.fails: ThrottledLog[Peer] = ThrottledLog("tls.fail", service.name, reactor, _render_peer)
+
+    def transport(
+        self,
+        reactor: Reactor,
+        sock: StreamSocket,
+        protocol: Handler,
+        service: Service,
+        host: str | None,
+        port: int,
+    ) -> TLSTransport:
+        """The listener's transport factory for a `tls` address."""
+        return TLSTransport(reactor, sock, protocol, service, host, port, self)
+
+    def failed(self, conn: TLSTransport, reason: str) -> None:
+        self.failures[reason] += 1
+        self.fails.note(reason, (conn.host, conn.port))
+
+    def sweep(self, now: float) -> None:
+        """The daemon's periodic sweep: end handshakes older than
+        `handshake_timeout` (the handshaking set is small: a busy port
+        finishes its handshakes within milliseconds)."""
+        limit = self.service.config.limits.handshake_timeout
+        for conn in [c for c in self.handshaking if now - c.opened > limit]:
+            conn.fail("handshake_timeout")

@@ -14,7 +14,7 @@ import ssl
 
 import pytest
 from pki import Pki
-from test_transport import Loop, LogRecorder, Recorder, chargen_cycle, counting_pattern, make_service
+from test_transport import LogRecorder, Loop, Recorder, chargen_cycle, counting_pattern, make_service
 
 import evd.handlers.service as service_mod
 import evd.net.transport as transport_mod
@@ -280,7 +280,7 @@ def test_a_client_that_leaves_during_the_handshake_is_tls_fail_eof(loop, tls_con
 
 def test_handshake_timeout_by_the_sweep(loop, tls_conn, log):
     service = make_service(loop.reactor)
-    t, client, tls = tls_conn(Recorder(), service=service)
+    t, _client, tls = tls_conn(Recorder(), service=service)
     limit = service.config.limits.handshake_timeout
     tls.sweep(t.opened + limit / 2)
     assert not t.closed
@@ -300,7 +300,7 @@ def test_a_finished_handshake_is_not_swept(loop, tls_conn, log):
 
 
 def test_draining_ends_a_handshake_quietly(loop, tls_conn, log):
-    t, client, _ = tls_conn(Recorder())
+    t, _client, _ = tls_conn(Recorder())
     t.protocol.drain()
     assert t.closed
     assert not log.named("tls.fail") and not log.named("conn.close")

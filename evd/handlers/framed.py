@@ -288,6 +288,7 @@ class Framed(Handler):
             return self._reply(rid)
         self.auth_failures += 1
         log.warning("auth.fail", conn=self.transport.conn_id, peer=self.transport.peer)
+        self.transport.service.auth_failures += 1  # evd_auth_failures_total
         self._error(rid, "unauthorized", "wrong mac")
         if self.auth_failures >= AUTH_ATTEMPTS:
             self._close("auth")

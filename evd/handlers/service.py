@@ -33,11 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from evd.core.addresses import SockAddr, peer_text, sockaddr_text
+from evd.core.addresses import SockAddr, fold_mapped, peer_text, sockaddr_text
 from evd.core.config import ServiceConfig
 from evd.core.log import log
 from evd.core.seams import Connection, Reason
-from evd.proto.admission import Admission
+from evd.proto.admission import ACCESS, RATE, Admission
 
 if TYPE_CHECKING:
     from evd.core.reactor import Reactor, Timer
@@ -46,10 +46,22 @@ if TYPE_CHECKING:
 # the logs whatever service it belongs to.
 conn_ids = itertools.count(1)
 
+
+def number_connections(first: int, step: int) -> None:
+    """Connection ids from `first` in steps of `step`: with workers, each
+    process counts on its own residue, so an id names one connection
+    across all of them (server/supervisor.py picks the residues)."""
+    global conn_ids
+    conn_ids = itertools.count(first, step)
+
+
 # `udp.drop` reasons for replies the kernel would not take: the datagram was
 # admitted and answered, the answer was lost.  Every other drop reason is a
 # refusal (loop, access, rate) and counts in `rejected` too.
 SEND_FAILURES = ("send_buffer_full", "send_errno_")
+
+# Datagram drops that admission decided (the rest: the loop guard, sends).
+REFUSALS = frozenset({ACCESS, RATE})
 
 P = TypeVar("P")
 
@@ -132,6 +144,7 @@ class Service:
         self.bytes_out = 0
         self.requests = 0
         self.errors = 0
+        self.auth_failures = 0  # framed: wrong MACs (`auth.fail`)
 
     def apply(self, config: ServiceConfig) -> None:
         """A reload: new limits and access lists for new and open connections."""
@@ -149,6 +162,8 @@ class Service:
         reason = self.admission.connect(host, now)
         if reason is not None:
             self.rejected[reason] += 1
+            if host is not None:
+                self.admission.refused(host)
             self.rejects.note(reason, (host, port))
         return reason
 
@@ -179,6 +194,8 @@ class Service:
         admission, or its answer not taken by the kernel (SEND_FAILURES)."""
         self.udp_drops[reason] += 1
         self.drops.note(reason, (family, sender))
+        if reason in REFUSALS:  # admission's verdicts, by client (evd ctl sources)
+            self.admission.refused(fold_mapped(sender[0]))
 
     # -- views -----------------------------------------------------------------
 

@@ -231,7 +231,7 @@ class Daemon:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         reactor.add_before_sleep(self._before_sleep)
         self.notifier.start_watchdog(self.reactor)
-        with log.batched():
+        with log.batched(reactor):
             log.info(self._event("ready"), listeners=len(self.listeners))
             self.notifier.ready(f"serving on {len(self.listeners)} listeners")
             if on_ready is not None:

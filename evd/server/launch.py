@@ -90,11 +90,17 @@ def prepare(config, overrides: dict, pidfile_required: bool) -> Launch:
             overrides.get("level") or config.log.level,
             overrides.get("format") or config.log.format,
             config.log.file,
+            buffer=config.log.buffer,
+            journal_socket=config.log.journal_socket,
         )
     except OSError as exc:
-        raise StartError(
-            f"cannot open log file {config.log.file}: [Errno {exc.errno}] {exc.strerror}"
-        ) from None
+        journal = (overrides.get("format") or config.log.format) == "journal"
+        what = (
+            f"reach the journal at {config.log.journal_socket}"
+            if journal
+            else f"open log file {config.log.file}"
+        )
+        raise StartError(f"cannot {what}: [Errno {exc.errno}] {exc.strerror}") from None
     log.info("daemon.start", version=__version__, config=config.source)
     pidfile = _take_pidfile(config.daemon.pidfile, pidfile_required)
     try:

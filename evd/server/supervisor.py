@@ -136,7 +136,7 @@ class Supervisor:
         self.notifier.start_watchdog(self.reactor)
         if on_ready is not None:
             on_ready()
-        with log.batched():
+        with log.batched(reactor):
             reactor.run()
         reactor.close()
         self._close_all()

@@ -46,6 +46,7 @@ _pid = os.getpid()
 def _refresh_pid() -> None:
     global _pid
     _pid = os.getpid()
+    _heads.clear()
 
 
 # getpid() is a system call; cache it, and refresh it in forked workers.
@@ -141,37 +142,33 @@ def run_chain(chain: list[Processor], level: str, event: str, fields: Mapping[st
 def fast_json(level: str, event: str, fields: dict[str, Any]) -> str:
     """The JSON line the chain would render for `event`, built directly.
     Only for fields without `_CHAIN_KEYS` (see `shortcut`)."""
-    parts = [
-        '{"timestamp": "',
-        stamp(),
-        '", "level": "',
-        level,
-        '", "event": ',
-        encode_basestring(event),
-        ', "pid": ',
-        str(_pid),
-    ]
+    if "pid" in fields:  # the chain keeps pid's place but takes the caller's value
+        return _encode({"timestamp": stamp(), "level": level, "event": event, "pid": _pid, **fields})
+    head = _heads.get((level, event))
+    if head is None:
+        head = _heads[level, event] = (
+            f'", "level": "{level}", "event": {encode_basestring(event)}, "pid": {_pid}'
+        )
+    parts = ['{"timestamp": "' + stamp() + head]
     append = parts.append
     for key, value in fields.items():
-        kind = type(value)
-        if kind is str:
-            text = encode_basestring(value)
-        elif kind is int:
-            text = int.__repr__(value)
-        elif kind is float and -_INF < value < _INF:
+        quote = _quoters.get(type(value))
+        if quote is not None:
+            text = quote(value)
+        elif type(value) is float and -_INF < value < _INF:
             text = float.__repr__(value)
-        else:  # floats (NaN and infinities), None, bools, containers, others
+        else:  # NaN and infinities, None, bools, containers, others
             text = _encode(value)
-        append(", ")
         # An identifier never needs escaping in JSON (no quote, backslash
         # or control character can be part of one).
-        append(f'"{key}"' if key.isidentifier() else encode_basestring(key))
-        append(": ")
-        append(text)
-    append("}")
-    if "pid" in fields:  # the chain keeps pid's place but takes the caller's value
-        return _encode({"timestamp": parts[1], "level": level, "event": event, "pid": _pid, **fields})
-    return "".join(parts)
+        append(f'"{key}": {text}' if key.isidentifier() else f"{encode_basestring(key)}: {text}")
+    return ", ".join(parts) + "}"
+
+
+# The start of a line after its timestamp, per (level, event); it holds the
+# pid, so a forked worker starts afresh.
+_heads: dict[tuple[str, str], str] = {}
+_quoters: dict[type, Callable[[Any], str]] = {str: encode_basestring, int: int.__repr__}
 
 
 _INF = float("inf")

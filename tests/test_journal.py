@@ -210,9 +210,9 @@ def test_no_journal_at_start_is_an_error(tmp_path):
 
 
 def test_field_names():
-    assert journal.field_name("service") == b"EVD_SERVICE"
-    assert journal.field_name("exc_info") == b"EVD_EXC_INFO"
-    assert journal.field_name("a-b.c") == b"EVD_A_B_C"
+    assert journal.field_name("service") == "EVD_SERVICE"
+    assert journal.field_name("exc_info") == "EVD_EXC_INFO"
+    assert journal.field_name("a-b.c") == "EVD_A_B_C"
     assert len(journal.field_name("x" * 100)) == 64
 
 

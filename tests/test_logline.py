@@ -106,7 +106,7 @@ def test_callers_fields_named_like_the_chains_own_take_the_chain(monkeypatch_clo
         wrapper_class=structlog.make_filtering_bound_logger(0),
         context_class=dict,
     ).bind()
-    emit = logline.shortcut("info", logger.info, written.append)
+    emit = logline.shortcut("info", logger.info, written.append, logline.fast_json)
     emit("conn.open", conn=1)
     emit("conn.open", conn=2, level="mine", timestamp="mine")
     emit("daemon.start", version="1")
@@ -127,3 +127,26 @@ def test_a_second_boundary_is_seen(monkeypatch):
     assert logline.stamp() == "2023-11-14T22:13:20.999999Z"
     monkeypatch.setattr(logline, "clock", lambda: 1_700_000_001_000_000_000)
     assert logline.stamp() == "2023-11-14T22:13:21.000000Z"
+
+
+def through_the_journal_chain(level: str, event: str, fields: dict) -> bytes:
+    capture = Capture()
+    logger = structlog.wrap_logger(
+        capture,
+        processors=logline.processors("journal", colors=False),
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        context_class=dict,
+    ).bind()
+    getattr(logger, level)(event, **fields)
+    (entry,) = capture.lines
+    return entry
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    event=st.sampled_from(sorted(logline.FAST_EVENTS)) | st.text(),
+    fields=st.dictionaries(keys, values, max_size=8),
+    level=st.sampled_from(["debug", "info"]),
+)
+def test_the_direct_journal_entry_is_the_chains(monkeypatch_clock, event, fields, level):
+    assert logline.fast_journal(level, event, fields) == through_the_journal_chain(level, event, fields)

@@ -28,8 +28,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-PRIORITY = {"debug": b"7", "info": b"6", "warning": b"4", "error": b"3", "critical": b"2"}
-IDENTIFIER = b"evd"
+PRIORITY = {"debug": "7", "info": "6", "warning": "4", "error": "3", "critical": "2"}
 _NAME_MAX = 64
 _NOT_NAME = re.compile(r"[^A-Z0-9_]")
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
@@ -38,43 +37,90 @@ _TOO_BIG = {errno.EMSGSIZE, errno.ENOBUFS}
 # journald went away or restarted: a fresh socket may reach the new one.
 _RECONNECT = {errno.ECONNREFUSED, errno.ENOTCONN, errno.ENOENT}
 
-_names: dict[str, bytes] = {}
+_names: dict[str, str] = {}
 _json = json.JSONEncoder(default=repr, ensure_ascii=False).encode
 
 
-def field_name(key: str) -> bytes:
+def field_name(key: str) -> str:
     """`EVD_` + the key in upper case, anything else an underscore."""
     name = _names.get(key)
     if name is None:
-        name = _names[key] = ("EVD_" + _NOT_NAME.sub("_", key.upper()))[:_NAME_MAX].encode()
+        name = _names[key] = ("EVD_" + _NOT_NAME.sub("_", key.upper()))[:_NAME_MAX]
     return name
 
 
-def text(value: object) -> bytes:
+_INF = float("inf")
+# What the console line shows of an event: the rest is in the journal's
+# own fields (PRIORITY, _PID, the entry's time).
+_NOT_SHOWN = frozenset({"timestamp", "level", "event", "pid"})
+
+
+def text(value: Any) -> str:
     """Strings as they are, everything else as JSON."""
-    string = value if type(value) is str else _json(value)
+    kind = type(value)
+    if kind is str:
+        return str(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and -_INF < value < _INF:
+        return float.__repr__(value)
+    return _json(value)
+
+
+def _plain(string: str) -> bool:
+    """Shown as it is after `key=` (else JSON-quoted, as a console would)."""
+    return bool(string) and not (
+        " " in string or '"' in string or "'" in string or "=" in string or "\t" in string
+    )
+
+
+def _bytes(string: str) -> bytes:
     try:
         return string.encode()
     except UnicodeEncodeError:  # a lone surrogate: its escape, never a lost entry
         return string.encode("utf-8", "backslashreplace")
 
 
-def _field(name: bytes, value: bytes) -> bytes:
-    if b"\n" in value:
-        return name + b"\n" + struct.pack("<Q", len(value)) + value + b"\n"
-    return name + b"=" + value + b"\n"
+def _binary_field(name: str, value: str) -> bytes:
+    data = _bytes(value)
+    return name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
 
 
-def entry(event_dict: Mapping[str, Any], message: str) -> bytes:
-    """The datagram for one event: MESSAGE, PRIORITY, SYSLOG_IDENTIFIER,
-    then every key of the event as EVD_KEY."""
-    parts = [
-        _field(b"MESSAGE", text(message)),
-        b"PRIORITY=" + PRIORITY.get(str(event_dict.get("level")), b"6") + b"\n",
-        b"SYSLOG_IDENTIFIER=" + IDENTIFIER + b"\n",
+def entry(event_dict: Mapping[str, Any]) -> bytes:
+    """The datagram for one event: MESSAGE (the event and its fields as
+    `key=value`, as on a console; a value of several lines below it),
+    PRIORITY, SYSLOG_IDENTIFIER, then every key of the event as EVD_KEY."""
+    level = event_dict.get("level")
+    lines = [
+        "",  # MESSAGE, once the fields are known
+        "PRIORITY=" + PRIORITY.get(level if type(level) is str else "", "6"),
+        "SYSLOG_IDENTIFIER=evd",
     ]
-    parts += [_field(field_name(key), text(value)) for key, value in event_dict.items()]
-    return b"".join(parts)
+    words = [str(event_dict.get("event"))]
+    below = []
+    several = []  # (name, value) of values with a newline: the binary-safe form
+    for key, value in event_dict.items():
+        string = text(value)
+        name = _names.get(key) or field_name(key)
+        if "\n" in string:
+            several.append((name, string))
+            if key not in _NOT_SHOWN:
+                below.append(string)
+            continue
+        lines.append(f"{name}={string}")
+        if key in _NOT_SHOWN:
+            continue
+        words.append(
+            f"{key}={string}" if type(value) is not str or _plain(string) else f"{key}={_json(string)}"
+        )
+    message = " ".join(words)
+    if below:
+        several.insert(0, ("MESSAGE", message + "\n" + "\n".join(below)))
+        del lines[0]
+    else:
+        lines[0] = "MESSAGE=" + message
+    data = _bytes("\n".join(lines) + "\n")
+    return data + b"".join(_binary_field(name, value) for name, value in several) if several else data
 
 
 class JournalTarget:

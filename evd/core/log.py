@@ -72,12 +72,13 @@ class Log:
         self.info: LogMethod = logger.info if self.info_on else _nothing
         self.warning: LogMethod = logger.warning if self.enabled("warning") else _nothing
         self.error: LogMethod = logger.error
-        if self.format == "json":
+        render = {"json": logline.fast_json, "journal": logline.fast_journal}.get(self.format)
+        if render is not None:
             write = self.sink.write
             if self.enabled("debug"):
-                self.debug = logline.shortcut("debug", logger.debug, write)
+                self.debug = logline.shortcut("debug", logger.debug, write, render)
             if self.info_on:
-                self.info = logline.shortcut("info", logger.info, write)
+                self.info = logline.shortcut("info", logger.info, write, render)
 
     def _render_dropped(self, count: int, first: str) -> Any:
         return logline.run_chain(self._chain, "warning", "log.dropped", {"count": count, "first": first})

@@ -106,17 +106,8 @@ def order_keys(logger: object, method_name: str, event_dict: EventDict) -> Event
     }
 
 
-def console_message(event_dict: Mapping[str, Any]) -> str:
-    """The console rendering without timestamp and pid: journald keeps both."""
-    fields = {k: v for k, v in event_dict.items() if k not in ("timestamp", "pid")}
-    return str(_CONSOLE(None, str(fields["level"]), fields))
-
-
-_CONSOLE = structlog.dev.ConsoleRenderer(colors=False)
-
-
 def render_journal(logger: object, method_name: str, event_dict: EventDict) -> bytes:
-    return journal.entry(event_dict, console_message(event_dict))
+    return journal.entry(event_dict)
 
 
 def processors(fmt: str, colors: bool) -> list[Processor]:
@@ -175,18 +166,26 @@ _INF = float("inf")
 LogMethod = Callable[..., Any]
 
 
-def shortcut(level: str, chain_method: LogMethod, write: Callable[[str], None]) -> LogMethod:
-    """`log.info` (or debug) for the JSON format: FAST_EVENTS by `fast_json`,
-    everything else through structlog's chain."""
+def fast_journal(level: str, event: str, fields: dict[str, Any]) -> bytes:
+    """The journal entry the chain would send for `event`, without the chain."""
+    return journal.entry({"timestamp": stamp(), "level": level, "event": event, "pid": _pid, **fields})
+
+
+def shortcut(
+    level: str, chain_method: LogMethod, write: Callable[[Any], None], render: Callable[[str, str, Any], Any]
+) -> LogMethod:
+    """`log.info` (or debug): FAST_EVENTS by `render` (`fast_json` or
+    `fast_journal`), everything else through structlog's chain."""
 
     def emit(event: str, /, **fields: Any) -> Any:
+        # Three `in` tests cost a third of a set operation on the fields.
         if (
             event in FAST_EVENTS
             and "exc_info" not in fields
             and "timestamp" not in fields
             and "level" not in fields
         ):
-            write(fast_json(level, event, fields))
+            write(render(level, event, fields))
             return None
         return chain_method(event, **fields)
 

@@ -132,10 +132,14 @@ def test_a_stalled_stderr_pipe_stops_nobody(tmp_path):
         os.close(r)
     rows = [json.loads(line) for line in text.decode().splitlines()]  # whole lines only
     conn_lines = [row for row in rows if row["event"] in ("conn.open", "conn.close")]
+    assert len({(row["event"], row["conn"]) for row in conn_lines}) == len(conn_lines)  # none twice
     notes = [row for row in rows if row["event"] == "log.dropped"]
     assert notes, "no log.dropped line"
     dropped = sum(note["count"] for note in notes)
-    assert len(conn_lines) + dropped == 2 * (served + 1)  # and the probe that saw it listen
+    # Each line since the stall is there or counted: two per connection (and
+    # the probe's that saw evd listen), and the two listeners' closing.
+    closes = [row for row in rows if row["event"] == "listener.close"]
+    assert len(conn_lines) + len(closes) + dropped == 2 * (served + 1) + 2
     assert all(note["level"] == "warning" and note["first"] for note in notes)
     assert rows[-1]["event"] == "daemon.stop"  # the exit drain wrote the rest
 

@@ -217,3 +217,32 @@ def test_evd_run_without_a_journal_says_so(tmp_path):
         .strip()
         .endswith(f"cannot reach the journal at {tmp_path}/journal.sock: [Errno 2] No such file or directory")
     )
+
+
+def test_evd_start_keeps_logging_to_the_journal_after_detaching(tmp_path):
+    """Detaching closes every descriptor it was not told to keep, the
+    journal socket among them: the daemon must find the journal again, and
+    never write into whatever reuses the number."""
+    receiver = FakeJournal(tmp_path / "journal.sock")
+    config = tmp_path / "evd.toml"
+    config.write_text(CONFIG.format(tmp=tmp_path, log_file="", buffer=65536).replace('"json"', '"journal"'))
+    evd = [sys.executable, "-m", "evd"]
+    try:
+        started = subprocess.run(
+            [*evd, "start", "-c", str(config)], capture_output=True, timeout=30, cwd=ROOT
+        )
+        assert started.returncode == 0, started.stderr
+        echo_once(tmp_path / "echo.sock")
+        events: list[tuple[str, str]] = []
+        deadline = time.monotonic() + WAIT
+        while ("conn.close", "echo") not in events:
+            assert time.monotonic() < deadline, events
+            entry = receiver.receive()
+            events.append(
+                (one(entry, "EVD_EVENT"), one(entry, "EVD_SERVICE") if "EVD_SERVICE" in entry else "")
+            )
+    finally:
+        subprocess.run([*evd, "stop", "-c", str(config)], capture_output=True, timeout=30, cwd=ROOT)
+        receiver.close()
+    names = [name for name, _ in events]
+    assert names[0] == "daemon.start" and "daemon.ready" in names and "conn.open" in names

@@ -35,7 +35,7 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_
 # Too large for a datagram: the memfd way (sd_journal_sendv's list).
 _TOO_BIG = {errno.EMSGSIZE, errno.ENOBUFS}
 # journald went away or restarted: a fresh socket may reach the new one.
-_RECONNECT = {errno.ECONNREFUSED, errno.ENOTCONN, errno.ENOENT}
+_RECONNECT = {errno.ECONNREFUSED, errno.ENOTCONN, errno.ENOENT, errno.EBADF}
 
 _names: dict[str, str] = {}
 _json = json.JSONEncoder(default=repr, ensure_ascii=False).encode

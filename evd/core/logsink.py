@@ -315,6 +315,7 @@ class Sink:
         self._writer_fd: int | None = None
         self._retry_at = 0.0  # without a watcher: no try before this
         self._drain_until: float | None = None
+        self._forked = False
 
     @property
     def path(self) -> str:
@@ -371,6 +372,13 @@ class Sink:
             if time.monotonic() < self._retry_at:
                 return
             self._retry_at = 0.0
+        if self._forked:
+            self._forked = False
+            try:
+                self.target.after_fork()
+            except OSError:
+                self._wait_retry()
+                return
         target = self.target
         while True:
             if self._dropped and (self._fresh or not self._out):
@@ -518,10 +526,9 @@ class Sink:
         self._writer_fd = None
         self._paused = False
         self.batching = False  # until the worker's own loop runs
-        try:
-            self.target.after_fork()
-        except OSError:
-            self._retry_at = time.monotonic() + RETRY
+        # Checked before the next write, not now: detaching (`evd start`)
+        # closes descriptors after its forks, and the number may be reused.
+        self._forked = True
 
     # -- targets ----------------------------------------------------------------
 

@@ -46,7 +46,7 @@ LAYERS = {
     # written back), the interfaces between layers, addresses
     # the log: what callers use, the queue in front of the target, how a
     # line looks, journald's protocol
-    "core.log": 56, "core.logsink": 57, "core.logline": 58, "core.journal": 59,
+    "core.log": 56, "core.logsink": 57, "core.logfiles": 57, "core.logline": 58, "core.journal": 59,
     "core.loader": 61, "core.tomlout": 61,
     "core.schema": 62,
     "core.seams": 63,

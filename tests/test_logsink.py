@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from evd.core import logsink
-from evd.core.logsink import ATOMIC_WRITE, LINE_OVERHEAD, FileTarget, Sink, StderrTarget
+from evd.core import logfiles, logsink
+from evd.core.logfiles import ATOMIC_WRITE, FileTarget, StderrTarget
+from evd.core.logsink import LINE_OVERHEAD, Sink
 from evd.core.reactor import Reactor
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -446,7 +447,7 @@ def test_a_write_the_disk_takes_in_part_is_taken_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "write", short)
     with pytest.raises(OSError):
-        logsink._append(fd, b'{"event": "a long line"}\n')
+        logfiles._append(fd, b'{"event": "a long line"}\n')
     monkeypatch.undo()
     os.close(fd)
     assert path.read_bytes() == b"earlier\n"

@@ -29,7 +29,8 @@ import structlog
 
 from evd.core import logline
 from evd.core.journal import JournalTarget
-from evd.core.logsink import ATOMIC_WRITE, FileTarget, Sink, StderrTarget, Target, Watcher, describe
+from evd.core.logfiles import ATOMIC_WRITE, FileTarget, StderrTarget, describe
+from evd.core.logsink import Sink, Target, Watcher
 
 __all__ = ["ATOMIC_WRITE", "FORMATS", "LEVELS", "Log", "log"]
 

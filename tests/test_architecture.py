@@ -52,7 +52,9 @@ LAYERS = {
     "system.children": 50,
     # primitives: the loop, the log, the configuration (found, validated,
     # written back), the interfaces between layers, addresses
-    "core.log": 60,
+    # the log: what callers use, the queue in front of the target, how a
+    # line looks, journald's protocol
+    "core.log": 56, "core.logsink": 57, "core.logfiles": 57, "core.logline": 58, "core.journal": 59,
     "core.loader": 61, "core.tomlout": 61,
     "core.dropins": 62, "core.schema": 62,
     "core.seams": 63,

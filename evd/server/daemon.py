@@ -184,7 +184,7 @@ class Daemon:
         signals.release()
         reactor.add_before_sleep(self._before_sleep)
         self.notifier.start_watchdog(self.reactor)
-        with log.batched():
+        with log.batched(reactor):
             log.info(self._event("ready"), listeners=len(self.listeners))
             self.notifier.ready(f"serving on {len(self.listeners)} listeners")
             if on_ready is not None:
@@ -316,7 +316,11 @@ class Daemon:
         except BindError as exc:
             return Result.failed(str(exc))
         try:
-            log.configure(*log_settings(new, self.log_overrides))
+            log.configure(
+                *log_settings(new, self.log_overrides),
+                buffer=new.log.buffer,
+                journal_socket=new.log.journal_socket,
+            )
         except OSError as exc:
             sockets.unbind(bound)
             return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")

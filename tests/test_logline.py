@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evd.core import logline
+from evd.core.seams import Reason
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -95,6 +96,18 @@ def test_the_events_of_a_connection_in_particular(monkeypatch_clock):
     ]
     for event, fields in cases:
         assert logline.fast_json("info", event, fields) == through_the_chain("info", event, fields)
+
+
+def test_a_close_reason_enum_is_its_text(monkeypatch_clock):
+    """Transports close with `Reason`, a StrEnum: in a line and in a journal
+    entry it reads as its text, as the chain renders it."""
+    fields = {"service": "echo", "peer": "unix", "conn": 3, "reason": Reason.EOF}
+    line = logline.fast_json("info", "conn.close", fields)
+    assert line == through_the_chain("info", "conn.close", fields)
+    assert json.loads(line)["reason"] == "eof"
+    entry = logline.fast_journal("info", "conn.close", fields)
+    assert entry == through_the_journal_chain("info", "conn.close", fields)
+    assert b"\nEVD_REASON=eof\n" in entry
 
 
 def test_callers_fields_named_like_the_chains_own_take_the_chain(monkeypatch_clock):

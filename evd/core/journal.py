@@ -58,7 +58,7 @@ _NOT_SHOWN = frozenset({"timestamp", "level", "event", "pid"})
 def text(value: Any) -> str:
     """Strings as they are, everything else as JSON."""
     kind = type(value)
-    if kind is str:
+    if isinstance(value, str):  # close reasons are a StrEnum: their text, not JSON
         return str(value)
     if kind is int:
         return int.__repr__(value)

@@ -148,6 +148,8 @@ def fast_json(level: str, event: str, fields: dict[str, Any]) -> str:
             text = quote(value)
         elif type(value) is float and -_INF < value < _INF:
             text = float.__repr__(value)
+        elif isinstance(value, str):  # a StrEnum, such as a close reason
+            text = encode_basestring(value)
         else:  # NaN and infinities, None, bools, containers, others
             text = _encode(value)
         # An identifier never needs escaping in JSON (no quote, backslash

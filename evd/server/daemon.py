@@ -32,7 +32,6 @@ from evd.core.addresses import Address
 # Services that have listeners of their own (command and stats are reached
 # through the framed dispatcher only).
 from evd.core.config import (
-    DEFAULT_KEY,
     LISTENING,
 )
 from evd.core.log import log
@@ -44,6 +43,7 @@ from evd.handlers.service import Service
 from evd.net import transport as transport_mod
 from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, StreamListener, bind
 from evd.proto.services import datagram_handler
+from evd.proto.session import rules_for
 from evd.server import preflight
 from evd.system.systemd import Notifier
 
@@ -81,11 +81,6 @@ def raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
-
-
-def _default_secret(machine: preflight.Machine) -> bytes | None:
-    """The framed port's HMAC key (key_file), or None: no authentication."""
-    return machine.secrets.get(DEFAULT_KEY)
 
 
 def _describe(key) -> str:
@@ -144,13 +139,7 @@ class Daemon:
         self.stop_signal: str | None = None
         self._sweep_timer = None
         self.runner = Runner(self.reactor, config.services["command"], config.commands)
-        self.context = Context(
-            self.runner, self.stats, _default_secret(preflight.check(config)), self._framed_enabled(config)
-        )
-
-    @staticmethod
-    def _framed_enabled(config) -> frozenset[str]:
-        return frozenset(name for name in ("command", "stats") if config.services[name].enabled)
+        self.context = Context(self.runner, self.stats, rules_for(config, preflight.check(config).secrets))
 
     def stats(self) -> dict:
         """The framed `stats` body."""
@@ -355,13 +344,13 @@ class Daemon:
             # already started new workers if they changed.
             wanted = list(self.listeners) if self.worker else listener_keys(new)
             added = [k for k in wanted if k not in self.listeners]
-            key = _default_secret(preflight.check(new))
+            secrets = preflight.check(new).secrets
             bound = self.bind(added)
         except (config_mod.ConfigError, BindError) as exc:
             log.error(event, ok=False, error=str(exc), added=[], removed=[], changed=[])
             return
         removed = [k for k in self.listeners if k not in set(wanted)]
-        changed = self._apply(new, bound, removed, key)
+        changed = self._apply(new, bound, removed, secrets)
         log.info(
             event,
             ok=True,
@@ -370,7 +359,7 @@ class Daemon:
             changed=changed,
         )
 
-    def _apply(self, new, bound: dict, removed: list, hmac_key) -> list[str]:
+    def _apply(self, new, bound: dict, removed: list, secrets: dict[str, bytes]) -> list[str]:
         for key in removed:
             self.listeners.pop(key).close()
         changed = []
@@ -388,8 +377,7 @@ class Daemon:
         changed += other_changes(self.config, new)
         self.config = new
         self.runner.apply(new.services["command"], new.commands)
-        self.context.key = hmac_key
-        self.context.enabled = self._framed_enabled(new)
+        self.context.rules = rules_for(new, secrets)
         self._update_guard_ports()
         self._schedule_sweep()
         log.reopen()

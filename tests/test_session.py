@@ -29,19 +29,18 @@ from evd.handlers.framed import Context, Framed
 from evd.handlers.service import Service
 from evd.net.transport import StreamTransport
 from evd.proto.framing import Decoder, FrameError, encode
+from evd.proto.rules import Rules, rules_for
 from evd.proto.session import (
     AuthFail,
     AuthOk,
     Close,
     Failure,
     Reply,
-    Rules,
     Session,
     Start,
     Stats,
     loggable,
     quote,
-    rules_for,
 )
 
 NONCE = bytes(range(32))
@@ -386,12 +385,12 @@ def test_auth_with_a_key_name_tries_that_key_only():
 
 def test_every_key_is_computed_whichever_matches(monkeypatch):
     # No early exit: the first key matching takes as many HMACs as none.
-    import evd.proto.session as session_mod
+    import evd.proto.rules as rules_mod
 
     macs = [mac(secret) for secret in (b"default secret", b"deploy secret", b"wrong")]
     calls = []
     real = hmac.new
-    monkeypatch.setattr(session_mod.hmac, "new", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(rules_mod.hmac, "new", lambda *a, **k: calls.append(1) or real(*a, **k))
     for given_mac in macs:
         calls.clear()
         ask(Session(keyed_rules(), NONCE), {"svc": "auth", "mac": given_mac})

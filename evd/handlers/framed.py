@@ -31,6 +31,7 @@ from evd.core.seams import Buffer, Transport
 from evd.handlers.commands import CommandError, Result, Run, Runner
 from evd.handlers.service import Service
 from evd.proto.framing import Decoder, FrameError, Header, encode_parts, ok_header
+from evd.proto.rules import Rules
 from evd.proto.session import (
     NONCE_BYTES,
     Action,
@@ -38,7 +39,6 @@ from evd.proto.session import (
     AuthOk,
     Failure,
     Reply,
-    Rules,
     Session,
     Start,
     Stats,

@@ -21,28 +21,27 @@ message a client can read is written here, in the protocol's words (JSON,
 never Python reprs); so any exception `receive` raises is a bug by
 construction.
 
-Authentication (SPEC sections 5 and 10): a key is a `[keys.NAME]` entry (or
-`key_file`, the key "default").  `auth` proves one by an HMAC-SHA256 of this
-connection's nonce; a connection over mutual TLS may instead be created
-already authenticated as the key whose `client_cn` its certificate carries.
-The key then decides which commands may run.  Three failed `auth` close the
-connection and ask for a ban of its address.
+Authentication (SPEC sections 5 and 10): a key (proto/rules.py) is proven
+by `auth`, an HMAC-SHA256 of this connection's nonce, or -- a connection over
+mutual TLS -- the session is created already authenticated as the key whose
+`client_cn` the certificate carries.  The key then decides which commands
+may run.  Three failed `auth` close the connection and ask for a ban of its
+address.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from evd import __version__
-from evd.core.config import CommandSpec, Config, KeySpec
+from evd.core.config import KeySpec
 from evd.core.seams import Reason
 from evd.proto.framing import FrameError
+from evd.proto.rules import Rules
 
 Scalar = str | int | float | bool | None
 Header = dict[str, Any]  # a decoded JSON object: any JSON value per key
@@ -65,49 +64,41 @@ _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
 # -- what the session says to do ------------------------------------------------
 
 
+@dataclass(slots=True)
 class Reply:
     """Answer `rid` with success: `fields` (None: only id/ok/len) and `body`."""
 
-    __slots__ = ("rid", "body", "fields")
-
-    def __init__(self, rid: Scalar, body: Body = b"", fields: dict[str, Any] | None = None):
-        self.rid = rid
-        self.body = body
-        self.fields = fields
+    rid: Scalar
+    body: Body = b""
+    fields: dict[str, Any] | None = None
 
 
+@dataclass(slots=True)
 class Failure:
     """Answer `rid` with `{"ok": false, "error": {"code", "message"}}`."""
 
-    __slots__ = ("rid", "code", "message")
-
-    def __init__(self, rid: Scalar, code: str, message: str):
-        self.rid = rid
-        self.code = code
-        self.message = message
+    rid: Scalar
+    code: str
+    message: str
 
 
+@dataclass(slots=True, eq=False)
 class Start:
     """Run an allow-listed command; then call `finished` (or `start_failed`)
     with this object.  `key`: the key the connection authenticated as."""
 
-    __slots__ = ("rid", "name", "argv", "stdin", "key")
-
-    def __init__(self, rid: Scalar, name: str, argv: list[str], stdin: bytes, key: str | None):
-        self.rid = rid
-        self.name = name
-        self.argv = argv
-        self.stdin = stdin
-        self.key = key
+    rid: Scalar
+    name: str
+    argv: list[str]
+    stdin: bytes
+    key: str | None
 
 
+@dataclass(slots=True)
 class Stats:
     """Answer `rid` with the daemon's `stats` body (only the handler has it)."""
 
-    __slots__ = ("rid",)
-
-    def __init__(self, rid: Scalar):
-        self.rid = rid
+    rid: Scalar
 
 
 Action = Reply | Failure | Start | Stats
@@ -157,43 +148,6 @@ class Outcome(Protocol):
     def stdout(self) -> Body: ...
     @property
     def stderr(self) -> Body: ...
-
-
-# -- what every connection of one configuration shares --------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Rules:
-    """The framed port's configuration as sessions use it, built once per
-    (re)load by `rules_for`; sessions follow a new one from their next
-    request on."""
-
-    services: tuple[str, ...] = ("echo", "time")  # offered, in dispatch order
-    auth_required: frozenset[str] = frozenset()  # empty unless a key exists
-    keys: Mapping[str, KeySpec] = field(default_factory=dict)
-    secrets: Mapping[str, bytes] = field(default_factory=dict)  # HMAC keys only
-    commands: Mapping[str, CommandSpec] = field(default_factory=dict)
-
-    def key_for_cn(self, client_cn: str) -> str | None:
-        """The key a verified TLS client certificate with this CN is."""
-        for name, spec in self.keys.items():
-            if spec.client_cn and spec.client_cn == client_cn:
-                return name
-        return None
-
-
-def rules_for(config: Config, secrets: Mapping[str, bytes]) -> Rules:
-    """The Rules of `config`; `secrets` as server/preflight.py read them."""
-    framed = config.services["framed"]
-    enabled = {name for name in ("command", "stats") if config.services[name].enabled}
-    keys = config.all_keys()
-    return Rules(
-        services=tuple(s for s in framed.dispatch if s in ("echo", "time") or s in enabled),
-        auth_required=frozenset(framed.auth_required) if keys else frozenset(),
-        keys=keys,
-        secrets={name: secrets[name] for name in keys if name in secrets},
-        commands=dict(config.commands),
-    )
 
 
 # -- the session ----------------------------------------------------------------
@@ -367,7 +321,7 @@ class Session:
         named = header.get("key")
         if named is not None and type(named) is not str:
             return Failure(rid, "bad_request", "key must be the name of a key (a string)")
-        matched = self._match(header.get("mac"), named)
+        matched = self.rules.match(self.nonce, header.get("mac"), named)
         if matched is not None:
             self.key = self.rules.keys[matched]
             self.events.append(AuthOk(matched, "hmac"))
@@ -379,26 +333,6 @@ class Session:
         # The same words whatever was wrong: a key name that does not exist
         # is not told apart from a wrong MAC.
         return Failure(rid, "unauthorized", "wrong mac")
-
-    def _match(self, mac: object, named: str | None) -> str | None:
-        """The key whose HMAC of the nonce `mac` is, or None.  Each candidate
-        is computed and compared in full, whichever matches: the time taken
-        depends on how many keys there are, not on which one (if any) is
-        right.  Anything but a string of ASCII is simply a wrong MAC."""
-        given = mac.lower().encode("ascii") if type(mac) is str and mac.isascii() else b""
-        secrets = self.rules.secrets
-        if named is None:
-            candidates = list(secrets.items())
-        elif named in secrets:
-            candidates = [(named, secrets[named])]
-        else:  # as much work as a real key, for a name that is not one
-            candidates = [("", self.nonce)]
-        matched = None
-        for name, secret in candidates:
-            expected = hmac.new(secret, self.nonce, "sha256").hexdigest().encode("ascii")
-            if hmac.compare_digest(given, expected) and name and matched is None:
-                matched = name
-        return matched
 
     # -- the connection's end ---------------------------------------------------
 

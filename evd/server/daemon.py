@@ -42,8 +42,8 @@ from evd.handlers.raw import STREAM_HANDLERS
 from evd.handlers.service import Service
 from evd.net import transport as transport_mod
 from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, StreamListener, bind
+from evd.proto.rules import rules_for
 from evd.proto.services import datagram_handler
-from evd.proto.session import rules_for
 from evd.server import preflight
 from evd.system.systemd import Notifier
 

@@ -39,7 +39,8 @@ LAYERS = {
     "handlers.raw": 31, "handlers.commands": 31, "handlers.service": 31,
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
-    "proto.rules": 41, "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
+    "proto.rules": 41,
+    "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
     # the operating system: systemd, privileges, the pidfile, key files
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,
     # primitives: the loop, the log, the configuration (found, validated,

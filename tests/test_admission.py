@@ -49,7 +49,7 @@ def config(only_from=(), no_access=(), max_connections=1000, per_source=1000, ra
         only_from=nets(*only_from),
         no_access=nets(*no_access),
         limits=SimpleNamespace(
-            max_connections=max_connections, per_source=per_source, rate=rate, burst=burst
+            max_connections=max_connections, per_source=per_source, rate=rate, burst=burst, auth_ban=0.0
         ),
     )
 
@@ -324,7 +324,7 @@ def test_ipv4_mapped_networks_in_the_rules_match_ipv4_peers():
     from evd.proto.admission import ACCESS
     from evd.proto.admission import Admission as _Adm
 
-    limits = _NS(max_connections=10, per_source=10, rate=0.0, burst=1)
+    limits = _NS(max_connections=10, per_source=10, rate=0.0, burst=1, auth_ban=0.0)
     rule = _NS(only_from=(_ip.ip_network("::ffff:10.0.0.0/104"),), no_access=(), limits=limits)
     adm = _Adm(rule)
     assert adm.connect("10.1.2.3", 0.0) is None

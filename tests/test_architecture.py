@@ -44,6 +44,7 @@ LAYERS = {
     "handlers.command_run": 32,
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
+    "proto.rules": 41,
     "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
     "proto.access": 42,
     # the operating system: systemd, privileges, the pidfile, key files, a

@@ -8,6 +8,10 @@ Rates are token buckets per client IP.  The bucket table is bounded: a sweep
 drops buckets that have refilled completely (an idle client), and if the table
 still reaches MAX_BUCKETS the oldest half goes -- an attacker cycling through
 source addresses costs at most MAX_BUCKETS small entries.
+
+Bans (`auth_ban`, SPEC section 10) are a table of client IP -> end of ban,
+bounded the same way: the sweep drops bans that have run out, and a full
+table gives up its oldest ban for a new one.
 """
 
 from __future__ import annotations
@@ -21,11 +25,17 @@ from evd.core.config import Limits, Network, ServiceConfig
 # distinct clients per `burst / rate` seconds than a small daemon serves.
 MAX_BUCKETS = 65536
 
+# One address per entry, made only by three failed `auth` on one connection
+# (each connection first passing every other limit): far more than a
+# small daemon meets, and a few MiB at worst.
+MAX_BANS = 65536
+
 # Reasons, as they appear in `conn.reject` and `udp.drop`.
 ACCESS = "access"
 MAX_CONNECTIONS = "max_connections"
 PER_SOURCE = "per_source"
 RATE = "rate"
+BANNED = "banned"
 
 
 def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -64,6 +74,7 @@ class Admission:
         self.current = 0
         self._per_source: dict[str, int] = {}
         self._buckets: dict[str, list[float]] = {}  # ip -> [tokens, last]
+        self._bans: dict[str, float] = {}  # ip -> when its ban ends
         self.apply(service)
 
     def apply(self, service: ServiceConfig) -> None:
@@ -75,6 +86,9 @@ class Admission:
         self._per_source_max = limits.per_source
         self._rate = limits.rate
         self._burst = float(limits.burst)
+        self._ban_time = limits.auth_ban
+        if not self._ban_time:  # bans switched off: lift those in force
+            self._bans.clear()
         # With no access lists, the address never needs parsing.
         self.filters = bool(self._only_from or self._no_access)
         # Whether a datagram needs asking about at all: with neither lists
@@ -105,7 +119,11 @@ class Admission:
         return True
 
     def expire(self, now: float, force: bool = False) -> None:
-        """Drop buckets that have refilled (their client has been quiet)."""
+        """Drop buckets that have refilled (their client has been quiet),
+        and bans that have run out."""
+        if self._bans:
+            for host in [h for h, end in self._bans.items() if end <= now]:
+                del self._bans[host]
         if not self._rate:
             self._buckets.clear()
             return
@@ -121,11 +139,39 @@ class Admission:
     def buckets(self) -> int:
         return len(self._buckets)
 
+    @property
+    def bans(self) -> int:
+        return len(self._bans)
+
+    def ban(self, host: str | None, now: float) -> bool:
+        """Refuse `host` for `auth_ban` seconds from `now`; False if bans are
+        off (or the peer has no IP address to ban)."""
+        if host is None or not self._ban_time:
+            return False
+        bans = self._bans
+        if host not in bans and len(bans) >= MAX_BANS:
+            self.expire(now)
+            if len(bans) >= MAX_BANS:
+                del bans[next(iter(bans))]  # the oldest
+        bans.pop(host, None)  # re-inserted: the table stays oldest first
+        bans[host] = now + self._ban_time
+        return True
+
+    def banned_for(self, host: str, now: float) -> float:
+        """Seconds left of `host`'s ban (0.0: not banned)."""
+        return max(0.0, self._bans.get(host, now) - now)
+
     def connect(self, host: str | None, now: float) -> str | None:
         """A new connection from `host` (None for UNIX peers): None to admit
         (and count it), or the reason to refuse."""
         if host is not None and self.filters and not self._allowed(host):
             return ACCESS
+        if host is not None and self._bans:
+            end = self._bans.get(host)
+            if end is not None:
+                if now < end:
+                    return BANNED
+                del self._bans[host]
         if self.current >= self._max:
             return MAX_CONNECTIONS
         if host is not None:

@@ -32,7 +32,7 @@ from dataclasses import replace
 
 from evd import __version__
 from evd.core import loader
-from evd.core.config import DEFAULT_KEY, LISTENING, Config, ConfigError
+from evd.core.config import LISTENING, Config, ConfigError
 from evd.core.log import log
 from evd.core.reactor import Reactor, Timer
 from evd.core.seams import HandlerFactory, Reason
@@ -41,6 +41,7 @@ from evd.handlers.framed import Context, Framed
 from evd.handlers.raw import STREAM_HANDLERS
 from evd.handlers.service import Service
 from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, Listener, StreamListener
+from evd.proto.rules import rules_for
 from evd.proto.services import datagram_handler
 from evd.server import preflight, signals, sockets
 from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
@@ -61,10 +62,6 @@ def sweep_period(idle_timeouts: Iterable[float]) -> float:
     if not positive:
         return SWEEP_SLOWEST
     return max(SWEEP_FASTEST, min(SWEEP_SLOWEST, min(positive) / 4))
-
-
-def _framed_enabled(config: Config) -> frozenset[str]:
-    return frozenset(name for name in ("command", "stats") if config.services[name].enabled)
 
 
 class Daemon:
@@ -98,8 +95,7 @@ class Daemon:
         self.sweep_every = SWEEP_SLOWEST
         self._sweep_timer: Timer | None = None
         self.runner = Runner(self.reactor, config.services["command"], config.commands)
-        self.context = Context(self.runner, self.stats, None, frozenset())
-        self._update_context()
+        self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
 
     def stats(self) -> dict[str, object]:
         """The framed `stats` body."""
@@ -119,10 +115,9 @@ class Daemon:
         return "config.reload" if what == "reload" else f"daemon.{what}"
 
     def _update_context(self) -> None:
-        """What framed connections read: the key secrets preflight read,
-        the framed-only services switched on."""
-        self.context.key = self.machine.secrets.get(DEFAULT_KEY)
-        self.context.enabled = _framed_enabled(self.config)
+        """What framed connections read: the services offered, the keys and
+        the secrets preflight read."""
+        self.context.rules = rules_for(self.config, self.machine.secrets)
 
     # -- start ----------------------------------------------------------------
 

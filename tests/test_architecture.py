@@ -46,7 +46,7 @@ LAYERS = {
     "proto.session": 40,
     "proto.rules": 41,
     "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
-    "proto.access": 42,
+    "proto.access": 42, "proto.allowlist": 42,
     # the operating system: systemd, privileges, the pidfile, key files, a
     # command's processes
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,

@@ -31,8 +31,6 @@ address.
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,6 +38,8 @@ from typing import Any, Protocol
 from evd import __version__
 from evd.core.config import KeySpec
 from evd.core.seams import Reason
+from evd.proto import allowlist
+from evd.proto.allowlist import QUOTE_MAX, quote
 from evd.proto.framing import FrameError
 from evd.proto.rules import Rules
 
@@ -55,8 +55,6 @@ RFC868_OFFSET = 2208988800
 # banned (SPEC section 5): enough for a typo, too few for guessing.
 AUTH_ATTEMPTS = 3
 NONCE_BYTES = 32
-# How much of a client's string an error message or a log line quotes back.
-QUOTE_MAX = 64
 # JSON scalars, as the decoder makes them (no subclasses ever come out of it).
 _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
 
@@ -271,27 +269,16 @@ class Session:
 
     def _command(self, rid: Scalar, header: Header, body: Body, now: float) -> Action:
         name = header.get("name")
-        if type(name) is not str or not name:
-            return Failure(rid, "bad_request", "name (a non-empty string) is required")
-        spec = self.rules.commands.get(name)
-        if spec is None:
-            return Failure(rid, "unknown_command", f"no command named {quote(name)}")
         key = self.key
-        if key is not None and not key.may_run(name):
-            return Failure(rid, "unauthorized", f"key {quote(key.name)} may not run {quote(name)}")
-        args = header.get("args")
-        if args is None:
-            args = []
-        elif type(args) is not list or not all(type(a) is str for a in args):
-            return Failure(rid, "bad_args", "args must be a list of strings")
-        if args and not spec.args:
-            return Failure(rid, "bad_args", f"command {quote(name)} takes no arguments")
-        for n, arg in enumerate(args, 1):
-            problem = _bad_arg(arg, spec.arg_pattern)
-            if problem:
-                return Failure(rid, "bad_args", f"argument {n} ({quote(arg)}) {problem}")
+        try:
+            spec = allowlist.command(self.rules.commands, name)
+            if key is not None and not key.may_run(spec.name):
+                return Failure(rid, "unauthorized", f"key {quote(key.name)} may not run {quote(spec.name)}")
+            argv = allowlist.argv(spec, header.get("args"))
+        except allowlist.Refusal as refusal:
+            return Failure(rid, refusal.code, refusal.message)
         self.pending += 1
-        return Start(rid, name, [*spec.argv, *args], bytes(body), key.name if key is not None else None)
+        return Start(rid, spec.name, argv, bytes(body), key.name if key is not None else None)
 
     # -- commands ---------------------------------------------------------------
 
@@ -361,29 +348,6 @@ _SERVICES = {
     "stats": Session._stats,
     "command": Session._command,
 }
-
-
-def _bad_arg(arg: str, pattern: str) -> str:
-    """What is wrong with one client argument, or "" if nothing."""
-    if "\0" in arg:
-        return "contains a NUL character"
-    if not arg.isascii():
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:
-            return "is not valid UTF-8 text"
-    if re.fullmatch(pattern, arg) is None:
-        return f"does not match {pattern}"
-    return ""
-
-
-def quote(text: str, limit: int = QUOTE_MAX) -> str:
-    """A client's string inside a message: JSON-quoted in ASCII (a control
-    character or a lone surrogate cannot break a terminal or a log line),
-    cut to `limit` characters."""
-    if len(text) > limit:
-        return json.dumps(text[:limit])[:-1] + '..."'
-    return json.dumps(text)
 
 
 def loggable_text(text: str) -> str:

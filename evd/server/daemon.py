@@ -94,7 +94,7 @@ class Daemon:
         self.stop_signal: str | None = None
         self.sweep_every = SWEEP_SLOWEST
         self._sweep_timer: Timer | None = None
-        self.runner = Runner(self.reactor, config.services["command"], config.commands)
+        self.runner = Runner(self.reactor, config.services["command"])
         self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
 
     def stats(self) -> dict[str, object]:
@@ -341,7 +341,7 @@ class Daemon:
         for key, socks in bound.items():
             self._open_listener(key, socks[0])
         self.config, self.machine = new, machine
-        self.runner.apply(new.services["command"], new.commands)
+        self.runner.config = new.services["command"]
         self._update_context()
         self._update_guard_ports()
         self._schedule_sweep()

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import shutil
 import signal

@@ -1,8 +1,9 @@
 """The command service: the allow-listed programs that run, and how many.
 
 Which command a request may run, with which arguments, is decided before it
-gets here (proto/allowlist.py, called by the framed session).  The Runner holds every running command of one daemon (`command_run.Run`
-runs one), refuses more than `max_concurrent` (`busy`), counts runs by
+gets here (proto/allowlist.py, called by the framed session).  The Runner
+holds every running command of one daemon (`command_run.Run` runs one),
+refuses more than `max_concurrent` (`busy`), counts runs by
 outcome for metrics, reaps what could not be waited for, and at daemon exit
 kills everything in a bounded time.
 """

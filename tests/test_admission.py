@@ -357,8 +357,16 @@ def test_access_verdicts_are_remembered_bounded_and_forgotten_on_reload(monkeypa
     the table stays bounded, and a reload's new lists apply at once."""
     adm = Admission(config(only_from=["10.0.0.0/8"]))
     parsed = []
-    real = adm._access.allowed
-    monkeypatch.setattr(adm._access, "allowed", lambda host: parsed.append(host) or real(host))
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def allowed(self, host):
+            parsed.append(host)
+            return self.inner.allowed(host)
+
+    monkeypatch.setattr(adm, "_access", Counting(adm._access))
     assert [adm.datagram("10.1.2.3", 0.0) for _ in range(3)] == [None, None, None]
     assert adm.datagram("192.0.2.1", 0.0) == admission_mod.ACCESS
     assert parsed == ["10.1.2.3", "192.0.2.1"]

@@ -46,15 +46,18 @@ LAYERS = {
     "handlers.command_run": 32,
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
+    "proto.rules": 41,
     "proto.framing": 41, "proto.services": 41, "proto.admission": 41, "proto.control": 41,
-    "proto.access": 42,
+    "proto.access": 42, "proto.allowlist": 42,
     # the operating system: systemd, privileges, the pidfile, key files, a
     # command's processes
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,
     "system.children": 50,
     # primitives: the loop, the log, the configuration (found, validated,
     # written back), the interfaces between layers, addresses
-    "core.log": 60,
+    # the log: what callers use, the queue in front of the target, how a
+    # line looks, journald's protocol
+    "core.log": 56, "core.logsink": 57, "core.logfiles": 57, "core.logline": 58, "core.journal": 59,
     "core.loader": 61, "core.tomlout": 61,
     "core.dropins": 62, "core.schema": 62,
     "core.seams": 63,

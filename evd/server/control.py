@@ -20,7 +20,7 @@ import json
 from typing import Protocol
 
 from evd.core.log import log
-from evd.core.seams import Reason
+from evd.core.seams import Buffer, Reason
 from evd.handlers.raw import Handler
 from evd.proto.control import CHANGES, MAX_REQUEST_HEADER, Answer, Reply, Request, parse
 from evd.proto.framing import Decoder, FrameError, encode_parts
@@ -32,7 +32,7 @@ class Backend(Protocol):
     def handle(self, request: Request, reply: Reply) -> None: ...
 
 
-def encode(answer: Answer) -> tuple[bytes, bytes]:
+def encode(answer: Answer) -> tuple[bytes, Buffer]:
     body = b"" if answer.body is None else json.dumps(answer.body).encode()
     return encode_parts(answer.header(), body)
 

@@ -33,7 +33,7 @@ from dataclasses import replace
 
 from evd import __version__
 from evd.core import loader
-from evd.core.config import DEFAULT_KEY, LISTENING, Config, ConfigError
+from evd.core.config import LISTENING, Config, ConfigError
 from evd.core.log import log
 from evd.core.reactor import Reactor, Timer
 from evd.core.seams import HandlerFactory, Reason
@@ -42,6 +42,7 @@ from evd.handlers.framed import Context, Framed
 from evd.handlers.raw import STREAM_HANDLERS
 from evd.handlers.service import Service
 from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, Listener, StreamListener
+from evd.proto.rules import rules_for
 from evd.proto.services import datagram_handler
 from evd.server import preflight, signals, sockets
 from evd.server.figures import LagProbe
@@ -63,10 +64,6 @@ def sweep_period(idle_timeouts: Iterable[float]) -> float:
     if not positive:
         return SWEEP_SLOWEST
     return max(SWEEP_FASTEST, min(SWEEP_SLOWEST, min(positive) / 4))
-
-
-def _framed_enabled(config: Config) -> frozenset[str]:
-    return frozenset(name for name in ("command", "stats") if config.services[name].enabled)
 
 
 class Daemon:
@@ -99,14 +96,13 @@ class Daemon:
         self.stop_signal: str | None = None
         self.sweep_every = SWEEP_SLOWEST
         self._sweep_timer: Timer | None = None
-        self.runner = Runner(self.reactor, config.services["command"], config.commands)
+        self.runner = Runner(self.reactor, config.services["command"])
+        self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
         # For the runtime control and metrics (server/runtime.py, figures.py).
         self.lag = LagProbe(self.reactor)
         self.reloads: Counter[str] = Counter()  # "ok" / "failed"
         self.last_reload: tuple[float, bool] | None = None  # (time.time(), ok)
         self.closers: list[Callable[[], None]] = []  # at exit, while the loop is still there
-        self.context = Context(self.runner, self.stats, None, frozenset())
-        self._update_context()
 
     def stats(self) -> dict[str, object]:
         """The framed `stats` body."""
@@ -126,10 +122,9 @@ class Daemon:
         return "config.reload" if what == "reload" else f"daemon.{what}"
 
     def _update_context(self) -> None:
-        """What framed connections read: the key secrets preflight read,
-        the framed-only services switched on."""
-        self.context.key = self.machine.secrets.get(DEFAULT_KEY)
-        self.context.enabled = _framed_enabled(self.config)
+        """What framed connections read: the services offered, the keys and
+        the secrets preflight read."""
+        self.context.rules = rules_for(self.config, self.machine.secrets)
 
     # -- start ----------------------------------------------------------------
 
@@ -198,7 +193,7 @@ class Daemon:
         reactor.add_before_sleep(self._before_sleep)
         self.notifier.start_watchdog(self.reactor)
         self.lag.start()
-        with log.batched():
+        with log.batched(reactor):
             log.info(self._event("ready"), listeners=len(self.listeners))
             self.notifier.ready(f"serving on {len(self.listeners)} listeners")
             if on_ready is not None:
@@ -334,7 +329,11 @@ class Daemon:
         except BindError as exc:
             return Result.failed(str(exc))
         try:
-            log.configure(*log_settings(new, self.log_overrides))
+            log.configure(
+                *log_settings(new, self.log_overrides),
+                buffer=new.log.buffer,
+                journal_socket=new.log.journal_socket,
+            )
         except OSError as exc:
             sockets.unbind(bound)
             return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")
@@ -360,7 +359,7 @@ class Daemon:
         for key, socks in bound.items():
             self.open_listener(key, socks[0])
         self.config, self.machine = new, machine
-        self.runner.apply(new.services["command"], new.commands)
+        self.runner.config = new.services["command"]
         self._update_context()
         self._update_guard_ports()
         self._schedule_sweep()

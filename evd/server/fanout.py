@@ -345,7 +345,7 @@ class Fanout:
         def gathered(answers: Answers, missing: list[int]) -> None:
             parts = [self.last[pid] for pid in self.links if pid in self.last]
             out = add(total(parts), self.departed)
-            own = {"lag": self.lag.figures(), "log_dropped": int(getattr(log, "dropped_total", 0))}
+            own = {"lag": self.lag.figures(), "log_dropped": log.dropped_total}
             add(out, own)
             out["reloads"] = dict(self.workers.reloads)
             out["pids"] = [os.getpid(), *self.workers.live]

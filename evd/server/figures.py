@@ -100,7 +100,7 @@ def service_figures(service: Service) -> Figures:
         "bytes_out": service.bytes_out,
         "requests": service.requests,
         "errors": service.errors,
-        "auth_failures": getattr(service, "auth_failures", 0),
+        "auth_failures": service.auth_failures,
     }
 
 
@@ -115,8 +115,7 @@ def figures(daemon: Counted) -> Figures:
         "commands_running": len(daemon.runner.running),
         "commands": commands,
         "auth_failures": sum(s["auth_failures"] for s in services.values()),
-        # The log sink counts what it could not write (issue 10's sink).
-        "log_dropped": int(getattr(log, "dropped_total", 0)),
+        "log_dropped": log.dropped_total,
         "lag": daemon.lag.figures(),
     }
 

@@ -112,11 +112,19 @@ def prepare(config: Config, overrides: Overrides, detach: bool) -> Launch:
     except ConfigError as exc:
         raise StartError(str(exc), config_error=True) from None
     try:
-        log.configure(*log_settings(config, overrides))
+        log.configure(
+            *log_settings(config, overrides),
+            buffer=config.log.buffer,
+            journal_socket=config.log.journal_socket,
+        )
     except OSError as exc:
-        raise StartError(
-            f"cannot open log file {config.log.file}: [Errno {exc.errno}] {exc.strerror}"
-        ) from None
+        journal = (overrides.get("format") or config.log.format) == "journal"
+        what = (
+            f"reach the journal at {config.log.journal_socket}"
+            if journal
+            else f"open log file {config.log.file}"
+        )
+        raise StartError(f"cannot {what}: [Errno {exc.errno}] {exc.strerror}") from None
     log.info("daemon.start", version=__version__, config=config.source)
     # From here until the reactor has handlers, SIGHUP/SIGUSR1 sent to the
     # pid of the pidfile wait instead of killing us (server/signals.py).

@@ -188,7 +188,6 @@ def sources(daemon: Served, args: tuple[str, ...]) -> Body | Answer:
     rows = []
     for service in chosen:
         admission = service.admission
-        banned_for: Callable[[str, float], float] | None = getattr(admission, "banned_for", None)
         for view in admission.sources(now):
             rows.append(
                 {
@@ -197,7 +196,7 @@ def sources(daemon: Served, args: tuple[str, ...]) -> Body | Answer:
                     "connections": view.connections,
                     "rejected": view.rejected,
                     "tokens": None if view.tokens is None else round(view.tokens, 3),
-                    "banned_for_s": round(banned_for(view.host, now), 3) if banned_for else 0.0,
+                    "banned_for_s": round(admission.banned_for(view.host, now), 3),
                 }
             )
     return {"sources": rows}

@@ -177,7 +177,7 @@ class Supervisor:
         self.notifier.start_watchdog(self.reactor)
         if on_ready is not None:
             on_ready()
-        with log.batched():
+        with log.batched(reactor):
             reactor.run()
             self.surfaces.close()
         reactor.close()
@@ -400,7 +400,11 @@ class Supervisor:
         except BindError as exc:
             return Result.failed(str(exc))
         try:
-            log.configure(*log_settings(new, self.log_overrides))
+            log.configure(
+                *log_settings(new, self.log_overrides),
+                buffer=new.log.buffer,
+                journal_socket=new.log.journal_socket,
+            )
         except OSError as exc:
             unbind(bound)
             return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")

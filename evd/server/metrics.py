@@ -62,6 +62,9 @@ class Scrape(Handler):
         if self.since is None:
             self.since = self.transport.reactor.now
         self.received += len(data)
+        if self.received > MAX_REQUEST:  # a head or body past the bound, or a deep pipeline
+            self._refuse(431 if self.request is None else 413, "request too large")
+            return
         self.http.receive_data(data)
         self._next()
 
@@ -82,8 +85,6 @@ class Scrape(Handler):
                 self._refuse(exc.error_status_hint, str(exc))
                 return
             if event is h11.NEED_DATA:
-                if self.received > MAX_REQUEST:  # a body past the bound
-                    self._refuse(413, "request too large")
                 return
             if isinstance(event, h11.Request):
                 self.request = event
@@ -140,7 +141,10 @@ class Scrape(Handler):
         return self.since is not None and not self.waiting and now - self.since > limit
 
     def _refuse(self, status: int, why: str) -> None:
-        """The client's fault: say so when HTTP still allows, then close."""
-        if self.http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            self._send(status, why.encode() + b"\n")
+        """The client's fault: say so and close.  Written directly, not
+        through h11, which has no response to give before a whole request."""
+        body = why.encode() + b"\n"
+        head = f"HTTP/1.1 {status} {REASONS.get(status, b'').decode()}\r\n"
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        self.transport.write(head.encode() + body)
         self.transport.close_when_flushed(Reason.BAD_FRAME)

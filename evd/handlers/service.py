@@ -47,12 +47,22 @@ if TYPE_CHECKING:
 conn_ids = itertools.count(1)
 
 
-def number_connections(first: int, step: int) -> None:
-    """Connection ids from `first` in steps of `step`: with workers, each
-    process counts on its own residue, so an id names one connection
-    across all of them (server/supervisor.py picks the residues)."""
+# With workers, the ids of a slot's successive workers start this many
+# steps apart: more connections than one worker ever sees.
+IDS_PER_LIFE = 2**32
+
+
+def number_connections(workers: int, index: int | None, life: int = 0) -> None:
+    """Number this process's connections so that an id names one connection
+    across the supervisor and all its workers, past and present: with
+    `workers` > 1 each process counts on its own residue modulo workers + 1
+    (worker `index`, or the supervisor's last one for None), and the
+    `life`-th worker on a slot starts life * IDS_PER_LIFE steps on.  One
+    process (workers = 1) counts 1, 2, 3, ..."""
     global conn_ids
-    conn_ids = itertools.count(first, step)
+    step = workers + 1 if workers > 1 else 1
+    residue = workers if index is None else index
+    conn_ids = itertools.count(life * IDS_PER_LIFE * step + residue + 1, step)
 
 
 # `udp.drop` reasons for replies the kernel would not take: the datagram was

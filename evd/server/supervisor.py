@@ -17,8 +17,10 @@ systemd are one socket shared by every worker; each accepts from it without
 blocking, and the kernel gives every connection to exactly one.
 
 Workers.  A worker is a fork (no exec) of the supervisor: it keeps slot i's
-The supervisor's loop has no connections, only signals -- SIGCHLD among
-them, through the reactor's wakeup descriptor -- and timers:
+The supervisor's loop serves the control socket and the metrics port for
+the whole daemon (server/fanout.py: it asks the workers over a socketpair
+each), and handles signals -- SIGCHLD among them, through the reactor's
+wakeup descriptor -- and timers:
 - SIGCHLD: reap without waiting, then reconcile (below).
 - SIGTERM/SIGINT: close our copies of the sockets, pass the signal on, wait
   for the workers up to shutdown_timeout + KILL_AFTER, then SIGKILL them.
@@ -83,9 +85,6 @@ KILL_AFTER = 2.0
 # Blocked across fork: a signal for a new worker must wait until it has
 # handlers of its own (its Daemon releases them), and SIGCHLD is ours.
 BLOCKED_FOR_FORK = signals.HANDLED | {signal.SIGCHLD}
-# Connection ids of a slot's successive workers start this many ids apart
-# (see `conn_numbering`): more connections than one worker ever sees.
-IDS_PER_LIFE = 2**32
 
 
 @dataclass(slots=True)
@@ -147,13 +146,6 @@ class Supervisor:
         """pid -> (slot, generation) of every worker not yet reaped."""
         return {pid: (w.index, w.generation) for pid, w in self.workers.items()}
 
-    def conn_numbering(self, index: int) -> tuple[int, int]:
-        """(first, step) of the connection ids of the next worker on slot
-        `index`: ids are unique across the supervisor (the last residue)
-        and every worker, past and present."""
-        step = self.count + 1
-        return (self.lives[index] * IDS_PER_LIFE) * step + index + 1, step
-
     # -- the supervisor's life ----------------------------------------------
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
@@ -167,7 +159,7 @@ class Supervisor:
         reactor.add_before_sleep(log.sink.flush)
         for key in self.slots:
             self.log_listener("listener.open", key)
-        number_connections(self.count + 1, self.count + 1)
+        number_connections(self.count, None)
         self.surfaces.open()
         self.fanout.lag.start()
         self.manage()
@@ -276,7 +268,7 @@ class Supervisor:
     def _serve_worker(
         self, index: int, sockets: dict[ListenerKey, socket.socket], link: socket.socket
     ) -> int:
-        number_connections(*self.conn_numbering(index))
+        number_connections(self.count, index, self.lives[index])
         reactor = Reactor()
         daemon = Daemon(
             self.config, self.machine, reactor, worker=(index, os.getpid()), log_overrides=self.log_overrides

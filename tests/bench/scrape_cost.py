@@ -81,12 +81,13 @@ def measure(conn: http.client.HTTPConnection, scrapes: int) -> tuple[list[float]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--connections", default="0,10000")
     parser.add_argument("--scrapes", type=int, default=100)
     args = parser.parse_args()
     counts = [int(n) for n in args.connections.split(",")]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with tempfile.TemporaryDirectory() as tmp:
         echo, metrics = free_port(), free_port()

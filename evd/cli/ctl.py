@@ -46,6 +46,11 @@ def _words(args: argparse.Namespace) -> argparse.Namespace:
     _options(parser, suppress=True)
     parser.add_argument("command", metavar="COMMAND")
     parser.add_argument("args", nargs="*", metavar="ARG")
+    if not args.words or all(w.startswith("-") for w in args.words if w != "--"):
+        if "-h" in args.words or "--help" in args.words:
+            parser.print_help()
+            raise SystemExit(0)
+        parser.error(f"a COMMAND is needed: {COMMANDS}")
     return parser.parse_intermixed_args(args.words, namespace=args)
 
 

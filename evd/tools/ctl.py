@@ -154,6 +154,7 @@ def _services(services: dict[str, Body]) -> list[str]:
     ]
     lines = table(("SERVICE", "ENABLED", "CURRENT", "TOTAL", "REJECTED", "LISTENERS"), rows)
     lines.append("")
-    keys = list(next(iter(services.values()))["limits"]) if services else []
-    limit_rows = [[name, *(s["limits"][k] for k in keys)] for name, s in services.items()]
+    enabled = {name: s for name, s in services.items() if s["enabled"]}  # the others' have no effect
+    keys = list(next(iter(enabled.values()))["limits"]) if enabled else []
+    limit_rows = [[name, *(s["limits"][k] for k in keys)] for name, s in enabled.items()]
     return lines + table(("LIMITS", *keys), limit_rows)

@@ -19,11 +19,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "evd"
 LAYERS = {
     # the command line: one module per group of subcommands
     "__main__": 0, "cli": 1,
-    "cli.lifecycle": 2, "cli.configure": 2, "cli.call": 2, "cli.bench": 2,
+    "cli.lifecycle": 2, "cli.configure": 2, "cli.call": 2, "cli.bench": 2, "cli.logs": 2,
     "cli.targets": 3, "cli.exits": 3,
     # client side: tools that talk to a daemon (the daemon never imports them)
     "tools.lifecycle": 5, "tools.bench": 5,
     "tools.client": 6,
+    # reading logs back (offline: files in, reports out)
+    "tools.logs.show": 5, "tools.logs.report": 5,
+    "tools.logs.summary": 6, "tools.logs.follow": 6,
+    "tools.logs.reading": 7, "tools.logs.events": 7,
     # the daemon process: start-up, workers, one daemon, its reload plan, and
     # what the configuration names on the machine
     "server.launch": 10,

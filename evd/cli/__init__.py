@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 
 from evd import __version__
-from evd.cli import bench, call, configure, lifecycle
+from evd.cli import bench, call, configure, lifecycle, logs
 from evd.core.config import DEFAULT_PATH
 
 # Every subcommand group, in the order `evd --help` lists them.
-GROUPS = (lifecycle, configure, call, bench)
+GROUPS = (lifecycle, configure, call, bench, logs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,426 @@
+"""`evd logs summary`: the aggregation behind SPEC section 8's report.
+
+Speed comes from doing little per line, in this order:
+
+- A `conn.open` line (half of a busy log) contributes only its timestamp
+  and its count, so it is recognised by two byte tests (its event, and
+  evd's own prefix `{"timestamp": "` with a 27-byte UTC timestamp) and
+  never parsed.  Under `--service` it is parsed like the rest: the byte
+  tests cannot tell its service.
+- Every other line is parsed once with orjson (a C parser, several times
+  faster than `json`), and a `conn.close` (the other half) is aggregated
+  inline in the loop; rarer events go through one method call.
+- Timestamps are compared as bytes keys (events.py), sliced from evd's
+  own lines without decoding.
+
+Memory: per selected `conn.close`, its duration (8 bytes in an
+`array('d')`), because nearest-rank percentiles need every value; per
+distinct client IP, a row of three counters; per service, command, close
+reason and error place, a few counters.  The input is read in blocks of a
+few MiB (reading.py), so a file's size does not matter, only what is
+selected.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable
+from typing import TypedDict
+
+import orjson
+
+from evd.tools.logs.events import KEY_LEN, line_service, peer_ip, ts_key
+
+PREFIX = b'{"timestamp": "'
+# What follows a 27-byte timestamp in evd's own conn.open lines (always
+# level info): one slice comparison tells such a line from every other.
+OPEN_AT_42 = b'", "level": "info", "event": "conn.open"'
+# Sort after every timestamp key: "no line yet", "no upper bound".
+NO_KEY = "\uffff"
+NO_KEY_B = b"\xff"
+
+Json = dict[str, object]
+
+
+# SPEC section 8's `--json` object, field for field.  Percentiles are null
+# when nothing was measured (a service with refusals only).
+class ServiceDurations(TypedDict):
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    max: float | None
+
+
+class CommandDurations(TypedDict):
+    p50: float | None
+    p95: float | None
+    max: float | None
+
+
+class ServiceJson(TypedDict):
+    connections: int
+    reasons: dict[str, int]
+    duration_ms: ServiceDurations
+    bytes_in: int
+    bytes_out: int
+    rejected: dict[str, int]
+    udp_drops: dict[str, int]
+
+
+class PeerJson(TypedDict):
+    peer: str
+    connections: int
+    rejected: int
+    auth_failures: int
+
+
+class CommandJson(TypedDict):
+    runs: int
+    exit: dict[str, int]
+    timed_out: int
+    truncated: int
+    duration_ms: CommandDurations
+
+
+class SummaryJson(TypedDict):
+    lines: int
+    skipped: int
+    first: str | None
+    last: str | None
+    services: dict[str, ServiceJson]
+    peers: list[PeerJson]
+    commands: dict[str, CommandJson]
+    errors: dict[str, int]
+    reloads: dict[str, int]
+    starts: int
+    stops: int
+
+
+class Extras(TypedDict):
+    """What the text report shows beyond the JSON object."""
+
+    unix_connections: dict[str, int]
+    tls_failures: dict[str, int]
+    command_keys: dict[str, dict[str, int]]
+
+
+def nearest_rank(ordered: list[float], percent: int) -> float:
+    """The nearest-rank percentile of sorted values: the smallest value
+    such that at least `percent`% of the values are at most it."""
+    rank = max(1, -(-percent * len(ordered) // 100))
+    return ordered[rank - 1]
+
+
+def _percentiles(values: array[float], percents: tuple[int, ...]) -> list[float | None]:
+    """The nearest-rank `percents` of `values`, then their maximum."""
+    if not values:
+        return [None] * (len(percents) + 1)
+    ordered = sorted(values)
+    found: list[float | None] = [nearest_rank(ordered, p) for p in percents]
+    return found + [ordered[-1]]
+
+
+def _add(table: dict[str, int], key: str, n: int = 1) -> None:
+    table[key] = table.get(key, 0) + n
+
+
+def _by_count(table: dict[str, int]) -> dict[str, int]:
+    """Largest first, then by name: the order a reader scans.  (Keys are
+    text for JSON; a foreign line may have put a number or null there.)"""
+    return {str(k): n for k, n in sorted(table.items(), key=lambda kv: (-kv[1], str(kv[0])))}
+
+
+class ServiceStats:
+    __slots__ = (
+        "reasons",
+        "durations",
+        "bytes_in",
+        "bytes_out",
+        "rejected",
+        "udp_drops",
+        "tls_failures",
+        "unix_connections",
+    )
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, int] = {}
+        self.durations: array[float] = array("d")
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rejected: dict[str, int] = {}
+        self.udp_drops: dict[str, int] = {}
+        self.tls_failures = 0
+        self.unix_connections = 0
+
+    def to_json(self) -> ServiceJson:
+        p50, p95, p99, top = _percentiles(self.durations, (50, 95, 99))
+        return {
+            "connections": len(self.durations),
+            "reasons": _by_count(self.reasons),
+            "duration_ms": {"p50": p50, "p95": p95, "p99": p99, "max": top},
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rejected": _by_count(self.rejected),
+            "udp_drops": _by_count(self.udp_drops),
+        }
+
+
+class CommandStats:
+    __slots__ = ("runs", "exit", "timed_out", "truncated", "durations", "keys")
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.exit: dict[str, int] = {}
+        self.timed_out = 0
+        self.truncated = 0
+        self.durations: array[float] = array("d")
+        self.keys: dict[str, int] = {}
+
+    def to_json(self) -> CommandJson:
+        p50, p95, top = _percentiles(self.durations, (50, 95))
+        return {
+            "runs": self.runs,
+            "exit": _by_count(self.exit),
+            "timed_out": self.timed_out,
+            "truncated": self.truncated,
+            "duration_ms": {"p50": p50, "p95": p95, "max": top},
+        }
+
+
+def exit_key(exit_code: object, signal: object) -> str:
+    """`exit` of the summary: the exit status as text ("0", "1"); a command
+    killed by signal N is "-N", as Python's returncode says it."""
+    if isinstance(exit_code, int):
+        return str(exit_code)
+    if isinstance(signal, int):
+        return str(-signal)
+    return "unknown"
+
+
+class Summary:
+    """Feed it lines (`feed`, then `feed_tail` for a file's unterminated
+    last line); `to_json` is SPEC section 8's object."""
+
+    def __init__(self, since: str | None = None, until: str | None = None, service: str | None = None):
+        # Bounds and extremes as text for parsed lines, as bytes for the
+        # conn.open lines that are never decoded.
+        self.since = since or ""
+        self.until = until or NO_KEY
+        self.since_b, self.until_b = self.since.encode(), until.encode() if until else NO_KEY_B
+        self.timed = since is not None or until is not None
+        self.service = service
+        self.lines = 0
+        self.skipped = 0
+        self.first, self.last = NO_KEY, ""
+        self.open_first, self.open_last = NO_KEY_B, b""
+        self.services: dict[str, ServiceStats] = {}
+        self.peers: dict[str, list[int]] = {}  # ip -> [connections, rejected, auth failures]
+        self.commands: dict[str, CommandStats] = {}
+        self.errors: dict[str, int] = {}
+        self.reloads = {"ok": 0, "failed": 0}
+        self.starts = 0
+        self.stops = 0
+
+    def _service(self, name: str) -> ServiceStats:
+        stats = self.services.get(name)
+        if stats is None:
+            stats = self.services[name] = ServiceStats()
+        return stats
+
+    def _peer(self, peer: str) -> list[int] | None:
+        """The counters of a peer's IP; None for UNIX clients (no IP)."""
+        ip = peer_ip(peer)
+        if ip == peer:  # "unix", or no port to strip: not an IP
+            return None
+        row = self.peers.get(ip)
+        if row is None:
+            row = self.peers[ip] = [0, 0, 0]
+        return row
+
+    def feed(self, lines: Iterable[bytes]) -> None:
+        loads = orjson.loads
+        fast_open = self.service is None
+        timed, service = self.timed, self.service
+        since, until, since_b, until_b = self.since, self.until, self.since_b, self.until_b
+        first, last, count, skipped = self.first, self.last, self.lines, self.skipped
+        open_first, open_last = self.open_first, self.open_last
+        services, peers, other = self.services, self.peers, self._other
+        for line in lines:
+            if fast_open and line[42:82] == OPEN_AT_42 and line[:15] == PREFIX:
+                ts = line[15:42]
+                if timed and not since_b <= ts < until_b:
+                    continue
+                if ts < open_first:
+                    open_first = ts
+                if ts > open_last:
+                    open_last = ts
+                count += 1
+                continue
+            try:
+                event = loads(line)
+                name = event["event"]
+                stamp = event["timestamp"]
+                if type(stamp) is not str or type(name) is not str:
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                if line.strip():
+                    skipped += 1
+                continue
+            if len(stamp) != KEY_LEN or stamp[19] != "." or stamp[26] != "Z":
+                key = ts_key(stamp)
+                if key is None:
+                    skipped += 1
+                    continue
+                stamp = key
+            if timed and not since <= stamp < until:
+                continue
+            if service is not None and line_service(event) != service:
+                continue
+            if name == "conn.close":
+                try:
+                    svc = event["service"]
+                    duration = event["duration_ms"]
+                    bytes_in = event["bytes_in"]
+                    bytes_out = event["bytes_out"]
+                    host, sep, _ = event["peer"].rpartition(":")
+                    reason = event["reason"]
+                    if type(bytes_in) is not int or type(bytes_out) is not int:
+                        raise TypeError
+                    stats = services.get(svc)
+                    if stats is None:
+                        stats = self._service(svc)
+                    reasons = stats.reasons
+                    seen = reasons.get(reason, 0)  # fails (unhashable) before any change
+                    stats.durations.append(duration)  # fails (not a number) likewise
+                except (KeyError, TypeError, AttributeError):
+                    skipped += 1
+                    continue
+                reasons[reason] = seen + 1
+                stats.bytes_in += bytes_in
+                stats.bytes_out += bytes_out
+                if sep:
+                    if host[0] == "[":
+                        host = host[1:-1]
+                    row = peers.get(host)
+                    if row is None:
+                        peers[host] = [1, 0, 0]
+                    else:
+                        row[0] += 1
+                else:  # "unix": no address, no port
+                    stats.unix_connections += 1
+            elif not other(name, event):
+                skipped += 1
+                continue
+            if stamp < first:
+                first = stamp
+            if stamp > last:
+                last = stamp
+            count += 1
+        self.first, self.last, self.lines, self.skipped = first, last, count, skipped
+        self.open_first, self.open_last = open_first, open_last
+
+    def feed_tail(self, line: bytes) -> None:
+        """A file's last line without its newline: a complete event (a file
+        that just lacks the final newline) counts; half a line is skipped."""
+        if not line.strip():
+            return
+        try:
+            orjson.loads(line)
+        except ValueError:
+            self.skipped += 1
+            return
+        self.feed((line,))
+
+    def _other(self, name: str, event: Json) -> bool:
+        """Every event but conn.open/conn.close; False if it is malformed."""
+        try:
+            if name in ("conn.reject", "udp.drop", "tls.fail"):
+                self._refusal(name, event)
+            elif name == "auth.fail":
+                row = self._peer(event["peer"])  # type: ignore[arg-type]
+                if row is not None:
+                    row[2] += 1
+            elif name == "command.end":
+                self._command(event)
+            elif name == "error":
+                _add(self.errors, str(event.get("where", "?")))
+            elif name == "config.reload":
+                _add(self.reloads, "ok" if event["ok"] is True else "failed")
+            elif name == "daemon.start":
+                self.starts += 1
+            elif name == "daemon.stop":
+                self.stops += 1
+        except (KeyError, TypeError, AttributeError):
+            return False
+        return True
+
+    def _refusal(self, name: str, event: Json) -> None:
+        """conn.reject, udp.drop, tls.fail: a throttled line stands for
+        `count` refusals, the last of which came from its `peer`."""
+        count = event.get("count", 1)
+        reason = event["reason"]
+        if type(count) is not int or type(reason) is not str:
+            raise TypeError
+        stats = self._service(event["service"])  # type: ignore[arg-type]
+        if name == "udp.drop":
+            _add(stats.udp_drops, reason, count)
+            return
+        if name == "tls.fail":
+            stats.tls_failures += count
+            return
+        _add(stats.rejected, reason, count)
+        row = self._peer(event["peer"])  # type: ignore[arg-type]
+        if row is not None:
+            row[1] += count
+
+    def _command(self, event: Json) -> None:
+        name = event["name"]
+        duration = event["duration_ms"]
+        if type(name) is not str or not isinstance(duration, int | float):
+            raise TypeError
+        stats = self.commands.get(name)
+        if stats is None:
+            stats = self.commands[name] = CommandStats()
+        stats.runs += 1
+        stats.durations.append(duration)
+        _add(stats.exit, exit_key(event.get("exit"), event.get("signal")))
+        stats.timed_out += event.get("timed_out") is True
+        stats.truncated += event.get("truncated") is True
+        key = event.get("key")
+        if isinstance(key, str):
+            _add(stats.keys, key)
+
+    def top_peers(self, top: int) -> list[PeerJson]:
+        """The `top` client IPs by connections (then rejects, auth failures,
+        address), every one of them for `top` 0."""
+        rows = sorted(self.peers.items(), key=lambda kv: (-kv[1][0], -kv[1][1], -kv[1][2], kv[0]))
+        if top > 0:
+            rows = rows[:top]
+        return [{"peer": ip, "connections": c, "rejected": r, "auth_failures": a} for ip, (c, r, a) in rows]
+
+    def to_json(self, top: int = 10) -> SummaryJson:
+        """SPEC section 8's object, exactly."""
+        first = min(self.first, self.open_first.decode("latin-1").replace("\xff", NO_KEY))
+        last = max(self.last, self.open_last.decode("latin-1"))
+        return {
+            "lines": self.lines,
+            "skipped": self.skipped,
+            "first": first if self.lines else None,
+            "last": last if self.lines else None,
+            "services": {str(name): self.services[name].to_json() for name in sorted(self.services, key=str)},
+            "peers": self.top_peers(top),
+            "commands": {name: self.commands[name].to_json() for name in sorted(self.commands)},
+            "errors": _by_count(self.errors),
+            "reloads": dict(self.reloads),
+            "starts": self.starts,
+            "stops": self.stops,
+        }
+
+    def extras(self) -> Extras:
+        return {
+            "unix_connections": {
+                str(k): v.unix_connections for k, v in self.services.items() if v.unix_connections
+            },
+            "tls_failures": {str(k): v.tls_failures for k, v in self.services.items() if v.tls_failures},
+            "command_keys": {k: _by_count(v.keys) for k, v in self.commands.items() if v.keys},
+        }

@@ -77,7 +77,9 @@ def open_inputs(names: list[str]) -> list[Input]:
 def blocks(source: Input) -> Iterator[tuple[list[bytes], bytes]]:
     """(complete lines, b"") per block, then ([], tail) once at the end,
     the tail being the unterminated last line (b"" if there is none)."""
-    read = source.stream.read
+    # read1: at most one read underneath, so a truncated .gz gives up what
+    # came before the damage, and a pipe what it has.
+    read = source.stream.read1  # type: ignore[attr-defined]
     carry = b""
     try:
         while True:

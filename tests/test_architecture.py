@@ -26,8 +26,9 @@ LAYERS = {
     "tools.client": 6,
     # reading logs back (offline: files in, reports out)
     "tools.logs.show": 5, "tools.logs.report": 5,
-    "tools.logs.summary": 6, "tools.logs.follow": 6,
-    "tools.logs.reading": 7, "tools.logs.events": 7,
+    "tools.logs.runner": 6, "tools.logs.follow": 6,
+    "tools.logs.summary": 7,
+    "tools.logs.reading": 8, "tools.logs.events": 8, "tools.logs.jsonform": 8,
     # the daemon process: start-up, workers, one daemon, its reload plan, and
     # what the configuration names on the machine
     "server.launch": 10,

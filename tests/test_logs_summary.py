@@ -9,6 +9,7 @@ expects the same answer from the general path.
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import UTC, datetime
 
@@ -410,3 +411,28 @@ def test_text_report_is_aligned_tables_with_units():
         "ops=4",
     ]
     assert lines[-1] == "Daemon: started 1, stopped 1; reloads ok 1, failed 1"
+
+
+def test_several_processes_give_the_same_answer(tmp_path):
+    """The log cut into byte ranges at line starts, summarised by forked
+    workers and merged: the same object as one process reading it all."""
+    from evd.tools.logs import runner
+
+    lines = sample() * 40  # 1,760 lines
+    path = tmp_path / "evd.log"
+    path.write_bytes(b"\n".join(lines) + b"\n" + lines[2][:50])  # and half a line at the end
+    cuts = runner.plan([str(path)], workers=4, split_min=path.stat().st_size // 8)
+    assert len(cuts) == 4 and cuts[0].start == 0 and cuts[-1].end is None
+    assert all(a.end == b.start for a, b in itertools.pairwise(cuts))
+    assert all(path.read_bytes()[c.start - 1 : c.start] == b"\n" for c in cuts[1:])  # line starts
+    alone, errors = runner.summarise([str(path)], runner.Selection(), workers=1)
+    shared, shared_errors = runner.summarise(
+        [str(path)], runner.Selection(), workers=4, split_min=path.stat().st_size // 8
+    )
+    assert errors == shared_errors == []
+    assert shared.to_json() == alone.to_json()
+    result = alone.to_json()
+    assert (result["lines"], result["skipped"]) == (38 * 40, 5 * 40 + 1)
+    assert result["services"]["echo"]["connections"] == 5 * 40
+    # each of 1,2,3,4,5 forty times: p50 is the 100th of 200 values, 3.0
+    assert result["services"]["echo"]["duration_ms"]["p50"] == 3.0

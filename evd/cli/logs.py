@@ -29,26 +29,16 @@ def _top(text: str) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     import orjson
 
-    from evd.tools.logs import reading, report
-    from evd.tools.logs.summary import Summary
+    from evd.tools.logs import reading, report, runner
 
+    selection = runner.Selection(args.since, args.until, args.service)
     try:
-        inputs = reading.open_inputs(args.files)
+        summary, errors = runner.summarise(args.files, selection)
     except reading.InputError as exc:
         error(str(exc))
         return EX_FAIL
-    summary = Summary(args.since, args.until, args.service)
-    status = EX_OK
-    for source in inputs:
-        try:
-            for lines, tail in reading.blocks(source):
-                summary.feed(lines)
-                summary.feed_tail(tail)
-        except reading.InputError as exc:
-            error(f"{exc} (what was read before counts)")
-            status = EX_FAIL
-        finally:
-            source.close()
+    for problem in errors:
+        error(f"{problem} (what was read before counts)")
     result = summary.to_json(args.top)
     try:
         if args.json:
@@ -58,7 +48,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     except BrokenPipeError:
         pass  # `| head`: the reader has what it wanted
-    return status
+    return EX_FAIL if errors else EX_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -12,9 +12,10 @@ can treat it as what it may be: half a line.
 from __future__ import annotations
 
 import gzip
+import os
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -79,7 +80,47 @@ def blocks(source: Input) -> Iterator[tuple[list[bytes], bytes]]:
     the tail being the unterminated last line (b"" if there is none)."""
     # read1: at most one read underneath, so a truncated .gz gives up what
     # came before the damage, and a pipe what it has.
-    read = source.stream.read1  # type: ignore[attr-defined]
+    return _split(source.stream.read1, source.name)  # type: ignore[attr-defined]
+
+
+def range_blocks(path: str, start: int, end: int | None) -> Iterator[tuple[list[bytes], bytes]]:
+    """`blocks` of the bytes [start, end) of a plain file; end None: to
+    its end.  `start` and `end` must be line starts (`line_starts`)."""
+    try:
+        stream = open(path, "rb")
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from None
+    with stream:
+        stream.seek(start)
+        left = [end - start] if end is not None else None
+
+        def read(size: int) -> bytes:
+            if left is None:
+                return stream.read1(size)
+            data = stream.read1(min(size, left[0]))
+            left[0] -= len(data)
+            return data
+
+        yield from _split(read, path)
+
+
+def line_starts(path: str, parts: int) -> list[int]:
+    """Up to `parts` + 1 offsets cutting a plain file into about equal
+    parts at line starts: [0, ..., size]."""
+    size = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as f:
+        for i in range(1, parts):
+            f.seek(max(i * size // parts, cuts[-1]))
+            f.readline()  # to the end of the line the cut fell in
+            if f.tell() >= size:
+                break
+            if f.tell() > cuts[-1]:
+                cuts.append(f.tell())
+    return cuts + [size]
+
+
+def _split(read: Callable[[int], bytes], name: str) -> Iterator[tuple[list[bytes], bytes]]:
     carry = b""
     try:
         while True:
@@ -95,5 +136,5 @@ def blocks(source: Input) -> Iterator[tuple[list[bytes], bytes]]:
     except (OSError, EOFError, zlib.error) as exc:
         # A truncated or corrupt .gz, an I/O error: what was read counts,
         # and the caller reports the file as unreadable.
-        raise InputError(f"{source.name}: {exc}") from None
+        raise InputError(f"{name}: {exc}") from None
     yield [], carry

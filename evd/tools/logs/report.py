@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from evd.tools.logs.summary import CommandJson, Extras, PeerJson, ServiceJson, SummaryJson
+from evd.tools.logs.jsonform import CommandJson, Extras, PeerJson, ServiceJson, SummaryJson
 
 MISSING = "-"
 

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable
-from typing import TypedDict
 
 import orjson
 
 from evd.tools.logs.events import KEY_LEN, line_service, peer_ip, ts_key
+from evd.tools.logs.jsonform import CommandJson, Extras, PeerJson, ServiceJson, SummaryJson
 
 PREFIX = b'{"timestamp": "'
 # What follows a 27-byte timestamp in evd's own conn.open lines (always
@@ -40,68 +40,6 @@ NO_KEY = "\uffff"
 NO_KEY_B = b"\xff"
 
 Json = dict[str, object]
-
-
-# SPEC section 8's `--json` object, field for field.  Percentiles are null
-# when nothing was measured (a service with refusals only).
-class ServiceDurations(TypedDict):
-    p50: float | None
-    p95: float | None
-    p99: float | None
-    max: float | None
-
-
-class CommandDurations(TypedDict):
-    p50: float | None
-    p95: float | None
-    max: float | None
-
-
-class ServiceJson(TypedDict):
-    connections: int
-    reasons: dict[str, int]
-    duration_ms: ServiceDurations
-    bytes_in: int
-    bytes_out: int
-    rejected: dict[str, int]
-    udp_drops: dict[str, int]
-
-
-class PeerJson(TypedDict):
-    peer: str
-    connections: int
-    rejected: int
-    auth_failures: int
-
-
-class CommandJson(TypedDict):
-    runs: int
-    exit: dict[str, int]
-    timed_out: int
-    truncated: int
-    duration_ms: CommandDurations
-
-
-class SummaryJson(TypedDict):
-    lines: int
-    skipped: int
-    first: str | None
-    last: str | None
-    services: dict[str, ServiceJson]
-    peers: list[PeerJson]
-    commands: dict[str, CommandJson]
-    errors: dict[str, int]
-    reloads: dict[str, int]
-    starts: int
-    stops: int
-
-
-class Extras(TypedDict):
-    """What the text report shows beyond the JSON object."""
-
-    unix_connections: dict[str, int]
-    tls_failures: dict[str, int]
-    command_keys: dict[str, dict[str, int]]
 
 
 def nearest_rank(ordered: list[float], percent: int) -> float:
@@ -122,6 +60,11 @@ def _percentiles(values: array[float], percents: tuple[int, ...]) -> list[float 
 
 def _add(table: dict[str, int], key: str, n: int = 1) -> None:
     table[key] = table.get(key, 0) + n
+
+
+def _merge(into: dict[str, int], other: dict[str, int]) -> None:
+    for key, n in other.items():
+        into[key] = into.get(key, 0) + n
 
 
 def _by_count(table: dict[str, int]) -> dict[str, int]:
@@ -152,6 +95,16 @@ class ServiceStats:
         self.tls_failures = 0
         self.unix_connections = 0
 
+    def merge(self, other: ServiceStats) -> None:
+        self.durations.extend(other.durations)
+        _merge(self.reasons, other.reasons)
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        _merge(self.rejected, other.rejected)
+        _merge(self.udp_drops, other.udp_drops)
+        self.tls_failures += other.tls_failures
+        self.unix_connections += other.unix_connections
+
     def to_json(self) -> ServiceJson:
         p50, p95, p99, top = _percentiles(self.durations, (50, 95, 99))
         return {
@@ -175,6 +128,14 @@ class CommandStats:
         self.truncated = 0
         self.durations: array[float] = array("d")
         self.keys: dict[str, int] = {}
+
+    def merge(self, other: CommandStats) -> None:
+        self.runs += other.runs
+        _merge(self.exit, other.exit)
+        self.timed_out += other.timed_out
+        self.truncated += other.truncated
+        self.durations.extend(other.durations)
+        _merge(self.keys, other.keys)
 
     def to_json(self) -> CommandJson:
         p50, p95, top = _percentiles(self.durations, (50, 95))
@@ -318,6 +279,27 @@ class Summary:
             count += 1
         self.first, self.last, self.lines, self.skipped = first, last, count, skipped
         self.open_first, self.open_last = open_first, open_last
+
+    def merge(self, other: Summary) -> None:
+        """Add what `other` (the same selection, other lines) counted."""
+        self.lines += other.lines
+        self.skipped += other.skipped
+        self.first, self.last = min(self.first, other.first), max(self.last, other.last)
+        self.open_first = min(self.open_first, other.open_first)
+        self.open_last = max(self.open_last, other.open_last)
+        for name, service in other.services.items():
+            self._service(name).merge(service)
+        for ip, (connections, rejected, auth_failures) in other.peers.items():
+            row = self.peers.setdefault(ip, [0, 0, 0])
+            row[0] += connections
+            row[1] += rejected
+            row[2] += auth_failures
+        for name, command in other.commands.items():
+            self.commands.setdefault(name, CommandStats()).merge(command)
+        _merge(self.errors, other.errors)
+        _merge(self.reloads, other.reloads)
+        self.starts += other.starts
+        self.stops += other.stops
 
     def feed_tail(self, line: bytes) -> None:
         """A file's last line without its newline: a complete event (a file

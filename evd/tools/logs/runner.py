@@ -84,6 +84,8 @@ def summarise_part(part: Part, selection: Selection) -> tuple[Summary, str | Non
             _feed(summary, reading.range_blocks(part.name, part.start, part.end))
     except reading.InputError as exc:
         return summary, str(exc)
+    finally:
+        summary.presort()
     return summary, None
 
 

@@ -28,13 +28,15 @@ from collections.abc import Iterable
 
 import orjson
 
-from evd.tools.logs.events import KEY_LEN, line_service, peer_ip, ts_key
+from evd.tools.logs.events import line_service, peer_ip, ts_key
 from evd.tools.logs.jsonform import CommandJson, Extras, PeerJson, ServiceJson, SummaryJson
 
 PREFIX = b'{"timestamp": "'
-# What follows a 27-byte timestamp in evd's own conn.open lines (always
-# level info): one slice comparison tells such a line from every other.
-OPEN_AT_42 = b'", "level": "info", "event": "conn.open"'
+# What follows a 27-byte timestamp in evd's own conn.open and conn.close
+# lines (always level info): one slice, line[42:83], and one comparison
+# tell such a line from every other.
+OPEN_AT_42 = b'", "level": "info", "event": "conn.open",'
+CLOSE_AT_42 = b'", "level": "info", "event": "conn.close"'
 # Sort after every timestamp key: "no line yet", "no upper bound".
 NO_KEY = "\uffff"
 NO_KEY_B = b"\xff"
@@ -173,7 +175,7 @@ class Summary:
         self.lines = 0
         self.skipped = 0
         self.first, self.last = NO_KEY, ""
-        self.open_first, self.open_last = NO_KEY_B, b""
+        self.raw_first, self.raw_last = NO_KEY_B, b""
         self.services: dict[str, ServiceStats] = {}
         self.peers: dict[str, list[int]] = {}  # ip -> [connections, rejected, auth failures]
         self.commands: dict[str, CommandStats] = {}
@@ -199,46 +201,22 @@ class Summary:
         return row
 
     def feed(self, lines: Iterable[bytes]) -> None:
+        """Count the selected events among `lines` (complete lines)."""
         loads = orjson.loads
-        fast_open = self.service is None
         timed, service = self.timed, self.service
-        since, until, since_b, until_b = self.since, self.until, self.since_b, self.until_b
-        first, last, count, skipped = self.first, self.last, self.lines, self.skipped
-        open_first, open_last = self.open_first, self.open_last
-        services, peers, other = self.services, self.peers, self._other
+        since_b, until_b = self.since_b, self.until_b
+        raw_first, raw_last, count, skipped = self.raw_first, self.raw_last, self.lines, self.skipped
+        services, peers, general = self.services, self.peers, self._general
         for line in lines:
-            if fast_open and line[42:82] == OPEN_AT_42 and line[:15] == PREFIX:
+            head = line[42:83]
+            if head == CLOSE_AT_42 and line[:15] == PREFIX:
                 ts = line[15:42]
                 if timed and not since_b <= ts < until_b:
                     continue
-                if ts < open_first:
-                    open_first = ts
-                if ts > open_last:
-                    open_last = ts
-                count += 1
-                continue
-            try:
-                event = loads(line)
-                name = event["event"]
-                stamp = event["timestamp"]
-                if type(stamp) is not str or type(name) is not str:
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                if line.strip():
-                    skipped += 1
-                continue
-            if len(stamp) != KEY_LEN or stamp[19] != "." or stamp[26] != "Z":
-                key = ts_key(stamp)
-                if key is None:
-                    skipped += 1
-                    continue
-                stamp = key
-            if timed and not since <= stamp < until:
-                continue
-            if service is not None and line_service(event) != service:
-                continue
-            if name == "conn.close":
+                # Inline, because this is half of a busy log; the general
+                # path does the same through _close (the tests compare them).
                 try:
+                    event = loads(line)
                     svc = event["service"]
                     duration = event["duration_ms"]
                     bytes_in = event["bytes_in"]
@@ -247,13 +225,15 @@ class Summary:
                     reason = event["reason"]
                     if type(bytes_in) is not int or type(bytes_out) is not int:
                         raise TypeError
+                    if service is not None and svc != service:
+                        continue
                     stats = services.get(svc)
                     if stats is None:
                         stats = self._service(svc)
                     reasons = stats.reasons
                     seen = reasons.get(reason, 0)  # fails (unhashable) before any change
                     stats.durations.append(duration)  # fails (not a number) likewise
-                except (KeyError, TypeError, AttributeError):
+                except (ValueError, KeyError, TypeError, AttributeError):
                     skipped += 1
                     continue
                 reasons[reason] = seen + 1
@@ -269,24 +249,99 @@ class Summary:
                         row[0] += 1
                 else:  # "unix": no address, no port
                     stats.unix_connections += 1
-            elif not other(name, event):
-                skipped += 1
+            elif head == OPEN_AT_42 and service is None and line[:15] == PREFIX:
+                # Its timestamp and its count are all a conn.open adds.
+                ts = line[15:42]
+                if timed and not since_b <= ts < until_b:
+                    continue
+            else:
+                verdict = general(line)
+                if verdict is None:
+                    skipped += 1
+                elif verdict:
+                    count += 1
                 continue
-            if stamp < first:
-                first = stamp
-            if stamp > last:
-                last = stamp
+            if ts < raw_first:
+                raw_first = ts
+            if ts > raw_last:
+                raw_last = ts
             count += 1
-        self.first, self.last, self.lines, self.skipped = first, last, count, skipped
-        self.open_first, self.open_last = open_first, open_last
+        self.raw_first, self.raw_last, self.lines, self.skipped = raw_first, raw_last, count, skipped
+
+    def _general(self, line: bytes) -> bool | None:
+        """Any line but evd's own conn.open and conn.close (and those when
+        spelled otherwise, or conn.open under --service): True if counted,
+        False if not selected (or blank), None if it is not an event."""
+        try:
+            event = orjson.loads(line)
+            name = event["event"]
+            stamp = event["timestamp"]
+            if type(stamp) is not str or type(name) is not str:
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return False if not line.strip() else None
+        key = ts_key(stamp)
+        if key is None:
+            return None
+        if self.timed and not self.since <= key < self.until:
+            return False
+        if self.service is not None and line_service(event) != self.service:
+            return False
+        if not (self._close(event) if name == "conn.close" else self._other(name, event)):
+            return None
+        if key < self.first:
+            self.first = key
+        if key > self.last:
+            self.last = key
+        return True
+
+    def _close(self, event: Json) -> bool:
+        """A conn.close as the fast path in `feed` counts it; False if it
+        is malformed (then nothing of it is counted)."""
+        svc = event.get("service")
+        duration = event.get("duration_ms")
+        peer = event.get("peer")
+        reason = event.get("reason")
+        bytes_in, bytes_out = event.get("bytes_in"), event.get("bytes_out")
+        if (
+            svc is None
+            or not isinstance(duration, int | float)
+            or type(bytes_in) is not int
+            or type(bytes_out) is not int
+            or type(peer) is not str
+            or type(reason) is not str
+        ):
+            return False
+        try:
+            stats = self._service(svc)  # type: ignore[arg-type]
+        except TypeError:  # unhashable
+            return False
+        stats.durations.append(duration)
+        _add(stats.reasons, reason)
+        stats.bytes_in += bytes_in
+        stats.bytes_out += bytes_out
+        row = self._peer(peer)
+        if row is not None:
+            row[0] += 1
+        else:  # "unix": no address, no port
+            stats.unix_connections += 1
+        return True
+
+    def presort(self) -> None:
+        """Sort the kept durations (a worker does, so that the parent's final
+        sort only merges sorted runs, which timsort does in one pass)."""
+        for service in self.services.values():
+            service.durations = array("d", sorted(service.durations))
+        for command in self.commands.values():
+            command.durations = array("d", sorted(command.durations))
 
     def merge(self, other: Summary) -> None:
         """Add what `other` (the same selection, other lines) counted."""
         self.lines += other.lines
         self.skipped += other.skipped
         self.first, self.last = min(self.first, other.first), max(self.last, other.last)
-        self.open_first = min(self.open_first, other.open_first)
-        self.open_last = max(self.open_last, other.open_last)
+        self.raw_first = min(self.raw_first, other.raw_first)
+        self.raw_last = max(self.raw_last, other.raw_last)
         for name, service in other.services.items():
             self._service(name).merge(service)
         for ip, (connections, rejected, auth_failures) in other.peers.items():
@@ -382,8 +437,8 @@ class Summary:
 
     def to_json(self, top: int = 10) -> SummaryJson:
         """SPEC section 8's object, exactly."""
-        first = min(self.first, self.open_first.decode("latin-1").replace("\xff", NO_KEY))
-        last = max(self.last, self.open_last.decode("latin-1"))
+        first = min(self.first, self.raw_first.decode("latin-1").replace("\xff", NO_KEY))
+        last = max(self.last, self.raw_last.decode("latin-1"))
         return {
             "lines": self.lines,
             "skipped": self.skipped,

@@ -318,3 +318,22 @@ def test_follow_across_a_logrotate_rename(start_evd, tmp_path):
         evd.stop()
     assert status == 0
     assert show.lines.get(timeout=WAIT) is None  # nothing more than that
+
+
+def test_a_reader_that_leaves_early(real_log, tmp_path):
+    """`evd logs show | head -1`: no traceback, exit 0."""
+    big = tmp_path / "big.log"
+    big.write_bytes(real_log.read_bytes() * 400)  # far more than a pipe holds
+    for verb in ("show", "summary --top 0"):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evd", "logs", *verb.split(), str(big)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        assert proc.wait(WAIT) == 0
+        assert proc.stderr.read() == b""
+        proc.stderr.close()

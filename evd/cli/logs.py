@@ -47,7 +47,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
             sys.stdout.write(report.render(result, summary.extras(), args.top) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
-        pass  # `| head`: the reader has what it wanted
+        from evd.tools.logs.show import stdout_gone
+
+        stdout_gone()  # `| head`: the reader has what it wanted
     return EX_FAIL if errors else EX_OK
 
 

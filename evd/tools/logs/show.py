@@ -157,6 +157,15 @@ class Renderer:
         return text
 
 
+def stdout_gone() -> None:
+    """The reader of stdout left (`| head`): what is still buffered has
+    nowhere to go, so let the exit's flush write it to /dev/null instead
+    of raising BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def use_colour() -> bool:
     return sys.stdout.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
@@ -165,13 +174,11 @@ class Printer:
     """Selects and writes lines; with `hold`, keeps only the last `hold`
     selected lines until `release` (the start of `-f`)."""
 
-    def __init__(self, options: Options):
+    def __init__(self, options: Options, hold: int | None = None):
         self.selector = Selector(options)
         self.json = options.json
         self.render = Renderer(use_colour() and not options.json)
-        self.held: deque[tuple[bytes, Event]] | None = None
-        if options.follow and options.tail is not None:
-            self.held = deque(maxlen=options.tail)
+        self.held: deque[tuple[bytes, Event]] | None = None if hold is None else deque(maxlen=hold)
 
     def lines(self, lines: Iterable[bytes]) -> None:
         for line in lines:
@@ -202,16 +209,18 @@ class Printer:
 
 
 def run(options: Options) -> int:
-    printer = Printer(options)
     names = options.files or [reading.STDIN]
+    # -f follows the plain files; stdin and .gz files are read once.
     followed = [n for n in names if options.follow and n != reading.STDIN and not reading.is_gzip(n)]
-    status = _read_all(printer, [n for n in names if n not in followed])
+    printer = Printer(options, hold=options.tail if followed else None)
+    status = 0
     try:
+        status = _read_all(printer, [n for n in names if n not in followed])
         if followed:
             _follow(printer, followed)
         printer.release()
     except BrokenPipeError:
-        pass
+        stdout_gone()
     except KeyboardInterrupt:
         printer.release()
     if printer.selector.skipped:
@@ -234,8 +243,6 @@ def _read_all(printer: Printer, names: list[str]) -> int:
         except reading.InputError as exc:
             print(f"evd: {exc}", file=sys.stderr)
             status = 1
-        except BrokenPipeError:
-            return status
         finally:
             source.close()
     return status

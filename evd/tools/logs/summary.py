@@ -1,24 +1,28 @@
 """`evd logs summary`: the aggregation behind SPEC section 8's report.
 
-Speed comes from doing little per line, in this order:
+Speed comes from doing little per line:
 
-- A `conn.open` line (half of a busy log) contributes only its timestamp
-  and its count, so it is recognised by two byte tests (its event, and
-  evd's own prefix `{"timestamp": "` with a 27-byte UTC timestamp) and
-  never parsed.  Under `--service` it is parsed like the rest: the byte
-  tests cannot tell its service.
-- Every other line is parsed once with orjson (a C parser, several times
-  faster than `json`), and a `conn.close` (the other half) is aggregated
-  inline in the loop; rarer events go through one method call.
-- Timestamps are compared as bytes keys (events.py), sliced from evd's
-  own lines without decoding.
+- evd's own `conn.open` and `conn.close` lines (nearly all of a busy log)
+  are recognised by byte tests: the slice after evd's prefix and a 27-byte
+  UTC timestamp says `"level": "info", "event": "conn.open"` (or close).
+  Their timestamp is sliced from the bytes, never decoded.  A conn.open
+  adds only that timestamp and its count, so it is never parsed (except
+  under `--service`: bytes cannot tell its service); a conn.close is parsed
+  with orjson (a C parser, several times faster than `json`) and counted
+  inline in the loop.
+- Every other line, and these two when spelled otherwise (another
+  writer's separators, a timestamp without its fraction), takes the
+  general path: parsed, checked, one method call per event kind.
+- Large inputs are shared out between processes (runner.py); every figure
+  here merges exactly (`merge`).
 
-Memory: per selected `conn.close`, its duration (8 bytes in an
-`array('d')`), because nearest-rank percentiles need every value; per
-distinct client IP, a row of three counters; per service, command, close
-reason and error place, a few counters.  The input is read in blocks of a
-few MiB (reading.py), so a file's size does not matter, only what is
-selected.
+Memory: per selected `conn.close` (and `command.end`), its duration, 8
+bytes in an `array('d')`, because exact nearest-rank percentiles need
+every value; while the percentiles are computed at the end, the values of
+one service at a time as a sorted list of floats (32 bytes each); per
+distinct client IP, a row of three counters; per service, command, reason
+and error place, a few counters.  The input is read in blocks
+(reading.py), so its size does not matter, only what is selected.
 """
 
 from __future__ import annotations
@@ -166,7 +170,7 @@ class Summary:
 
     def __init__(self, since: str | None = None, until: str | None = None, service: str | None = None):
         # Bounds and extremes as text for parsed lines, as bytes for the
-        # conn.open lines that are never decoded.
+        # fast paths, which never decode a timestamp.
         self.since = since or ""
         self.until = until or NO_KEY
         self.since_b, self.until_b = self.since.encode(), until.encode() if until else NO_KEY_B

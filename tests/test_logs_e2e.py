@@ -337,3 +337,13 @@ def test_a_reader_that_leaves_early(real_log, tmp_path):
         assert proc.wait(WAIT) == 0
         assert proc.stderr.read() == b""
         proc.stderr.close()
+
+
+def test_follow_on_stdin_shows_it_whole(real_log):
+    """-f follows files; stdin is read to its end and shown whole, not
+    cut to the last lines that -f begins a followed file with."""
+    with open(real_log, "rb") as stdin:
+        out = evd_logs("show", "-f", "--json", stdin=stdin)
+    assert out.returncode == 0
+    assert out.stdout.splitlines() == real_log.read_bytes().splitlines()
+    assert len(out.stdout.splitlines()) > 10

@@ -92,6 +92,31 @@ def test_inotify_wakes_on_a_write(tmp_path):
         watcher.close()
 
 
+def test_inotify_passes_over_other_files_of_the_directory(tmp_path):
+    """A busy /var/log: writes to other files are events too, and must not
+    count as news of the followed file; its own writes, rename and a new
+    file of its name do."""
+    path = tmp_path / "evd.log"
+    path.write_bytes(b"")
+    watcher = follow.InotifyWatcher()
+    try:
+        followed = follow.Followed(str(path), watcher)
+        (tmp_path / "syslog").write_bytes(b"other news\n")
+        assert not watcher.relevant()
+        with open(path, "ab") as f:
+            f.write(b"x\n")
+        assert watcher.relevant()
+        os.rename(path, tmp_path / "evd.log.1")
+        assert watcher.relevant()  # the followed inode moved
+        assert lines_of(followed) == [b"x"]
+        path.write_bytes(b"y\n")
+        assert watcher.relevant()  # a new file of the followed name
+        assert lines_of(followed) == [b"y"]  # the new file, from its start
+        followed.close()
+    finally:
+        watcher.close()
+
+
 def test_the_fallback_is_chosen_without_inotify(monkeypatch):
     def no_inotify() -> follow.InotifyWatcher:
         raise OSError("no inotify here")

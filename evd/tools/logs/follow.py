@@ -2,9 +2,10 @@
 
 Waiting: inotify, through ctypes (the standard library has no binding),
 on the file's directory (a write to the file, a new file of that name) and
-on the file itself (writes to it after it was moved elsewhere).  A wakeup
-only says "look again": each one is followed by a `stat` of the path and
-reads to EOF, so no event needs decoding and none can be misread.  inotify
+on the file itself (writes to it after it was moved elsewhere).  An event
+only says "look again": each wakeup is followed by a `stat` of the path
+and reads to EOF, so nothing depends on reading the events right; they
+are decoded only to pass over the other files of a busy directory.  inotify
 shows a line as soon as it is written and costs nothing while the log is
 quiet; a wait still ends after BACKSTOP seconds, because some filesystems
 (NFS, some FUSE and overlay set-ups) deliver no events, and the same checks
@@ -28,6 +29,7 @@ import ctypes.util
 import io
 import os
 import select
+import struct
 import time
 from collections.abc import Iterator
 
@@ -47,6 +49,7 @@ IN_DELETE_SELF = 0x400
 IN_MOVE_SELF = 0x800
 DIR_EVENTS = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
 FILE_EVENTS = IN_MODIFY | IN_ATTRIB | IN_MOVE_SELF | IN_DELETE_SELF
+EVENT_HEAD = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 
 
 class PollWatcher:
@@ -65,8 +68,9 @@ class PollWatcher:
 
 
 class InotifyWatcher:
-    """Wakes up when something happens to a watched file or its directory,
-    or after BACKSTOP seconds.  Raises OSError if inotify is unavailable."""
+    """Wakes up when something happens to a followed file (or to its name
+    in its directory), or after BACKSTOP seconds.  Raises OSError if
+    inotify is unavailable."""
 
     kind = "inotify"
 
@@ -86,25 +90,54 @@ class InotifyWatcher:
         if self.fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.files: set[int] = set()  # watches on followed files (inodes)
+        self.dirs: dict[int, set[bytes]] = {}  # watch on a directory -> followed names in it
 
     def watch(self, path: str) -> None:
-        """Watch `path` (the inode it names now) and its directory; a file
-        that cannot be watched is still found by the backstop."""
-        directory = os.path.dirname(os.path.abspath(path))
-        self._add(self.fd, os.fsencode(directory), DIR_EVENTS)
-        self._add(self.fd, os.fsencode(path), FILE_EVENTS)
+        """Watch `path` (the inode it names now) and its name in its
+        directory; what cannot be watched is still seen by the backstop."""
+        directory, name = os.path.split(os.path.abspath(path))
+        wd = self._add(self.fd, os.fsencode(directory), DIR_EVENTS)
+        if wd >= 0:
+            self.dirs.setdefault(wd, set()).add(os.fsencode(name))
+        wd = self._add(self.fd, os.fsencode(path), FILE_EVENTS)
+        if wd >= 0:
+            self.files.add(wd)
 
     def wait(self) -> None:
-        readable, _, _ = select.select([self.fd], [], [], BACKSTOP)
-        if readable:
-            try:
-                while os.read(self.fd, 65536):  # drain: the events only wake us
-                    pass
-            except BlockingIOError:
-                pass
+        """Until an event about a followed file, or BACKSTOP seconds.
+        Events about other files of the directory (a busy /var/log) are
+        read and passed over."""
+        deadline = time.monotonic() + BACKSTOP
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.fd], [], [], left)
+            if not readable or self.relevant():
+                return
+
+    def relevant(self) -> bool:
+        """Read the queued events: does one concern a followed file?"""
+        found = False
+        try:
+            while data := os.read(self.fd, 65536):
+                for wd, name in _events(data):
+                    # wd -1: the queue overflowed, anything may have happened
+                    found = found or wd in self.files or wd == -1 or name in self.dirs.get(wd, ())
+        except BlockingIOError:
+            pass
+        return found
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _events(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(watch, name) of each `struct inotify_event` in `data`."""
+    offset = 0
+    while offset + EVENT_HEAD.size <= len(data):
+        wd, _mask, _cookie, length = EVENT_HEAD.unpack_from(data, offset)
+        start = offset + EVENT_HEAD.size
+        yield wd, data[start : start + length].rstrip(b"\0")
+        offset = start + length
 
 
 def watcher() -> InotifyWatcher | PollWatcher:

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -203,10 +204,14 @@ def generate(path: Path, count: int) -> None:
     os.replace(tmp, path)
 
 
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> int:
@@ -235,16 +240,27 @@ def main() -> int:
         "jq": [jq, "-c", ".", str(path)],
         "evd": [sys.executable, "-m", "evd", "logs", "summary", "--json", str(path)],
     }
-    times: dict[str, list[float]] = {name: [] for name in commands}
+    wall: dict[str, list[float]] = {name: [] for name in commands}
+    cpu: dict[str, list[float]] = {name: [] for name in commands}
     for rnd in range(args.rounds):
         for name, argv in commands.items():  # alternately: both see the same load
-            times[name].append(timed(argv))
-        print(f"round {rnd + 1}: jq {times['jq'][-1]:.2f} s, evd {times['evd'][-1]:.2f} s", flush=True)
-    jq_median = statistics.median(times["jq"])
-    evd_median = statistics.median(times["evd"])
-    ratio = jq_median / evd_median
-    print(f"median of {args.rounds}: jq {jq_median:.2f} s, evd {evd_median:.2f} s: evd {ratio:.1f}× faster")
-    print(f"  evd {args.lines / evd_median / 1e6:.2f} M lines/s, {size / evd_median / 1e6:.0f} MB/s")
+            w, c = timed(argv)
+            wall[name].append(w)
+            cpu[name].append(c)
+        print(
+            f"round {rnd + 1}: jq {wall['jq'][-1]:.2f} s ({cpu['jq'][-1]:.2f} s CPU), "
+            f"evd {wall['evd'][-1]:.2f} s ({cpu['evd'][-1]:.2f} s CPU)",
+            flush=True,
+        )
+    jq_wall, evd_wall = statistics.median(wall["jq"]), statistics.median(wall["evd"])
+    jq_cpu, evd_cpu = statistics.median(cpu["jq"]), statistics.median(cpu["evd"])
+    n = args.rounds
+    print(
+        f"median of {n}, wall: jq {jq_wall:.2f} s, evd {evd_wall:.2f} s: evd {jq_wall / evd_wall:.1f}× faster"
+    )
+    print(f"median of {n}, CPU:  jq {jq_cpu:.2f} s, evd {evd_cpu:.2f} s: evd {jq_cpu / evd_cpu:.1f}× less")
+    rate = f"{args.lines / evd_wall / 1e6:.2f} M lines/s, {size / evd_wall / 1e6:.0f} MB/s"
+    print(f"  evd {rate}; {os.cpu_count()} CPUs")
     return 0
 
 

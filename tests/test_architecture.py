@@ -28,7 +28,8 @@ LAYERS = {
     "tools.logs.show": 5, "tools.logs.report": 5,
     "tools.logs.runner": 6, "tools.logs.follow": 6,
     "tools.logs.summary": 7,
-    "tools.logs.reading": 8, "tools.logs.events": 8, "tools.logs.jsonform": 8,
+    "tools.logs.stats": 8, "tools.logs.reading": 8, "tools.logs.events": 8,
+    "tools.logs.jsonform": 9,
     # the daemon process: start-up, workers, one daemon, its reload plan, and
     # what the configuration names on the machine
     "server.launch": 10,

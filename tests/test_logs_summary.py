@@ -17,7 +17,8 @@ import pytest
 
 from evd.tools.logs.events import TimeSpecError, parse_time_spec, peer_ip, ts_key
 from evd.tools.logs.report import render
-from evd.tools.logs.summary import Summary, nearest_rank
+from evd.tools.logs.stats import nearest_rank
+from evd.tools.logs.summary import Summary
 
 
 def ts(second: float) -> str:

@@ -33,7 +33,8 @@ from collections.abc import Iterable
 import orjson
 
 from evd.tools.logs.events import line_service, peer_ip, ts_key
-from evd.tools.logs.jsonform import CommandJson, Extras, PeerJson, ServiceJson, SummaryJson
+from evd.tools.logs.jsonform import Extras, PeerJson, SummaryJson
+from evd.tools.logs.stats import CommandStats, ServiceStats, add, by_count, exit_key, merge_counts
 
 PREFIX = b'{"timestamp": "'
 # What follows a 27-byte timestamp in evd's own conn.open and conn.close
@@ -46,122 +47,6 @@ NO_KEY = "\uffff"
 NO_KEY_B = b"\xff"
 
 Json = dict[str, object]
-
-
-def nearest_rank(ordered: list[float], percent: int) -> float:
-    """The nearest-rank percentile of sorted values: the smallest value
-    such that at least `percent`% of the values are at most it."""
-    rank = max(1, -(-percent * len(ordered) // 100))
-    return ordered[rank - 1]
-
-
-def _percentiles(values: array[float], percents: tuple[int, ...]) -> list[float | None]:
-    """The nearest-rank `percents` of `values`, then their maximum."""
-    if not values:
-        return [None] * (len(percents) + 1)
-    ordered = sorted(values)
-    found: list[float | None] = [nearest_rank(ordered, p) for p in percents]
-    return found + [ordered[-1]]
-
-
-def _add(table: dict[str, int], key: str, n: int = 1) -> None:
-    table[key] = table.get(key, 0) + n
-
-
-def _merge(into: dict[str, int], other: dict[str, int]) -> None:
-    for key, n in other.items():
-        into[key] = into.get(key, 0) + n
-
-
-def _by_count(table: dict[str, int]) -> dict[str, int]:
-    """Largest first, then by name: the order a reader scans.  (Keys are
-    text for JSON; a foreign line may have put a number or null there.)"""
-    return {str(k): n for k, n in sorted(table.items(), key=lambda kv: (-kv[1], str(kv[0])))}
-
-
-class ServiceStats:
-    __slots__ = (
-        "reasons",
-        "durations",
-        "bytes_in",
-        "bytes_out",
-        "rejected",
-        "udp_drops",
-        "tls_failures",
-        "unix_connections",
-    )
-
-    def __init__(self) -> None:
-        self.reasons: dict[str, int] = {}
-        self.durations: array[float] = array("d")
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.rejected: dict[str, int] = {}
-        self.udp_drops: dict[str, int] = {}
-        self.tls_failures = 0
-        self.unix_connections = 0
-
-    def merge(self, other: ServiceStats) -> None:
-        self.durations.extend(other.durations)
-        _merge(self.reasons, other.reasons)
-        self.bytes_in += other.bytes_in
-        self.bytes_out += other.bytes_out
-        _merge(self.rejected, other.rejected)
-        _merge(self.udp_drops, other.udp_drops)
-        self.tls_failures += other.tls_failures
-        self.unix_connections += other.unix_connections
-
-    def to_json(self) -> ServiceJson:
-        p50, p95, p99, top = _percentiles(self.durations, (50, 95, 99))
-        return {
-            "connections": len(self.durations),
-            "reasons": _by_count(self.reasons),
-            "duration_ms": {"p50": p50, "p95": p95, "p99": p99, "max": top},
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "rejected": _by_count(self.rejected),
-            "udp_drops": _by_count(self.udp_drops),
-        }
-
-
-class CommandStats:
-    __slots__ = ("runs", "exit", "timed_out", "truncated", "durations", "keys")
-
-    def __init__(self) -> None:
-        self.runs = 0
-        self.exit: dict[str, int] = {}
-        self.timed_out = 0
-        self.truncated = 0
-        self.durations: array[float] = array("d")
-        self.keys: dict[str, int] = {}
-
-    def merge(self, other: CommandStats) -> None:
-        self.runs += other.runs
-        _merge(self.exit, other.exit)
-        self.timed_out += other.timed_out
-        self.truncated += other.truncated
-        self.durations.extend(other.durations)
-        _merge(self.keys, other.keys)
-
-    def to_json(self) -> CommandJson:
-        p50, p95, top = _percentiles(self.durations, (50, 95))
-        return {
-            "runs": self.runs,
-            "exit": _by_count(self.exit),
-            "timed_out": self.timed_out,
-            "truncated": self.truncated,
-            "duration_ms": {"p50": p50, "p95": p95, "max": top},
-        }
-
-
-def exit_key(exit_code: object, signal: object) -> str:
-    """`exit` of the summary: the exit status as text ("0", "1"); a command
-    killed by signal N is "-N", as Python's returncode says it."""
-    if isinstance(exit_code, int):
-        return str(exit_code)
-    if isinstance(signal, int):
-        return str(-signal)
-    return "unknown"
 
 
 class Summary:
@@ -205,7 +90,9 @@ class Summary:
         return row
 
     def feed(self, lines: Iterable[bytes]) -> None:
-        """Count the selected events among `lines` (complete lines)."""
+        """Count the selected events among `lines` (complete lines).  One
+        long loop on purpose: for evd's own lines a function call would
+        cost about as much as the counting it did."""
         loads = orjson.loads
         timed, service = self.timed, self.service
         since_b, until_b = self.since_b, self.until_b
@@ -321,7 +208,7 @@ class Summary:
         except TypeError:  # unhashable
             return False
         stats.durations.append(duration)
-        _add(stats.reasons, reason)
+        add(stats.reasons, reason)
         stats.bytes_in += bytes_in
         stats.bytes_out += bytes_out
         row = self._peer(peer)
@@ -355,8 +242,8 @@ class Summary:
             row[2] += auth_failures
         for name, command in other.commands.items():
             self.commands.setdefault(name, CommandStats()).merge(command)
-        _merge(self.errors, other.errors)
-        _merge(self.reloads, other.reloads)
+        merge_counts(self.errors, other.errors)
+        merge_counts(self.reloads, other.reloads)
         self.starts += other.starts
         self.stops += other.stops
 
@@ -384,9 +271,9 @@ class Summary:
             elif name == "command.end":
                 self._command(event)
             elif name == "error":
-                _add(self.errors, str(event.get("where", "?")))
+                add(self.errors, str(event.get("where", "?")))
             elif name == "config.reload":
-                _add(self.reloads, "ok" if event["ok"] is True else "failed")
+                add(self.reloads, "ok" if event["ok"] is True else "failed")
             elif name == "daemon.start":
                 self.starts += 1
             elif name == "daemon.stop":
@@ -404,12 +291,12 @@ class Summary:
             raise TypeError
         stats = self._service(event["service"])  # type: ignore[arg-type]
         if name == "udp.drop":
-            _add(stats.udp_drops, reason, count)
+            add(stats.udp_drops, reason, count)
             return
         if name == "tls.fail":
             stats.tls_failures += count
             return
-        _add(stats.rejected, reason, count)
+        add(stats.rejected, reason, count)
         row = self._peer(event["peer"])  # type: ignore[arg-type]
         if row is not None:
             row[1] += count
@@ -424,12 +311,12 @@ class Summary:
             stats = self.commands[name] = CommandStats()
         stats.runs += 1
         stats.durations.append(duration)
-        _add(stats.exit, exit_key(event.get("exit"), event.get("signal")))
+        add(stats.exit, exit_key(event.get("exit"), event.get("signal")))
         stats.timed_out += event.get("timed_out") is True
         stats.truncated += event.get("truncated") is True
         key = event.get("key")
         if isinstance(key, str):
-            _add(stats.keys, key)
+            add(stats.keys, key)
 
     def top_peers(self, top: int) -> list[PeerJson]:
         """The `top` client IPs by connections (then rejects, auth failures,
@@ -451,7 +338,7 @@ class Summary:
             "services": {str(name): self.services[name].to_json() for name in sorted(self.services, key=str)},
             "peers": self.top_peers(top),
             "commands": {name: self.commands[name].to_json() for name in sorted(self.commands)},
-            "errors": _by_count(self.errors),
+            "errors": by_count(self.errors),
             "reloads": dict(self.reloads),
             "starts": self.starts,
             "stops": self.stops,
@@ -463,5 +350,5 @@ class Summary:
                 str(k): v.unix_connections for k, v in self.services.items() if v.unix_connections
             },
             "tls_failures": {str(k): v.tls_failures for k, v in self.services.items() if v.tls_failures},
-            "command_keys": {k: _by_count(v.keys) for k, v in self.commands.items() if v.keys},
+            "command_keys": {k: by_count(v.keys) for k, v in self.commands.items() if v.keys},
         }

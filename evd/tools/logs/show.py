@@ -117,11 +117,20 @@ class Selector:
 
 
 def _value(value: object) -> str:
-    """A field's value: bare when that reads unambiguously, else JSON."""
+    """A field's value: bare when that reads unambiguously, else JSON
+    (which escapes control characters)."""
     if isinstance(value, str):
         if value and not any(c in value for c in ' ="\\\n\t') and value.isprintable():
             return value
     return orjson.dumps(value, default=str).decode()
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped: a log line may carry what a
+    client sent, and a terminal must not take it for escape sequences."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class Renderer:
@@ -130,12 +139,12 @@ class Renderer:
 
     def __call__(self, event: Event) -> str:
         c = self.colour
-        stamp = str(event.get("timestamp", ""))
-        level = str(event.get("level", ""))
-        name = str(event.get("event", ""))
+        stamp = printable(str(event.get("timestamp", "")))
+        level = printable(str(event.get("level", "")))
+        name = printable(str(event.get("event", "")))
         when = stamp.replace("T", " ").rstrip("Z")
         fields = " ".join(
-            f"{CYAN if c else ''}{key}{RESET if c else ''}={_value(value)}"
+            f"{CYAN if c else ''}{printable(key)}{RESET if c else ''}={_value(value)}"
             for key, value in event.items()
             if key not in SHOWN_FIRST
         )
@@ -146,14 +155,14 @@ class Renderer:
             f"{BOLD}{name:<{EVENT_WIDTH}}{RESET}" if c else f"{name:<{EVENT_WIDTH}}",
         ]
         if pid is not None:
-            parts.append(f"[{pid}]")
+            parts.append(f"[{_value(pid)}]")
         if fields:
             parts.append(fields)
         text = " ".join(parts)
         exc = event.get("exc_info")
         if exc:
             trace = exc if isinstance(exc, str) else _value(exc)
-            text += "\n" + "\n".join("    " + row for row in trace.splitlines())
+            text += "\n" + "\n".join("    " + printable(row) for row in trace.splitlines())
         return text
 
 

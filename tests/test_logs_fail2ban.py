@@ -100,7 +100,9 @@ def failures_log(start_evd, tmp_path) -> Path:
     log.wait_for("daemon.ready")
     framed_v4, framed_v6 = listeners(log, "framed")
     echo_v4, echo_v6 = listeners(log, "echo")
-    wrong_auth(framed_v4, 3)  # three: evd closes the connection
+    wrong_auth(framed_v4, 3)  # three: evd closes the connection and bans the address
+    log.wait_for("conn.close", service="framed", reason="auth")
+    refused(framed_v4)  # banned for auth_ban seconds: accepted and closed at once
     wrong_auth(framed_v6, 2)
     refused(echo_v4)  # not in only_from
     refused(echo_v6)
@@ -114,7 +116,7 @@ def failures_log(start_evd, tmp_path) -> Path:
         refused(discard)
         log.wait_for("conn.reject", reason="max_connections")
     deadline = time.monotonic() + WAIT
-    while sum(e.get("count", 1) for e in log.find("conn.reject")) < 3 or len(log.find("auth.fail")) < 5:
+    while sum(e.get("count", 1) for e in log.find("conn.reject")) < 4 or len(log.find("auth.fail")) < 5:
         assert time.monotonic() < deadline, "the refusals did not all reach the log"
         time.sleep(0.05)
     assert evd.stop() == 0
@@ -130,7 +132,9 @@ def test_filter_finds_the_client_ips(failures_log):
         for e in events
         if e["event"] == "auth.fail" or (e["event"] == "conn.reject" and e["reason"] in BANNING)
     )
-    assert expected["127.0.0.1"] >= 4 and expected["::1"] >= 3  # auth 3 + refused 1, auth 2 + refused 1
+    # 127.0.0.1: auth 3, banned 1, refused 1; ::1: auth 2, refused 1
+    assert expected["127.0.0.1"] >= 5 and expected["::1"] >= 3
+    assert any(e["event"] == "conn.reject" and e["reason"] == "banned" for e in events)
     assert any(e["event"] == "conn.reject" and e["reason"] == "max_connections" for e in events)
     out = subprocess.run(
         [fail2ban_regex, "--verbose", str(failures_log), str(FILTER)],

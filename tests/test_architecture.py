@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "evd"
 LAYERS = {
     # the command line: one module per group of subcommands
     "__main__": 0, "cli": 1,
-    "cli.lifecycle": 2, "cli.configure": 2, "cli.switch": 2, "cli.call": 2, "cli.bench": 2, "cli.ctl": 2,
+    "cli.lifecycle": 2, "cli.configure": 2, "cli.switch": 2, "cli.call": 2, "cli.bench": 2, "cli.logs": 2,
+    "cli.ctl": 2,
     "cli.targets": 3, "cli.exits": 3,
     # client side: tools that talk to a daemon (the daemon never imports them)
     "tools.bench.runner": 4,
@@ -28,6 +29,12 @@ LAYERS = {
     "tools.bench.loop": 7,
     "tools.bench.target": 8, "tools.bench.probes": 8, "tools.bench.measure": 8,
     "tools.bench.options": 9,
+    # reading logs back (offline: files in, reports out)
+    "tools.logs.show": 5, "tools.logs.report": 5,
+    "tools.logs.runner": 6, "tools.logs.follow": 6,
+    "tools.logs.summary": 7,
+    "tools.logs.stats": 8, "tools.logs.reading": 8, "tools.logs.events": 8,
+    "tools.logs.jsonform": 9,
     # the daemon process: start-up, workers, one daemon, its reload plan, and
     # what the configuration names on the machine
     "server.launch": 10,

@@ -20,11 +20,12 @@ LAYERS = {
     # the command line: one module per group of subcommands
     "__main__": 0, "cli": 1,
     "cli.lifecycle": 2, "cli.configure": 2, "cli.switch": 2, "cli.call": 2, "cli.bench": 2, "cli.logs": 2,
+    "cli.ctl": 2,
     "cli.targets": 3, "cli.exits": 3,
     # client side: tools that talk to a daemon (the daemon never imports them)
     "tools.bench.runner": 4,
     "tools.lifecycle": 5, "tools.bench.modes": 5, "tools.explain": 5, "tools.dropin": 5, "tools.reloadnow": 5,
-    "tools.client": 6, "tools.bench.framed": 6, "tools.bench.report": 6,
+    "tools.client": 6, "tools.bench.framed": 6, "tools.bench.report": 6, "tools.ctl": 6,
     "tools.bench.loop": 7,
     "tools.bench.target": 8, "tools.bench.probes": 8, "tools.bench.measure": 8,
     "tools.bench.options": 9,
@@ -38,9 +39,11 @@ LAYERS = {
     # what the configuration names on the machine
     "server.launch": 10,
     "server.supervisor": 11,
-    "server.daemon": 12,
+    "server.daemon": 12, "server.surfaces": 12, "server.fanout": 12,
     "server.sockets": 13, "server.signals": 13,
-    "server.reload": 14, "server.preflight": 14,
+    "server.control": 13, "server.metrics": 13, "server.runtime": 13,
+    "server.reload": 14, "server.preflight": 14, "server.exposition": 14, "server.link": 14,
+    "server.figures": 15,
     # sockets: listening and connected
     "net.listeners": 20,
     "net.transport": 21,
@@ -51,7 +54,7 @@ LAYERS = {
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
     "proto.rules": 41,
-    "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
+    "proto.framing": 41, "proto.services": 41, "proto.admission": 41, "proto.control": 41,
     "proto.access": 42, "proto.allowlist": 42,
     # the operating system: systemd, privileges, the pidfile, key files, a
     # command's processes

@@ -269,6 +269,7 @@ class Framed:
                 log.warning(
                     "auth.fail", conn=transport.conn_id, peer=transport.peer, attempt=event.failures, **fields
                 )
+                self.service.auth_failures += 1  # evd_auth_failures_total
             else:  # Close: after everything answered so far, batched or queued
                 if event.ban:
                     self.service.admission.ban(transport.host, transport.reactor.now)

@@ -25,6 +25,9 @@ from evd.proto.access import AccessList
 # About 100 bytes each: 64k buckets is a few MiB at worst, and far more
 # distinct clients per `burst / rate` seconds than a small daemon serves.
 MAX_BUCKETS = 65536
+# Refusals counted per client IP, for `evd ctl sources`: a few dozen bytes
+# each; past this many clients the oldest half is forgotten (as buckets).
+MAX_REFUSED = 4096
 
 # One address per entry, made only by three failed `auth` on one connection
 # (each connection first passing every other limit): far more than a
@@ -50,6 +53,7 @@ class SourceView:
     host: str
     connections: int  # open now
     tokens: float | None  # left in its rate bucket now; None: no rate limit
+    rejected: int = 0  # connections and datagrams refused (as far as remembered)
 
 
 class Admission:
@@ -59,6 +63,7 @@ class Admission:
         self._buckets: dict[str, list[float]] = {}  # ip -> [tokens, last]
         self._bans: dict[str, float] = {}  # ip -> when its ban ends
         self._verdicts: dict[str, bool] = {}  # ip -> may it talk to us (the access lists)
+        self._refused: dict[str, int] = {}  # ip -> refusals (bounded: MAX_REFUSED)
         self.apply(service)
 
     def apply(self, service: ServiceConfig) -> None:
@@ -218,9 +223,19 @@ class Admission:
             return self._burst
         return min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
 
+    def refused(self, host: str) -> None:
+        """`host` was refused a connection or a datagram (counted per IP
+        for `sources`; the service counts by reason)."""
+        refused = self._refused
+        if host not in refused and len(refused) >= MAX_REFUSED:
+            for key in list(refused)[: len(refused) // 2]:
+                del refused[key]
+        refused[host] = refused.get(host, 0) + 1
+
     def sources(self, now: float) -> list[SourceView]:
-        """Every client IP admission keeps state for: open connections or a
-        rate bucket not yet refilled and expired."""
-        hosts = list(self._per_source)
-        hosts += [h for h in self._buckets if h not in self._per_source]
-        return [SourceView(h, self.per_source(h), self.tokens(h, now)) for h in hosts]
+        """Every client IP admission keeps state for: open connections, a
+        rate bucket not yet refilled and expired, refusals, or a ban."""
+        hosts = dict.fromkeys([*self._per_source, *self._buckets, *self._refused, *self._bans])
+        return [
+            SourceView(h, self.per_source(h), self.tokens(h, now), self._refused.get(h, 0)) for h in hosts
+        ]

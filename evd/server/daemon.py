@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
@@ -44,6 +45,7 @@ from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, Listener
 from evd.proto.rules import rules_for
 from evd.proto.services import datagram_handler
 from evd.server import preflight, signals, sockets
+from evd.server.figures import LagProbe
 from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
@@ -96,6 +98,11 @@ class Daemon:
         self._sweep_timer: Timer | None = None
         self.runner = Runner(self.reactor, config.services["command"])
         self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
+        # For the runtime control and metrics (server/runtime.py, figures.py).
+        self.lag = LagProbe(self.reactor)
+        self.reloads: Counter[str] = Counter()  # "ok" / "failed"
+        self.last_reload: tuple[float, bool] | None = None  # (time.time(), ok)
+        self.closers: list[Callable[[], None]] = []  # at exit, while the loop is still there
 
     def stats(self) -> dict[str, object]:
         """The framed `stats` body."""
@@ -129,11 +136,11 @@ class Daemon:
             if svc.enabled and svc.name in LISTENING:
                 self.services[svc.name] = Service(svc, self.reactor)
         for key, sock in bound.items():
-            self._open_listener(key, sock)
+            self.open_listener(key, sock)
         self._update_guard_ports()
         self._schedule_sweep()
 
-    def _open_listener(self, key: ListenerKey, sock: socket.socket) -> None:
+    def open_listener(self, key: ListenerKey, sock: socket.socket) -> None:
         name, address = key
         service = self.services[name]
         listener: Listener
@@ -155,6 +162,12 @@ class Daemon:
             return lambda: Framed(service, context)
         factory: HandlerFactory = STREAM_HANDLERS[name]
         return factory
+
+    def refresh(self) -> None:
+        """Listeners or limits changed at run time (evd ctl): the UDP loop
+        guard and the sweep's pace follow."""
+        self._update_guard_ports()
+        self._schedule_sweep()
 
     def _update_guard_ports(self) -> None:
         self.guard_ports.clear()
@@ -179,6 +192,7 @@ class Daemon:
         signals.release()
         reactor.add_before_sleep(self._before_sleep)
         self.notifier.start_watchdog(self.reactor)
+        self.lag.start()
         with log.batched(reactor):
             log.info(self._event("ready"), listeners=len(self.listeners))
             self.notifier.ready(f"serving on {len(self.listeners)} listeners")
@@ -267,6 +281,8 @@ class Daemon:
         self.listeners.clear()
 
     def _close_everything(self) -> None:
+        for close in self.closers:
+            close()
         self.runner.kill_all()
         self._close_listeners()
         for service in self.services.values():
@@ -291,6 +307,8 @@ class Daemon:
             log.error("error", where="reload", exc_info=exc)
             result = Result.failed(f"internal error: {exc.__class__.__name__}: {exc}")
         self.notifier.ready(f"serving on {len(self.listeners)} listeners")
+        self.reloads["ok" if result.ok else "failed"] += 1
+        self.last_reload = (time.time(), result.ok)
         if result.ok:
             log.info(event, **result.fields())
         else:
@@ -339,7 +357,7 @@ class Daemon:
             elif current.config != svc:
                 current.apply(svc)
         for key, socks in bound.items():
-            self._open_listener(key, socks[0])
+            self.open_listener(key, socks[0])
         self.config, self.machine = new, machine
         self.runner.config = new.services["command"]
         self._update_context()

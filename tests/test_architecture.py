@@ -66,7 +66,8 @@ LAYERS = {
     # line looks, journald's protocol
     "core.log": 56, "core.logsink": 57, "core.logfiles": 57, "core.logline": 58, "core.journal": 59,
     "core.loader": 61, "core.tomlout": 61,
-    "core.dropins": 62, "core.schema": 62,
+    "core.dropins": 62, "core.validate": 62,
+    "core.schema": 63,
     "core.seams": 63,
     "core.config": 64,
     "core.addresses": 65, "core.reactor": 65,

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from evd import __version__
-from evd.core import schema
+from evd.core import schema, validate
 from evd.core.addresses import Address
 from evd.core.config import LISTENING, Config, ServiceConfig
 from evd.core.reactor import Reactor
@@ -99,10 +99,10 @@ def limit_change(config: Config, name: str, key: str, text: str) -> tuple[Servic
     except tomllib.TOMLDecodeError:
         raw = text  # a string: refused below with the file's message
     errors: list[str] = []
-    values = schema.take({key: raw}, schema.LIMITS, path, errors)
+    values = validate.take({key: raw}, schema.LIMITS, path, errors)
     limits = replace(service.limits, **values)
     if not errors and key in ("write_low", "write_high"):
-        schema._check_water(limits, path, errors)
+        validate.check_water(limits, path, errors)
     if errors:
         return Answer.refused("; ".join(errors))
     was = getattr(service.limits, key)

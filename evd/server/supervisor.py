@@ -17,18 +17,28 @@ systemd are one socket shared by every worker; each accepts from it without
 blocking, and the kernel gives every connection to exactly one.
 
 Workers.  A worker is a fork (no exec) of the supervisor: it keeps slot i's
+sockets, closes the rest of the supervisor's descriptors, and runs its own
+Reactor and Daemon.  Its process group is its own, so a Ctrl-C reaches only
+the supervisor, which passes signals on once.  A pipe nobody writes (the
+lifeline) reaches end-of-file when the supervisor is gone, however it died,
+and the orphaned worker shuts down.  Each worker also has a socketpair to
+the supervisor (server/link.py): ordered requests and answers, and
+descriptors passed along, for runtime control and metrics.
+
 The supervisor's loop serves the control socket and the metrics port for
-the whole daemon (server/fanout.py: it asks the workers over a socketpair
-each), and handles signals -- SIGCHLD among them, through the reactor's
-wakeup descriptor -- and timers:
+the whole daemon (server/fanout.py: it asks every worker over its
+socketpair and sums the answers without ever waiting for one), and handles
+signals -- SIGCHLD among them, through the reactor's wakeup descriptor --
+and timers:
 - SIGCHLD: reap without waiting, then reconcile (below).
 - SIGTERM/SIGINT: close our copies of the sockets, pass the signal on, wait
   for the workers up to shutdown_timeout + KILL_AFTER, then SIGKILL them.
 - SIGHUP: re-read the configuration and carry out the plan of
   server/reload.py, the same plan a single process follows.  Invalid, or a
   new listener or log file that cannot be opened: `config.reload ok=false`,
-  nothing changes.  Same listeners: pass SIGHUP on; each worker applies
-  limits, access lists, commands and log settings without dropping anyone.
+  nothing changes.  Same listeners: tell each worker over its socketpair;
+  it re-reads the file and applies limits, access lists, commands and log
+  settings without dropping anyone.
   Listeners added or removed: bind the new ones, start a new generation of
   workers, and retire the old one (SIGUSR2): it stops accepting and serves
   its open connections to their natural end.

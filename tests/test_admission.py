@@ -8,36 +8,14 @@ config parser produces) and limits.{max_connections, per_source, rate, burst}.
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
 
-
-def _import_admission():
-    """evd.admission imports evd.config for type names only; if that module
-    is not there yet, lend it a stand-in just for the import."""
-    try:
-        importlib.import_module("evd.core.config")
-    except ModuleNotFoundError as exc:
-        if exc.name != "evd.core.config":
-            raise
-        stub = types.ModuleType("evd.core.config")
-        stub.Limits = stub.ServiceConfig = SimpleNamespace
-        sys.modules["evd.core.config"] = stub
-        try:
-            return importlib.import_module("evd.proto.admission")
-        finally:
-            del sys.modules["evd.core.config"]
-    return importlib.import_module("evd.proto.admission")
-
-
-admission_mod = _import_admission()
-Admission = admission_mod.Admission
-parse_ip = admission_mod.parse_ip
+from evd.proto import admission as admission_mod
+from evd.proto.access import parse_ip
+from evd.proto.admission import Admission
 
 
 def nets(*cidrs):
@@ -49,7 +27,7 @@ def config(only_from=(), no_access=(), max_connections=1000, per_source=1000, ra
         only_from=nets(*only_from),
         no_access=nets(*no_access),
         limits=SimpleNamespace(
-            max_connections=max_connections, per_source=per_source, rate=rate, burst=burst
+            max_connections=max_connections, per_source=per_source, rate=rate, burst=burst, auth_ban=0.0
         ),
     )
 
@@ -324,7 +302,7 @@ def test_ipv4_mapped_networks_in_the_rules_match_ipv4_peers():
     from evd.proto.admission import ACCESS
     from evd.proto.admission import Admission as _Adm
 
-    limits = _NS(max_connections=10, per_source=10, rate=0.0, burst=1)
+    limits = _NS(max_connections=10, per_source=10, rate=0.0, burst=1, auth_ban=0.0)
     rule = _NS(only_from=(_ip.ip_network("::ffff:10.0.0.0/104"),), no_access=(), limits=limits)
     adm = _Adm(rule)
     assert adm.connect("10.1.2.3", 0.0) is None
@@ -372,3 +350,29 @@ def test_checks_datagrams_only_when_something_applies(only_from, rate, checked):
     assert adm.checks_datagrams is checked
     adm.apply(config(only_from=(), rate=0.0))
     assert adm.checks_datagrams is False
+
+
+def test_access_verdicts_are_remembered_bounded_and_forgotten_on_reload(monkeypatch):
+    """A UDP client asks per datagram: the verdict is parsed once per host,
+    the table stays bounded, and a reload's new lists apply at once."""
+    adm = Admission(config(only_from=["10.0.0.0/8"]))
+    parsed = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def allowed(self, host):
+            parsed.append(host)
+            return self.inner.allowed(host)
+
+    monkeypatch.setattr(adm, "_access", Counting(adm._access))
+    assert [adm.datagram("10.1.2.3", 0.0) for _ in range(3)] == [None, None, None]
+    assert adm.datagram("192.0.2.1", 0.0) == admission_mod.ACCESS
+    assert parsed == ["10.1.2.3", "192.0.2.1"]
+    monkeypatch.setattr(admission_mod, "MAX_VERDICTS", 2)
+    adm.datagram("10.9.9.9", 0.0)
+    assert len(adm._verdicts) <= 2
+    adm.apply(config(only_from=["192.0.2.0/24"]))
+    assert adm.datagram("192.0.2.1", 0.0) is None
+    assert adm.datagram("10.1.2.3", 0.0) == admission_mod.ACCESS

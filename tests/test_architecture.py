@@ -19,22 +19,31 @@ PACKAGE = Path(__file__).resolve().parent.parent / "evd"
 LAYERS = {
     # the command line: one module per group of subcommands
     "__main__": 0, "cli": 1,
-    "cli.lifecycle": 2, "cli.configure": 2, "cli.switch": 2, "cli.call": 2, "cli.bench": 2,
+    "cli.lifecycle": 2, "cli.configure": 2, "cli.switch": 2, "cli.call": 2, "cli.bench": 2, "cli.logs": 2,
+    "cli.ctl": 2,
     "cli.targets": 3, "cli.exits": 3,
     # client side: tools that talk to a daemon (the daemon never imports them)
     "tools.bench.runner": 4,
     "tools.lifecycle": 5, "tools.bench.modes": 5, "tools.explain": 5, "tools.dropin": 5, "tools.reloadnow": 5,
-    "tools.client": 6, "tools.bench.framed": 6, "tools.bench.report": 6,
+    "tools.client": 6, "tools.bench.framed": 6, "tools.bench.report": 6, "tools.ctl": 6,
     "tools.bench.loop": 7,
     "tools.bench.target": 8, "tools.bench.probes": 8, "tools.bench.measure": 8,
     "tools.bench.options": 9,
+    # reading logs back (offline: files in, reports out)
+    "tools.logs.show": 5, "tools.logs.report": 5,
+    "tools.logs.runner": 6, "tools.logs.follow": 6,
+    "tools.logs.summary": 7,
+    "tools.logs.stats": 8, "tools.logs.reading": 8, "tools.logs.events": 8,
+    "tools.logs.jsonform": 9,
     # the daemon process: start-up, workers, one daemon, its reload plan, and
     # what the configuration names on the machine
     "server.launch": 10,
     "server.supervisor": 11,
-    "server.daemon": 12,
+    "server.daemon": 12, "server.surfaces": 12, "server.fanout": 12,
     "server.sockets": 13, "server.signals": 13,
-    "server.reload": 14, "server.preflight": 14,
+    "server.control": 13, "server.metrics": 13, "server.runtime": 13,
+    "server.reload": 14, "server.preflight": 14, "server.exposition": 14, "server.link": 14,
+    "server.figures": 15,
     # sockets: listening and connected
     "net.listeners": 20, "net.tls": 20,
     "net.transport": 21,
@@ -44,8 +53,9 @@ LAYERS = {
     "handlers.command_run": 32,
     # sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
-    "proto.framing": 41, "proto.services": 41, "proto.admission": 41,
-    "proto.access": 42,
+    "proto.rules": 41,
+    "proto.framing": 41, "proto.services": 41, "proto.admission": 41, "proto.control": 41,
+    "proto.access": 42, "proto.allowlist": 42,
     # the operating system: systemd, privileges, the pidfile, key files, a
     # command's processes
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,
@@ -53,9 +63,12 @@ LAYERS = {
     "system.certificates": 49,  # reads the TLS key as system.secrets reads keys
     # primitives: the loop, the log, the configuration (found, validated,
     # written back), the interfaces between layers, addresses
-    "core.log": 60,
+    # the log: what callers use, the queue in front of the target, how a
+    # line looks, journald's protocol
+    "core.log": 56, "core.logsink": 57, "core.logfiles": 57, "core.logline": 58, "core.journal": 59,
     "core.loader": 61, "core.tomlout": 61,
-    "core.dropins": 62, "core.schema": 62,
+    "core.dropins": 62, "core.validate": 62,
+    "core.schema": 63,
     "core.seams": 63,
     "core.config": 64,
     "core.addresses": 65, "core.reactor": 65,

@@ -145,14 +145,22 @@ def test_a_closed_port_is_a_set_up_error_not_a_hang(mode):
     [
         ("tcp", "tcp", ["-n", "8", "--sources", "4"]),  # 2 per address: per_source admits them
         ("connect", "tcp", ["-n", "4", "--sources", "64"]),
-        ("udp", "udp", ["-n", "4", "--sources", "64"]),
+        # Enough addresses that none reaches the default rate (200/s, burst
+        # 400) however fast the server answers.
+        ("udp", "udp", ["-n", "4", "--sources", "2048"]),
     ],
 )
 def test_sources_spread_the_load_over_addresses_the_server_admits(start_evd, mode, proto, extra):
     evd = start_evd(SPREAD_CONFIG)
     result = run_json(mode, "--address", address(evd, "echo", proto), "-d", "0.5", "-w", "0", *extra)
     assert result["sources"] == int(extra[-1])
-    assert result["requests"] > 0 and result["errors"] == 0 and result["lost"] == 0, result
+    assert result["requests"] > 0 and result["errors"] == 0, result
+    # Admitted, all of it: evd refused nothing.  (A datagram the generator
+    # counts as lost is one answered after 0.2 s, which a busy machine can
+    # cause; a refusal would be in evd's log.)
+    assert evd.stop() == 0
+    refused = [e for e in evd.events if e.get("event") in ("udp.drop", "conn.reject")]
+    assert not refused, refused
 
 
 def test_without_sources_the_generator_is_a_client_the_server_refuses(start_evd):

@@ -6,6 +6,7 @@ import hmac
 import json
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -256,6 +257,9 @@ def test_hmac_authentication(tmp_path, start_evd):
         assert err.value.code == "unauthorized"
     with Client(address, key=key) as authed:
         assert authed.call("command", name="greet").body == b"hello\n"
+    # evd call with --key-file
+    out = call(evd, "--key-file", str(tmp_path / "key"), "command", "greet", "there")
+    assert out.returncode == 0 and out.stdout == b"hello there\n"
     with connect(evd.addr("framed")) as sock:
         hello = read_frames(sock, 1)[0].header
         assert hello["nonce"]
@@ -267,9 +271,141 @@ def test_hmac_authentication(tmp_path, start_evd):
     assert codes == ["unauthorized"] * 3
     assert evd.wait_for("auth.fail")["peer"].startswith("127.0.0.1:")
     assert evd.wait_for("conn.close", service="framed", reason="auth")
-    # evd call with --key-file
-    out = call(evd, "--key-file", str(tmp_path / "key"), "command", "greet", "there")
-    assert out.returncode == 0 and out.stdout == b"hello there\n"
+
+
+# -- issue 9: malformed requests, odd MACs, errors counted once, deep nesting ---
+
+# What a client must never read in an error message: Python's words and its
+# quoting ('x' is a repr; the protocol quotes as JSON does, "x").
+PYTHON_WORDS = re.compile(r"\bNone\b|\bTrue\b|\bFalse\b|'")
+
+
+def error_reply(client, header: dict) -> dict:
+    client.send(header)
+    reply = client.recv().header
+    assert reply["ok"] is False, header
+    return reply["error"]
+
+
+@pytest.mark.parametrize("name", ["absent", None, 7, ["greet"], {}, "", True])
+def test_command_without_a_usable_name_is_a_bad_request(evd, name):
+    header = {"svc": "command", "id": 1} if name == "absent" else {"svc": "command", "id": 1, "name": name}
+    with Client(framed(evd)) as client:
+        error = error_reply(client, header)
+    assert error["code"] == "bad_request"
+    assert not PYTHON_WORDS.search(error["message"]), error
+
+
+MESSAGES_CONFIG = (
+    BASE_CONFIG
+    + """
+[commands.fixed]
+argv = ["true"]
+"""
+)
+
+
+def test_no_error_message_speaks_python(start_evd):
+    evd = start_evd(MESSAGES_CONFIG)
+    requests = [
+        {"svc": "nosuch"},
+        {"svc": 5},
+        {"id": [1], "svc": "echo"},
+        {"id": {"a": None}, "svc": "echo"},
+        {"svc": "command", "name": "rm"},
+        {"svc": "command", "name": "fixed", "args": ["x"]},
+        {"svc": "command", "name": "greet", "args": [";rm"]},
+        {"svc": "command", "name": "greet", "args": [None]},
+        {"svc": "command", "name": "greet", "args": "x"},
+        {"svc": "time", "fmt": "%Y\u0000"},
+        {"svc": "time", "fmt": None},
+        {"svc": "time", "tz": None},
+        {"svc": "auth", "mac": "00"},
+    ]
+    with Client(framed(evd)) as client:
+        for header in requests:
+            error = error_reply(client, header)
+            assert not PYTHON_WORDS.search(error["message"]), (header, error)
+        assert client.call("echo", b"alive").body == b"alive"
+    assert not [e for e in evd.drain_events() if e.get("event") == "error"]
+
+
+ODD_MACS = ["\ud800", "é" * 64, 7, None, "", "zz" * 32, ["00"], {"a": 1}, "0" * 10000]
+
+
+def test_any_odd_mac_is_a_wrong_mac(tmp_path, start_evd):
+    key = b"sekrit key"
+    (tmp_path / "key").write_bytes(key)
+    os.chmod(tmp_path / "key", 0o600)
+    evd = start_evd(AUTH_CONFIG)
+    for pair in (ODD_MACS[i : i + 2] for i in range(0, len(ODD_MACS), 2)):
+        with Client(framed(evd)) as client:  # two wrong tries each: no ban
+            for mac in pair:
+                error = error_reply(client, {"svc": "auth", "mac": mac})
+                assert error == {"code": "unauthorized", "message": "wrong mac"}, mac
+            client.authenticate(key)  # and the connection is alive
+    assert not [e for e in evd.drain_events() if e.get("event") == "error"]
+
+
+NUL_CONFIG = (
+    BASE_CONFIG
+    + """
+[commands.say]
+argv = ["echo"]
+args = true
+arg_pattern = '^.{{0,64}}$'
+"""
+)
+
+
+def framed_errors(client) -> int:
+    return json.loads(client.call("stats").body)["services"]["framed"]["errors"]
+
+
+def test_one_failed_request_counts_one_error(start_evd):
+    evd = start_evd(NUL_CONFIG)
+    with Client(framed(evd)) as client:
+        before = framed_errors(client)
+        # A NUL passes the pattern but no exec takes it; a lone surrogate is
+        # no UTF-8.  Either was an internal error, counted twice.
+        codes = [
+            error_reply(client, {"svc": "command", "name": "say", "args": [arg]})["code"]
+            for arg in ("a\u0000b", "\ud800")
+        ]
+        assert framed_errors(client) == before + 2
+        assert codes == ["bad_args", "bad_args"]
+        # Nor is a byte that is not UTF-8 (0x80, smuggled as a surrogate escape).
+        assert (
+            error_reply(client, {"svc": "command", "name": "say", "args": ["\udc80"]})["code"] == "bad_args"
+        )
+
+
+DEBUG_CONFIG = BASE_CONFIG.replace('level = "info"', 'level = "debug"')
+
+
+def test_deeply_nested_fields_are_answered_and_logged_at_debug(start_evd):
+    # Nested about as deep as the parser takes (where exactly depends on
+    # the stack): each is either parsed and refused as a bad request, the
+    # request logged, or beyond the parser, a bad frame.
+    evd = start_evd(DEBUG_CONFIG)
+    answers = set()
+    for depth in range(940, 1000, 6):
+        nested = "[" * depth + "]" * depth
+        for raw in (f'{{"svc":{nested},"id":1}}', f'{{"svc":"echo","id":{nested}}}'):
+            with connect(evd.addr("framed")) as sock:
+                read_frames(sock, 1)
+                last = encode({"svc": "echo", "id": f"last {depth}"}, b"ok")
+                sock.sendall(struct.pack("!I", len(raw)) + raw.encode() + last)  # one write: no RST
+                frames = read_frames(sock, 2)
+            codes = [f.header["error"]["code"] if not f.header["ok"] else "ok" for f in frames]
+            assert codes in (["bad_request", "ok"], ["bad_frame"]), (depth, codes)
+            answers.add(codes[0])
+            if codes[0] == "bad_request":
+                assert evd.wait_for("request", id=f"last {depth}")
+    assert "bad_request" in answers  # the log renderer met the deep ones
+    requests = [e for e in evd.drain_events() if e.get("event") == "request"]
+    assert {e["svc"] for e in requests} >= {"<array>", "echo"}
+    assert not [e for e in evd.events if e.get("event") == "error"]
 
 
 def test_world_readable_key_file_is_refused(tmp_path):
@@ -366,3 +502,157 @@ def test_pipelining_without_reading_is_throttled_then_answered(evd):
                 assert frame.header["id"] == got and frame.body == body
                 got += 1
     assert got == 10_000
+
+
+# -- named keys, scopes, bans, audit (issue 13) --------------------------------------
+
+KEYS_CONFIG = (
+    BASE_CONFIG.replace("[services.framed]\n", '[services.framed]\nkey_file = "{tmp}/default.key"\n')
+    + """
+[keys.ops]
+file = "{tmp}/ops.key"
+
+[keys.deploy]
+file = "{tmp}/deploy.key"
+commands = ["greet"]
+"""
+)
+SECRETS = {"default": b"default secret", "ops": b"ops secret", "deploy": b"deploy secret"}
+
+
+def write_keys(tmp_path, names=SECRETS) -> None:
+    for name in names:
+        path = tmp_path / f"{name}.key"
+        path.write_bytes(SECRETS[name] + b"\n")
+        os.chmod(path, 0o600)
+
+
+def mac_for(client: Client, name: str) -> str:
+    return hmac.new(SECRETS[name], bytes.fromhex(client.hello["nonce"]), "sha256").hexdigest()
+
+
+def test_named_keys_hello_auth_scope_and_audit(tmp_path, start_evd):
+    write_keys(tmp_path)
+    evd = start_evd(KEYS_CONFIG)
+    with Client(framed(evd)) as client:
+        hello = client.hello
+        assert hello["auth"] == "hmac-sha256" and len(hello["nonce"]) == 64 and "key" not in hello
+        with pytest.raises(ServerError) as err:
+            client.call("command", name="greet")
+        assert err.value.code == "unauthorized"  # auth_required: command, as any key exists
+        # By name: only that key is tried.
+        reply = client.call("auth", key="deploy", mac=mac_for(client, "deploy"), id="a")
+        assert reply.header == {"id": "a", "ok": True, "key": "deploy", "len": 0}
+        ok = evd.wait_for("auth.ok", key="deploy")
+        assert ok["via"] == "hmac" and ok["peer"].startswith("127.0.0.1:") and ok["conn"] > 0
+        assert client.call("command", name="greet", args=["x"]).body == b"hello x\n"
+        with pytest.raises(ServerError) as err:
+            client.call("command", name="sleep", args=["0"])  # outside deploy's commands
+        assert (err.value.code, err.value.message) == ("unauthorized", 'key "deploy" may not run "sleep"')
+        start = evd.wait_for("command.start", name="greet")
+        assert start["key"] == "deploy" and start["peer"] == ok["peer"]
+        end = evd.wait_for("command.end", name="greet")
+        assert end["key"] == "deploy" and end["peer"] == ok["peer"]
+    with Client(framed(evd)) as client:
+        # Without a name every key is tried.
+        assert client.call("auth", mac=mac_for(client, "ops")).header["key"] == "ops"
+        assert client.call("command", name="sleep", args=["0"]).header["exit"] == 0
+    with Client(framed(evd)) as client:
+        for header in (
+            {"key": "nosuch", "mac": mac_for(client, "ops")},
+            {"key": "deploy", "mac": mac_for(client, "ops")},
+        ):
+            with pytest.raises(ServerError) as err:
+                client.call("auth", **header)
+            assert (err.value.code, err.value.message) == ("unauthorized", "wrong mac")
+        assert client.call("auth", key="default", mac=mac_for(client, "default")).header["key"] == "default"
+    fails = [e for e in evd.drain_events() if e.get("event") == "auth.fail"]
+    assert [e.get("key") for e in fails] == ["nosuch", "deploy"] and [e["attempt"] for e in fails] == [1, 2]
+
+
+def test_three_failed_auth_ban_the_address_from_that_service(tmp_path, start_evd):
+    write_keys(tmp_path)
+    evd = start_evd(KEYS_CONFIG.replace("rate = 0.0\n", "rate = 0.0\nauth_ban = 300.0\n"))
+    with Client(framed(evd)) as client:
+        for _ in range(2):
+            client.send({"svc": "auth", "mac": "00"})
+            assert client.recv().header["error"]["code"] == "unauthorized"
+        client.send({"svc": "auth", "mac": "00"})
+        assert client.recv().header["error"]["code"] == "unauthorized"  # the third is answered ...
+        with pytest.raises(ConnectionError):
+            client.recv()  # ... then the connection closes
+    assert evd.wait_for("auth.fail", attempt=3)
+    assert evd.wait_for("conn.close", service="framed", reason="auth")
+    # The address is refused by framed now: accepted and closed, no hello.
+    with connect(evd.addr("framed")) as sock:
+        assert recv_all(sock) == b""
+    reject = evd.wait_for("conn.reject", service="framed", reason="banned")
+    assert reject["peer"].startswith("127.0.0.1:")
+    # Other services, and other addresses, are not concerned.
+    with connect(evd.addr("echo")) as sock:
+        sock.sendall(b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+    other = socket.socket()
+    other.bind(("127.0.0.2", 0))
+    other.settimeout(WAIT)
+    with other:
+        other.connect(evd.addr("framed"))
+        assert read_frames(other, 1)[0].header["evd"] == 1
+
+
+def test_auth_ban_zero_bans_nobody(tmp_path, start_evd):
+    write_keys(tmp_path)
+    evd = start_evd(KEYS_CONFIG.replace("rate = 0.0\n", "rate = 0.0\nauth_ban = 0.0\n"))
+    with connect(evd.addr("framed")) as sock:
+        read_frames(sock, 1)
+        sock.sendall(b"".join(encode({"svc": "auth", "mac": "00"}) for _ in range(3)))
+        assert len(read_frames(sock, 4)) == 3  # three answers, then closed
+    assert evd.wait_for("conn.close", service="framed", reason="auth")
+    with Client(framed(evd)) as client:
+        assert client.call("echo", b"still welcome").body == b"still welcome"
+
+
+def test_a_command_whose_client_has_gone_is_killed(tmp_path, start_evd):
+    write_keys(tmp_path)
+    evd = start_evd(KEYS_CONFIG)
+    with Client(framed(evd)) as client:
+        client.call("auth", key="ops", mac=mac_for(client, "ops"))
+        client.send({"svc": "command", "name": "sleep", "args": ["30"], "id": 1})
+        start = evd.wait_for("command.start", name="sleep")
+    end = evd.wait_for("command.end", name="sleep")
+    assert end["reason"] == "client_gone" and end["signal"] == 15
+    assert end["key"] == "ops" and end["peer"] == start["peer"] and end["duration_ms"] < 5000
+
+
+def test_rotating_a_key_with_a_reload(tmp_path, start_evd):
+    # The README's rotation, step by step: add the new key, reload, move the
+    # clients over, remove the old key, reload.
+    write_keys(tmp_path, ["ops"])
+    old_only = BASE_CONFIG + '\n[keys.ops]\nfile = "{tmp}/ops.key"\n'
+    evd = start_evd(old_only)
+    with Client(framed(evd)) as early:
+        early.call("auth", mac=mac_for(early, "ops"))
+        both = old_only + '\n[keys.deploy]\nfile = "{tmp}/deploy.key"\n'
+        write_keys(tmp_path, ["deploy"])
+        evd.config_path.write_text(both.format(tmp=tmp_path))
+        mark = len(evd.drain_events())
+        evd.send(signal.SIGHUP)
+        assert evd.wait_for_since(mark, "config.reload")["ok"] is True
+        with Client(framed(evd)) as moved:
+            assert moved.call("auth", mac=mac_for(moved, "deploy")).header["key"] == "deploy"
+            assert early.call("command", name="greet").body == b"hello\n"  # both valid meanwhile
+            evd.config_path.write_text(
+                (BASE_CONFIG + '\n[keys.deploy]\nfile = "{tmp}/deploy.key"\n').format(tmp=tmp_path)
+            )
+            mark = len(evd.drain_events())
+            evd.send(signal.SIGHUP)
+            assert evd.wait_for_since(mark, "config.reload")["ok"] is True
+            assert moved.call("command", name="greet").body == b"hello\n"
+            # The old key is gone, and with it what it authenticated.
+            with pytest.raises(ServerError) as err:
+                early.call("command", name="greet")
+            assert err.value.code == "unauthorized"
+    with Client(framed(evd)) as late:
+        with pytest.raises(ServerError) as err:
+            late.call("auth", mac=mac_for(late, "ops"))
+        assert err.value.code == "unauthorized"

@@ -138,7 +138,6 @@ def test_header_length_limit_is_configurable_and_inclusive():
         (b"{} {}", "header is not JSON: Extra data at char 3"),
         (b'{"a":NaN}', "header is not JSON: NaN is not allowed"),
         (b"[" * 5000, "header is not JSON: nested too deeply"),
-        (b'{"a":' + b"9" * 5000 + b"}", None),  # int over CPython's 4300-digit limit
         (b"[1,2]", "header is a JSON array, not an object"),
         (b'"{}"', "header is a JSON string, not an object"),
         (b"42", "header is a JSON number, not an object"),
@@ -164,7 +163,7 @@ def test_header_not_a_json_object(header, reason):
         ("false", "false"),
         ('"5"', '"5"'),
         ("null", "null"),
-        ("[1]", "[1]"),
+        ("[1]", "an array"),
     ],
 )
 def test_len_must_be_a_non_negative_integer(value, shown):
@@ -336,3 +335,63 @@ def test_garbage_raises_only_frame_error(garbage, data):
 def test_round_trip_with_unicode(header, body):
     frames, _d = decode([encode(header, body)])
     assert frames == [Frame({**header, "len": len(body)}, body)]
+
+
+# --- issue 9: depth, Python's words, the encoder's fallback -----------------------
+
+
+def test_deeply_nested_len_is_a_bad_frame_at_any_depth():
+    # `len` nested just short of what the parser takes used to reach
+    # json.dumps in the error message and raise RecursionError instead.  The
+    # depth at which parsing gives up depends on the stack, so try them all.
+    for depth in range(900, 1001, 3):
+        header = b'{"svc":"echo","len":' + b"[" * depth + b"]" * depth + b"}"
+        err = bad_frame(raw_frame(header))  # a FrameError, never RecursionError
+        assert str(err).startswith(("len must be a non-negative integer, got ", "header is not JSON: ")), (
+            depth
+        )
+
+
+def test_bad_len_names_containers_by_their_json_type():
+    assert (
+        str(bad_frame(raw_frame(b'{"len":{"a":[1]}}'))) == "len must be a non-negative integer, got an object"
+    )
+    assert str(bad_frame(raw_frame(b'{"len":[]}'))) == "len must be a non-negative integer, got an array"
+
+
+def test_an_overlong_integer_is_named_without_pythons_words():
+    err = bad_frame(raw_frame(b'{"a":' + b"9" * 5000 + b"}"))
+    assert str(err) == "header is not JSON: a number has too many digits"
+
+
+def test_the_public_encoder_fallback_gives_the_same_bytes(monkeypatch):
+    # framing.py formats headers with json.encoder.c_make_encoder, a CPython
+    # internal; without it (another Python, or a changed signature) the
+    # public JSONEncoder must do, byte for byte.
+    from evd.proto import framing
+
+    fast = framing.build_dumps(json.encoder.c_make_encoder)
+    slow = framing.build_dumps(None)
+    broken = framing.build_dumps(lambda *args: 1 / 0)  # a changed internal
+    samples = [
+        {"id": 1, "ok": True, "len": 3},
+        {"id": "\ud800 é", "ok": False, "error": {"code": "x", "message": "y"}},
+        {"id": None, "epoch": 1.5, "rfc868": 7, "list": [1, "a", None]},
+    ]
+    for sample in samples:
+        assert fast(sample) == slow(sample) == broken(sample) == json.dumps(sample, separators=(",", ":"))
+    monkeypatch.setattr(framing, "_dumps", slow)
+    assert json.loads(framing.encode({"a": [1, 2]})[4:]) == {"a": [1, 2], "len": 0}
+    assert json.loads(framing.ok_header(1.5, 9)[4:]) == {"id": 1.5, "ok": True, "len": 9}
+    with pytest.raises(ValueError):
+        framing.encode({"x": float("nan")})
+
+
+def test_the_public_decoder_fallback_parses_the_same(monkeypatch):
+    # scan_once (the C scanner, called directly) is not documented either.
+    from evd.proto import framing
+
+    monkeypatch.setattr(framing, "_scan", None)
+    frames, _ = decode([STREAM])
+    assert frames == EXPECTED
+    assert str(bad_frame(raw_frame(b"[1]"))) == "header is a JSON array, not an object"

@@ -71,8 +71,8 @@ CHANGES = [
         ('pidfile = "/run/evd-test/evd.pid"', 'pidfile = "/tmp/evd.pid"\nuser = "nobody"'),
         ["daemon.pidfile (at the next start)", "daemon.user (at the next start)"],
     ),
-    ("control", '[control]\nunix = "/run/evd/control.sock"\n', None, ["control"]),
-    ("metrics", '[metrics]\ntcp = ["127.0.0.1:9100"]\n', None, ["metrics"]),
+    ("control", '[control]\nunix = "/run/evd/control.sock"\n', None, ["control (at the next start)"]),
+    ("metrics", '[metrics]\ntcp = ["127.0.0.1:9100"]\n', None, ["metrics (at the next start)"]),
     ("include", None, ("[daemon]\n", 'include = ["/nonexistent-evd-test/*.toml"]\n[daemon]\n'), ["include"]),
     (
         "several at once, in the documented order",

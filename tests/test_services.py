@@ -259,3 +259,30 @@ def test_datagram_discard_never_answers(payload):
 def test_datagram_handler_covers_every_raw_udp_service():
     for name in ("echo", "discard", "chargen", "daytime", "time", "timefmt"):
         assert callable(services.datagram_handler(name)), name
+
+
+# --- timefmt over UDP is no amplifier -------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", [b"%c", b"%c%c%c%c", b"%A%B%c%x%X", b"%c" * 64, b"", b"%Y", b"%c\n"])
+def test_datagram_timefmt_reply_is_no_larger_than_the_request_or_the_floor(fmt, tz):
+    # "%c" is 2 bytes and formats to 24: unchecked, a spoofed source could
+    # get ~12 times what it sent aimed at a victim.
+    tz("UTC")
+    reply = services.datagram_handler("timefmt")(fmt)
+    assert reply is not None
+    assert len(reply) <= max(len(fmt), services.TIMEFMT_UDP_FLOOR)
+    full = services.timefmt(fmt.rstrip(b"\r\n"), time.time())
+    assert full.startswith(reply)  # a prefix of the formatted time, nothing else
+
+
+def test_datagram_timefmt_cut_keeps_whole_characters(tz):
+    tz("UTC")
+    fmt = ("%c" + "é" * 20 + "x").encode()  # 43 bytes in; 65 out, the cut falls inside an é
+    reply = services.datagram_handler("timefmt")(fmt)
+    assert reply.decode("utf-8").endswith("é" * 9)  # never half a character
+    assert len(reply) == 24 + 18
+
+
+def test_tcp_timefmt_is_not_cut():
+    assert len(services.timefmt(b"%c" * 64, 0.0)) == 24 * 64

@@ -254,5 +254,6 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
         "RuntimeDirectory=evd",
         "LogsDirectory=evd",
         "KillMode=mixed",
+        "ExecStart=/usr/local/bin/evd run --log-format journal",
     ):
         assert f"\n{setting}\n" in service, setting

@@ -25,9 +25,9 @@ tls_key = "{{tmp}}/server.key"
 {client_ca}"""
 
 
-def tls_config(services=SERVICES, client_ca=False, limits="", framed="") -> str:
-    """evd with a TLS listener on each of `services` (and TCP for echo);
-    "{tmp}" is filled in by EvdProcess."""
+def tls_config(services=SERVICES, client_ca=False, limits="", framed="", off=()) -> str:
+    """evd with a TLS listener on each of `services` (and TCP for echo),
+    those of `off` switched off; "{tmp}" is filled in by EvdProcess."""
     ca = 'tls_client_ca = "{tmp}/ca.pem"' if client_ca else ""
     parts = [
         '[daemon]\npidfile = "{tmp}/evd.pid"\nshutdown_timeout = 2.0\n',
@@ -35,7 +35,8 @@ def tls_config(services=SERVICES, client_ca=False, limits="", framed="") -> str:
         f"[limits]\nmax_connections = 500\nper_source = 500\nrate = 0.0\n{limits}\n",
     ]
     for name in SERVICES:
-        table = f"[services.{name}]\nenabled = {str(name in services).lower()}\n"
+        enabled = name in services and name not in off
+        table = f"[services.{name}]\nenabled = {str(enabled).lower()}\n"
         if name == "framed":
             table += 'tcp = ["127.0.0.1:0"]\n' + framed + "\n"
         else:
@@ -87,6 +88,20 @@ def converse(cmd: list[str], data: bytes) -> bytes:
     return got
 
 
+def read_until(stream, want: bytes) -> bytes:
+    """What `stream` (a pipe) gives until `want` has come, within WAIT."""
+    got = b""
+    deadline = time.monotonic() + WAIT
+    while want not in got:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {want!r} within {WAIT}s: {got[-300:]!r}"
+        if select.select([stream], [], [], left)[0]:
+            chunk = os.read(stream.fileno(), 65536)
+            assert chunk, f"EOF before {want!r}: {got[-300:]!r}"
+            got += chunk
+    return got
+
+
 def evd_call(evd, *args):
     host, port = evd.addr("framed", "tls")
     return subprocess.run(
@@ -116,7 +131,8 @@ def test_echo_over_tls_with_python_openssl_and_socat(start_evd, pki):
     assert closed["bytes_in"] == closed["bytes_out"] == 18
 
     s_client = [need("openssl"), "s_client", "-connect", f"{host}:{port}", "-CAfile", str(pki.cafile)]
-    assert converse(s_client + ["-verify_return_error", "-quiet", "-no_ign_eof"], b"over s_client\n") == b"over s_client\n"
+    s_client += ["-verify_return_error", "-quiet", "-no_ign_eof"]
+    assert converse(s_client, b"over s_client\n") == b"over s_client\n"
     socat = [need("socat"), "-T", str(WAIT), "-", f"OPENSSL:{host}:{port},cafile={pki.cafile}"]
     assert converse(socat, b"over socat\n") == b"over socat\n"
 
@@ -232,9 +248,10 @@ def test_tls_1_1_and_renegotiation_are_refused(start_evd, pki):
         proc.stdin.write(b"before\n")
         proc.stdin.flush()
         opened = evd.wait_for("conn.open", service="echo")
+        out = read_until(proc.stdout, b"before\n")  # echoed: nothing in flight now
         proc.stdin.write(b"R\n")
         proc.stdin.flush()
-        out, _ = proc.communicate(timeout=WAIT)
+        out += proc.communicate(timeout=WAIT)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -385,3 +402,76 @@ def test_tls_needs_a_certificate(tmp_path):
     )
     assert out.returncode == 78
     assert "services.echo.tls_cert: required when tls is not empty" in out.stderr
+
+
+# -- the framed port over mutual TLS: named keys by client certificate -----------------
+
+NAMED_KEYS = """
+[commands.greet]
+argv = ["echo", "hello"]
+args = true
+
+[commands.uptime]
+argv = ["uptime"]
+
+[keys.ops]
+client_cn = "ops"
+
+[keys.deploy]
+client_cn = "deploy"
+commands = ["greet"]
+"""
+
+
+def test_a_client_certificate_authenticates_as_its_key(start_evd, pki):
+    from evd.tools.client import Client, ServerError
+
+    evd = start_evd(tls_config(services=("framed",), client_ca=True) + NAMED_KEYS)
+    host, port = evd.addr("framed", "tls")
+    deploy = pki.client("deploy")
+    with Client(f"{host}:{port}", timeout=WAIT, tls=pki.client_context(deploy)) as client:
+        assert client.hello["key"] == "deploy"  # authenticated from the hello on
+        assert client.call("command", name="greet", args=["tls"]).body == b"hello tls\n"
+        with pytest.raises(ServerError) as err:
+            client.call("command", name="uptime")
+        assert err.value.code == "unauthorized"  # outside deploy's commands
+    opened = evd.wait_for("conn.open", service="framed")
+    ok = evd.wait_for("auth.ok", conn=opened["conn"])
+    assert (ok["key"], ok["via"]) == ("deploy", "tls")
+    assert opened["client_cn"] == "deploy"
+    start = evd.wait_for("command.start", name="greet")
+    assert start["key"] == "deploy"
+
+    # A certificate the CA signed for a CN no key names: a connection, but
+    # not an authenticated one.
+    with Client(f"{host}:{port}", timeout=WAIT, tls=pki.client_context(pki.client("intern"))) as client:
+        assert "key" not in client.hello
+        with pytest.raises(ServerError) as err:
+            client.call("command", name="greet")
+        assert err.value.code == "unauthorized"
+    # And evd call with the ops certificate may run anything.
+    ops = pki.client("ops")
+    out = evd_call(
+        evd, "--cafile", str(pki.cafile), "--cert", str(ops[0]), "--key", str(ops[1]), "command", "uptime"
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_ctl_enable_reads_the_tls_files_of_a_service_that_was_off(start_evd, pki, tmp_path):
+    from test_ctl import SURFACES, run_ctl
+
+    evd = start_evd(tls_config(services=("echo", "daytime"), off=("echo", "daytime")) + SURFACES)
+    out = run_ctl(evd, "enable", "echo")
+    assert out.returncode == 0, out.stderr
+    opened = evd.wait_for("listener.open", service="echo", proto="tls")
+    host, _, port = opened["address"].rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=WAIT) as raw:
+        with pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"on")
+            assert recv_exactly(sock, 2) == b"on"
+    # Files that cannot serve: refused, naming the key, nothing opened.
+    os.chmod(tmp_path / "server.key", 0o644)
+    out = run_ctl(evd, "enable", "daytime")
+    assert out.returncode == 2
+    assert "services.daytime.tls_key: " in out.stderr and "chmod 600" in out.stderr
+    assert not [e for e in evd.drain_events() if e["event"] == "listener.open" and e["service"] == "daytime"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 
 from evd import __version__
-from evd.cli import bench, call, configure, lifecycle, switch
+from evd.cli import bench, call, configure, ctl, lifecycle, logs, switch
 from evd.core.config import DEFAULT_PATH
 
 # Every subcommand group, in the order `evd --help` lists them.
-GROUPS = (lifecycle, configure, switch, call, bench)
+GROUPS = (lifecycle, configure, switch, call, ctl, logs, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The configuration as the rest of evd reads it: frozen objects.
 
-A `Config` is built once from TOML by `core/schema.py` (which validates
+A `Config` is built once from TOML by `core/validate.py` (which validates
 every key and collects every mistake), found and read by `core/loader.py`,
 and written back as TOML by `core/tomlout.py`.  Nothing changes a `Config`:
 a reload builds a new one and compares (server/reload.py).

@@ -7,7 +7,7 @@ start with ".", so editors' swap files and `evd enable`'s temporary file are
 never read half-written.
 
 Merging works on the parsed TOML documents, before validation, so the
-validator (core/schema.py) sees one document and judges it exactly as it
+validator (core/validate.py) sees one document and judges it exactly as it
 judges a single file: tables merge key by key, anything else -- a scalar,
 a list -- is replaced whole by the later file.  `[commands.NAME]` tables are
 tables, so the allow-list is the union of every file's commands (a later
@@ -35,7 +35,7 @@ Path = tuple[str, ...]
 Document = dict[str, Any]
 
 # A service's limits fall back to [limits]: services.X.K is in force as
-# limits.K unless the service's table sets it (core/schema.py `_service`).
+# limits.K unless the service's table sets it (core/validate.py `_service`).
 _LIMIT_KEY = re.compile(r"services\.[^.]+\.(?P<key>.+)")
 # Other keys an error message names (a listener clash names both).
 _KEY = re.compile(r"\b[a-z_]+(?:\.[A-Za-z0-9_-]+)+(?:\[\d+\])?")

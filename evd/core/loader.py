@@ -4,7 +4,7 @@
 the embedded default (evd/default.toml, identical to the repository's
 etc/evd.toml).  The main file's `include` patterns name drop-in files,
 read after it and merged into it (core/dropins.py) before the one
-validator (core/schema.py) judges the whole.  Every reader of the
+validator (core/validate.py) judges the whole.  Every reader of the
 configuration -- `run`, `start`, a reload, `check-config`, `explain`,
 `enable`/`disable` -- comes through `load_all`, so they cannot disagree
 about what the files mean.
@@ -20,7 +20,7 @@ from importlib import resources
 from typing import Any
 
 from evd.core import config as config_mod
-from evd.core import dropins, schema
+from evd.core import dropins, validate
 from evd.core.config import EMBEDDED_SOURCE, Config, ConfigError
 
 
@@ -60,7 +60,7 @@ def _toml(text: str, source: str) -> dict[str, Any]:
 def parse(text: str, source: str = EMBEDDED_SOURCE) -> Config:
     """Validate one TOML text into a Config, or raise ConfigError listing
     every problem.  No drop-ins: for a single document."""
-    return schema.build(_toml(text, source), source)
+    return validate.build(_toml(text, source), source)
 
 
 def read_text(path: str) -> str:
@@ -87,7 +87,7 @@ def include_of(path: str | None) -> tuple[str, tuple[str, ...]]:
     `load_all` validates them; ConfigError if the main file or its
     `include` is unusable."""
     source, data = _main(path)
-    patterns = schema.build({"include": data["include"]}).include if "include" in data else ()
+    patterns = validate.build({"include": data["include"]}).include if "include" in data else ()
     return source, patterns
 
 
@@ -97,7 +97,7 @@ def _patterns(data: Mapping[str, Any]) -> tuple[str, ...]:
     if "include" not in data:
         return ()
     try:
-        return schema.build({"include": data["include"]}).include
+        return validate.build({"include": data["include"]}).include
     except ConfigError:
         return ()
 
@@ -138,7 +138,7 @@ def load_all(path: str | None = None, replaced: Mapping[str, str] | None = None)
     for file, document in documents:
         dropins.merge(merged, document, file, origins)
     try:
-        config = schema.build(merged, source)
+        config = validate.build(merged, source)
     except ConfigError as exc:
         raise origins.blame_all(exc) from None
     return Loaded(config, tuple(files), origins)

@@ -1,216 +1,173 @@
-"""Structured logs: one event per line, JSON or console, through structlog.
+"""Structured logs: one event per line (or journald entry), through structlog.
 
-Everything in evd logs through the module-level `log` object.  `configure`
-points it at a freshly built structlog logger (level filter, timestamp, pid,
-renderer), so a reload that changes the level or the file swaps the logger
-underneath every caller at once.
+Everything in evd logs through the module-level `log` object: `log.info(event,
+**fields)` and its siblings.  `configure` rebuilds the logger (level filter,
+format) and points the one `Sink` at its target -- stderr, `log.file`, or
+the journal -- so a reload that changes the level, the format or the file
+swaps what is underneath every caller at once.
 
-Lines go to a `LogSink`: stderr or a file opened for append.  While the
-reactor runs, the sink is in batching mode: rendered lines are collected and
-written in one `write` from the reactor's before-sleep hook, so a burst of
-connections costs one system call, not one per event.  Outside the loop (start
-up, errors at exit) each line is written at once.
+The sink (logsink.py) never blocks the loop: lines are queued, written once
+per loop iteration from the reactor's before-sleep hook (`sink.flush`), and
+whatever the target does not take at once waits in a bounded queue.
+`batched(reactor)` is the loop's time: the sink may then ask the reactor to
+wake it when the target can take more.  Outside the loop each line is
+written at once, waiting at most a second in all.
+
+Rendering (logline.py): structlog's chain for every event, except the
+per-connection ones in JSON, which have a direct renderer of the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import select
-import sys
-import traceback
+from collections.abc import Iterator
+from typing import Any
 
 import structlog
 
-LEVELS = ("debug", "info", "warning", "error")
-# The largest write a pipe keeps whole when several processes write to it.
-ATOMIC_WRITE = select.PIPE_BUF
+from evd.core import logline
+from evd.core.journal import JournalTarget
+from evd.core.logfiles import ATOMIC_WRITE, FileTarget, StderrTarget, describe
+from evd.core.logsink import Sink, Target, Watcher
+
+__all__ = ["ATOMIC_WRITE", "FORMATS", "LEVELS", "Log", "log"]
+
+LEVELS = logline.LEVELS
+FORMATS = logline.FORMATS
+DEFAULT_BUFFER = 4 * 1024 * 1024  # SPEC: log.buffer
+DEFAULT_JOURNAL = "/run/systemd/journal/socket"
+
+LogMethod = logline.LogMethod
 
 
-class LogSink:
-    """The file end of logging: stderr or `path` in append mode, reopenable."""
-
-    def __init__(self, path: str = ""):
-        self.path = path
-        self.batching = False
-        self._pending: list[str] = []
-        self._file = self._open()
-
-    def _open(self):
-        if not self.path:
-            return sys.stderr
-        return open(self.path, "a", encoding="utf-8", buffering=1)
-
-    def write(self, line: str) -> None:
-        if self.batching:
-            self._pending.append(line)
-            return
-        self._emit(line + "\n")
-
-    # structlog calls the method named after the level; all of them write.
-    msg = debug = info = warning = error = critical = fatal = exception = write
-
-    def flush(self) -> None:
-        """Write the batch: whole lines, at most ATOMIC_WRITE bytes a write
-        (one line longer than that goes alone).  Workers share one stderr
-        pipe or log file, and a pipe keeps only writes up to PIPE_BUF in one
-        piece: a bigger one could be cut by another worker's lines."""
-        if not self._pending:
-            return
-        lines, self._pending = self._pending, []
-        chunk: list[str] = []
-        size = 0
-        for line in lines:
-            n = (len(line) if line.isascii() else len(line.encode())) + 1
-            if chunk and size + n > ATOMIC_WRITE:
-                self._emit("\n".join(chunk) + "\n")
-                chunk, size = [], 0
-            chunk.append(line)
-            size += n
-        self._emit("\n".join(chunk) + "\n")
-
-    def _emit(self, text: str) -> None:
-        try:
-            self._file.write(text)
-            self._file.flush()
-        except (OSError, ValueError):
-            # A full disk or a closed stderr must not take the daemon down;
-            # there is nowhere left to report it.
-            pass
-
-    def reopen(self) -> None:
-        """Reopen `path` (after logrotate renamed it); stderr stays stderr."""
-        self.flush()
-        if not self.path:
-            return
-        old = self._file
-        self._file = self._open()
-        old.close()
-
-    def fileno(self) -> int:
-        return self._file.fileno()
-
-    def close(self) -> None:
-        self.flush()
-        if self.path:
-            self._file.close()
-
-
-_pid = os.getpid()
-
-
-def _refresh_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-# getpid() is a system call; cache it, and refresh it in forked workers.
-os.register_at_fork(after_in_child=_refresh_pid)
-
-# One encoder, built once: json.dumps with any keyword builds a new encoder
-# per call, which was a third of the cost of a log line.
-_encoder = json.JSONEncoder(default=repr, ensure_ascii=False)
-
-
-def _dumps(obj, **_kw) -> str:
-    return _encoder.encode(obj)
-
-
-def _render_exc_info(logger, method_name, event_dict):
-    """`exc_info` becomes the formatted traceback text (SPEC: field exc_info)."""
-    exc = event_dict.get("exc_info")
-    if isinstance(exc, BaseException):
-        event_dict["exc_info"] = "".join(traceback.format_exception(exc)).rstrip()
-    elif exc is True:
-        event_dict["exc_info"] = traceback.format_exc().rstrip()
-    return event_dict
-
-
-def _order_keys(logger, method_name, event_dict):
-    """timestamp, level, event, pid first: what an operator reads first."""
-    pop = event_dict.pop
-    return {
-        "timestamp": pop("timestamp"),
-        "level": pop("level"),
-        "event": pop("event"),
-        "pid": _pid,
-        **event_dict,
-    }
-
-
-def build_logger(level: str, fmt: str, sink: LogSink):
-    processors = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
-        _render_exc_info,
-        _order_keys,
-    ]
-    if fmt == "json":
-        processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
-    else:
-        colors = hasattr(sink._file, "isatty") and sink._file.isatty()
-        processors.append(structlog.dev.ConsoleRenderer(colors=colors))
-    wrapper = structlog.make_filtering_bound_logger(getattr(logging, level.upper()))
-    return structlog.wrap_logger(
-        sink, processors=processors, wrapper_class=wrapper, context_class=dict
-    ).bind()
+def _nothing(event: str, /, **fields: Any) -> None:
+    """A level that is filtered out."""
 
 
 class Log:
-    """What every module logs through; `configure` swaps the target."""
+    """What every module logs through; `configure` swaps what is underneath."""
 
-    def __init__(self):
-        self.sink = LogSink()
+    def __init__(self) -> None:
         self.level = "info"
-        self._set(build_logger("info", "json", self.sink))
+        self.format = "json"
+        self.journal_socket = DEFAULT_JOURNAL
+        self._chain: list[logline.Processor] = []
+        self.sink = Sink(StderrTarget(), DEFAULT_BUFFER, self._render_dropped)
+        self._set()
 
-    def _set(self, logger) -> None:
+    def _set(self) -> None:
+        self._chain = logline.processors(self.format, colors=self.sink.isatty())
+        threshold = getattr(logging, self.level.upper())
+        logger = structlog.wrap_logger(
+            self.sink,
+            processors=self._chain,
+            wrapper_class=structlog.make_filtering_bound_logger(threshold),
+            context_class=dict,
+        ).bind()
         # For the per-connection events: skip building their fields at all
         # when info is filtered out (the connect path at level warning).
         self.info_on = self.enabled("info")
-        self.debug = logger.debug
-        self.info = logger.info
-        self.warning = logger.warning
-        self.error = logger.error
+        self.debug: LogMethod = logger.debug if self.enabled("debug") else _nothing
+        self.info: LogMethod = logger.info if self.info_on else _nothing
+        self.warning: LogMethod = logger.warning if self.enabled("warning") else _nothing
+        self.error: LogMethod = logger.error
+        render = {"json": logline.fast_json, "journal": logline.fast_journal}.get(self.format)
+        if render is not None:
+            write = self.sink.write
+            if self.enabled("debug"):
+                self.debug = logline.shortcut("debug", logger.debug, write, render)
+            if self.info_on:
+                self.info = logline.shortcut("info", logger.info, write, render)
 
-    def configure(self, level: str, fmt: str, path: str = "") -> None:
-        """Point logging at `path` ("" = stderr) with `level` and `fmt`.
-        Raises OSError if the file cannot be opened (the old sink stays)."""
-        sink = self.sink
-        if path != sink.path:
-            sink = LogSink(path)
-            sink.batching = self.sink.batching
-            self.sink.close()
-        self.sink = sink
-        self.level = level
-        self._set(build_logger(level, fmt, sink))
+    def _render_dropped(self, count: int, first: str) -> Any:
+        return logline.run_chain(self._chain, "warning", "log.dropped", {"count": count, "first": first})
+
+    @property
+    def dropped_total(self) -> int:
+        """Lines lost since the process started (for metrics)."""
+        return self.sink.dropped_total
+
+    def configure(
+        self,
+        level: str,
+        fmt: str,
+        path: str = "",
+        *,
+        buffer: int | None = None,
+        journal_socket: str | None = None,
+    ) -> None:
+        """Log at `level` in `fmt` to `path` ("" = stderr) or, for the
+        journal format, to `journal_socket`.  Raises OSError if the file or
+        the journal cannot be opened (nothing changes then).  `buffer` and
+        `journal_socket` left out keep what they were."""
+        socket_path = self.journal_socket if journal_socket is None else journal_socket
+        target = self._target_for(fmt, path, socket_path)
+        self.journal_socket = socket_path
+        if buffer is not None:
+            self.sink.limit = buffer
+        if target is not None:
+            self.sink.retarget(target)
+        self.level, self.format = level, fmt
+        self._set()
+
+    def _target_for(self, fmt: str, path: str, socket_path: str) -> Target | None:
+        """A new target, or None if the current one is the one wanted."""
+        current = self.sink.target
+        if fmt == "journal":
+            if isinstance(current, JournalTarget) and current.socket_path == socket_path:
+                return None
+            return JournalTarget(socket_path)
+        if isinstance(current, JournalTarget) or current.path != path:
+            return FileTarget(path) if path else StderrTarget()
+        return None
 
     def reopen(self) -> None:
         """SIGUSR1 (and every reload): reopen log.file, which logrotate may
-        have moved away; the first line in the new file says so."""
+        have moved away; the first line in the new file says so.  A file
+        that cannot be opened is one error line, and the lines wait (up to
+        log.buffer) for a reopen that works."""
+        path = self.sink.path
         try:
-            self.sink.reopen()
+            warning = self.sink.reopen()
         except OSError as exc:
-            self.error("error", where="log.reopen", exc_info=exc)
-        else:
-            if self.sink.path:
-                self.info("log.reopen", file=self.sink.path)
+            where = path or self.journal_socket
+            self.error("log.reopen", ok=False, file=where, error=f"open: {describe(exc)}")
+            return
+        if warning:
+            self.warning("log.reopen", ok=True, file=path, error=warning)
+        elif path:
+            self.info("log.reopen", ok=True, file=path)
 
     @contextlib.contextmanager
-    def batched(self):
+    def batched(self, reactor: Watcher | None = None) -> Iterator[None]:
         """While the loop runs: lines are written once per iteration by the
-        before-sleep hook (`sink.flush`), and everything left at the end."""
-        self.sink.batching = True
+        before-sleep hook (`sink.flush`), and the reactor wakes the sink
+        when a target that was full can take more.  At the end, at most a
+        second for what is left."""
+        sink = self.sink
+        outer = sink.batching
+        sink.batching = True
+        if reactor is not None:
+            sink.attach(reactor)
         try:
             yield
         finally:
-            self.sink.batching = False
-            self.sink.flush()
+            sink.batching = outer
+            if not outer:
+                sink.detach()
 
     def enabled(self, level: str) -> bool:
         return LEVELS.index(level) >= LEVELS.index(self.level)
 
 
 log = Log()
+
+
+def _after_fork() -> None:
+    log.sink.after_fork()
+
+
+# A worker starts with an empty queue: its parent writes what it had.
+os.register_at_fork(after_in_child=_after_fork)

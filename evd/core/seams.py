@@ -44,6 +44,7 @@ class Transport(Protocol):
 
     reactor: Reactor
     conn_id: int
+    host: str | None  # the peer's IP address; None for a UNIX peer
     requests: int
     write_paused: bool  # above write_high: stop producing until resume_writing
     eof: bool  # the peer half-closed

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import shutil
 import signal
@@ -47,6 +46,7 @@ from typing import IO, Protocol
 
 from evd.core.log import log
 from evd.core.reactor import Reactor, Timer
+from evd.proto.allowlist import quote
 from evd.system import children
 from evd.system.children import Deathsig
 
@@ -57,9 +57,6 @@ READ_SIZE = 65536
 # Reads of one pipe when evd stops waiting for it: what is already there,
 # bounded, since an unreachable holder may still be writing.
 DRAIN_READS = 16
-# How much of a client's string an error message quotes.
-QUOTE_LIMIT = 64
-
 # `reason` of command.end: why evd ended the run; "exit" when it ended itself.
 EXIT, TIMEOUT, TRUNCATED, CLIENT_GONE, SHUTDOWN = "exit", "timeout", "truncated", "client_gone", "shutdown"
 OUTCOMES = ("exit0", "failed", "signal", "timeout", "truncated", "client_gone")
@@ -71,13 +68,6 @@ class CommandError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
-    """A client's string for an error message: JSON, ASCII only (control
-    characters, NUL and lone surrogates escaped), at most `limit` characters."""
-    shown = json.dumps(text[:limit], ensure_ascii=True)
-    return shown + "..." if len(text) > limit else shown
 
 
 class Result:

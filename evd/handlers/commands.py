@@ -1,13 +1,9 @@
-"""The command service: which allow-listed programs run, and how many.
+"""The command service: the allow-listed programs that run, and how many.
 
-Only `[commands.NAME]` entries run, as `argv` plus client arguments that the
-entry allows and that each match its `arg_pattern` -- and are text: no NUL,
-valid UTF-8, since an argv is bytes.  There is no shell, so `;`, `$(...)`
-and friends are just bytes that fail the pattern.  Error messages quote the
-client's strings as JSON, never as Python reprs.
-
-The Runner holds every running command of one daemon (`command_run.Run`
-runs one), refuses more than `max_concurrent` (`busy`), counts runs by
+Which command a request may run, with which arguments, is decided before it
+gets here (proto/allowlist.py, called by the framed session).  The Runner
+holds every running command of one daemon (`command_run.Run` runs one),
+refuses more than `max_concurrent` (`busy`), counts runs by
 outcome for metrics, reaps what could not be waited for, and at daemon exit
 kills everything in a bounded time.
 """
@@ -16,17 +12,15 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import select
 import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Mapping
 
-from evd.core.config import CommandSpec, ServiceConfig
+from evd.core.config import ServiceConfig
 from evd.core.reactor import Reactor, Timer
-from evd.handlers.command_run import ENV, CommandError, Done, Result, Run, quote
+from evd.handlers.command_run import ENV, CommandError, Done, Result, Run
 from evd.system import children
 from evd.system.children import Deathsig
 
@@ -45,7 +39,6 @@ class Runner:
         self,
         reactor: Reactor,
         service_config: ServiceConfig,
-        commands: Mapping[str, CommandSpec],
         deathsig: Deathsig | None = None,
     ):
         self.reactor = reactor
@@ -59,38 +52,7 @@ class Runner:
         # (command name, outcome) -> runs; monotonic over reloads.
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.deathsig = _deathsig() if deathsig is None else deathsig
-        self.apply(service_config, commands)
-
-    def apply(self, service_config: ServiceConfig, commands: Mapping[str, CommandSpec]) -> None:
         self.config = service_config
-        self.commands = commands
-
-    def argv(self, name: object, args: object) -> list[str]:
-        """The argv for a request, or CommandError (bad_request,
-        unknown_command, bad_args).  Messages quote the client's strings as
-        JSON: never a Python repr."""
-        if not isinstance(name, str):
-            raise CommandError("bad_request", "name must be a string")
-        spec = self.commands.get(name)
-        if spec is None:
-            raise CommandError("unknown_command", f"no command named {quote(name)}")
-        if args is None:
-            args = []
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise CommandError("bad_args", "args must be a list of strings")
-        if args and not spec.args:
-            raise CommandError("bad_args", f"command {quote(name)} takes no arguments")
-        pattern = re.compile(spec.arg_pattern)
-        for arg in args:
-            # An argv is bytes: NUL ends it, and a lone surrogate has no
-            # UTF-8 form (or, as "\udcff", would pass as a raw byte).
-            if "\x00" in arg:
-                raise CommandError("bad_args", f"argument {quote(arg)} contains a NUL character")
-            if not _is_utf8(arg):
-                raise CommandError("bad_args", f"argument {quote(arg)} is not valid UTF-8 text")
-            if not pattern.fullmatch(arg):
-                raise CommandError("bad_args", f"argument {quote(arg)} does not match {spec.arg_pattern}")
-        return list(spec.argv) + args
 
     def start(
         self,
@@ -179,11 +141,3 @@ class Runner:
 def _deathsig() -> Deathsig:
     """Probed once per process, before the loop needs it."""
     return children.deathsig(ENV)
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -1,10 +1,14 @@
-"""The framed connection handler: hello, requests, dispatch, responses.
+"""The framed connection handler: the session's actions, on a transport.
 
 One `Framed` handler per connection on a framed listener.  Bytes go into a
-sans-IO `framing.Decoder`; each whole frame is one request, answered by the
-service named in its `svc`.  `echo`, `time` and `stats` answer at once, so
-their responses leave in request order; `command` answers when the command
-ends, matched by `id`.
+sans-IO `framing.Decoder`; each whole frame goes to the connection's sans-IO
+`session.Session`, which says what to do.  This module does the rest: it
+sends the replies (batched), starts commands on the runner and answers them
+when they end, logs what the session reports, bans and closes when told, and
+keeps time (the clocks for `time` and for slow frames).
+
+`echo`, `time` and `stats` answer at once, so their responses leave in
+request order; `command` answers when the command ends, matched by `id`.
 
 Backpressure: frames are taken from the decoder only while the transport is
 not `write_paused`.  A client that pipelines thousands of requests without
@@ -16,82 +20,116 @@ and the rest waits -- in the kernel, not in evd -- until the client reads and
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
-from evd import __version__
 from evd.core.log import log
-from evd.handlers.commands import CommandError
-from evd.handlers.raw import Handler
-from evd.proto.framing import Decoder, FrameError, encode_parts, ok_header
+from evd.core.seams import Buffer, Transport
+from evd.handlers.commands import CommandError, Result, Run, Runner
+from evd.handlers.service import Service
+from evd.proto.framing import Decoder, FrameError, Header, encode_parts, ok_header
+from evd.proto.rules import Rules
+from evd.proto.session import (
+    NONCE_BYTES,
+    Action,
+    AuthFail,
+    AuthOk,
+    Failure,
+    Reply,
+    Session,
+    Start,
+    Stats,
+    loggable,
+)
 
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-# strftime output grows with its input; 256 characters is plenty for a format.
-TIME_FMT_MAX = 256
-# Wrong MACs tolerated per connection before it is closed (SPEC section 5).
-AUTH_ATTEMPTS = 3
-NONCE_BYTES = 32
 # Responses collected before they are handed to the transport: one recv of
 # pipelined requests is answered with one write, and no batch grows past
 # what flow control would allow.
 BATCH_MAX = 65536
 # Up to this size a batch is joined and sent with one send: copying a few
-# KiB costs less than sendmsg's per-buffer work (measured: a 90-byte
-# response in two parts, 1.01 vs 0.90 us per send and recv).
+# KiB costs less than sendmsg's per-buffer work on small responses.
 JOIN_MAX = 4096
-_SCALARS = (str, int, float, bool, type(None))
+_SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 class Context:
-    """What framed connections share: built and kept current by the daemon."""
+    """What framed connections share, kept current by the daemon: the
+    command runner, the `Rules` (replaced whole by a reload) and where the
+    `stats` figures come from."""
 
-    def __init__(self, runner, stats, key: bytes | None, enabled: frozenset[str]):
-        self.runner = runner  # commands.Runner, or None if command is off
-        self.stats = stats  # () -> dict, the `stats` body
-        self.key = key  # HMAC key, or None: no authentication
-        self.enabled = enabled  # of command and stats, those switched on
+    def __init__(self, runner: Runner, stats: Callable[[], dict[str, Any]], rules: Rules):
+        self.runner = runner
+        self.rules = rules
+        self._stats = stats
+        self._stats_at = -1.0
+        self._stats_body = b""
+
+    def stats_body(self, now: float) -> bytes:
+        """The `stats` body, made at most once per loop iteration (`now` is
+        the reactor's, read once per iteration): summing the counters of
+        every open connection costs O(connections), and a client
+        pipelining thousands of `stats` would otherwise pay it thousands of
+        times in one go while everyone else waits.  Within an iteration the
+        figures could not have moved much anyway."""
+        if now != self._stats_at:
+            self._stats_body = json.dumps(self._stats()).encode()
+            self._stats_at = now
+        return self._stats_body
 
 
-class Framed(Handler):
-    def __init__(self, service, context: Context):
-        config = service.config
+class Framed:
+    __slots__ = (
+        "transport",
+        "service",
+        "context",
+        "decoder",
+        "session",
+        "runs",
+        "debug",
+        "last_out",
+        "partial_since",
+        "_batch",
+        "_batch_size",
+    )
+    echoes = False
+    transport: Transport
+    session: Session
+
+    def __init__(self, service: Service, context: Context):
+        limits = service.config.limits
+        self.service = service
         self.context = context
-        self.decoder = Decoder(config.limits.max_header, config.limits.max_body)
-        self.services = offered(config.dispatch, context.enabled)
-        self.key = context.key if config.key_file else None
-        self.auth_required = set(config.auth_required) if self.key else set()
-        self.nonce = os.urandom(NONCE_BYTES) if self.key else b""
-        self.authenticated = False
-        self.auth_failures = 0
-        self.pending = 0  # commands running for this connection
-        self.draining = False
+        self.decoder = Decoder(limits.max_header, limits.max_body)
+        self.runs: dict[int, Run] = {}  # this connection's running commands
         self.debug = log.enabled("debug")
         self.last_out = 0  # size of the last response, for the request log
-        self.partial_since = None  # when the frame now being assembled began
-        self._batch = None  # responses of the frames being processed
+        self.partial_since: float | None = None  # when the frame now arriving began
+        self._batch: list[Buffer] | None = None  # responses of the frames being processed
         self._batch_size = 0
 
     # -- transport events ---------------------------------------------------
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: Transport) -> None:
         self.transport = transport
-        hello = {
-            "evd": 1,
-            "server": f"evd/{__version__}",
-            "services": list(self.services),
-            "auth": "hmac-sha256" if self.key else "none",
-        }
-        if self.key:
-            hello["nonce"] = self.nonce.hex()
-        transport.writelines(encode_parts(hello))
+        rules = self.context.rules
+        nonce = os.urandom(NONCE_BYTES) if rules.secrets else b""
+        # Over mutual TLS the transport calls this once the handshake has
+        # verified the client's certificate: a key whose client_cn is its
+        # CN authenticates the session from the hello on.
+        cn = transport.client_cn
+        self.session = Session(rules, nonce, rules.key_for_cn(cn) if cn else None)
+        transport.writelines(encode_parts(self.session.hello()))
+        if self.session.events:
+            self._events()
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
         self._process()
-        if self.draining:
-            self._close_if_idle()
+        if self.session.draining:
+            self._close_if_done()
         # A frame trickling in byte by byte keeps the connection from being
         # idle; this clock bounds how long one frame may take to arrive.
         if not self.decoder.buffered or self.transport.write_paused:
@@ -107,44 +145,154 @@ class Framed(Handler):
 
     def eof_received(self) -> bool:
         self._process()
-        return self.pending > 0  # stay to deliver running commands' results
+        return self.session.peer_eof()
 
     def drain(self) -> None:
         """Stopping: answer what has arrived (a request may still be in the
         kernel's buffer, so keep reading), then close once nothing is half
         received or running."""
-        self.draining = True
-        self._close_if_idle()
+        self.session.drain()
+        self._close_if_done()
 
-    def _close_if_idle(self) -> None:
-        if self.draining and not self.pending and not self.decoder.buffered:
-            self.transport.close_when_flushed("shutdown")
+    def connection_lost(self, reason: str) -> None:
+        # Nobody is left to read what the running commands would answer:
+        # they are killed (command.end reason=client_gone).
+        runs, self.runs = self.runs, {}
+        for run in runs.values():
+            run.abandon()
+
+    def _close_if_done(self) -> None:
+        reason = self.session.close_reason(partial=bool(self.decoder.buffered))
+        if reason is not None:
+            self.transport.close_when_flushed(reason)
 
     # -- requests -------------------------------------------------------------
 
     def _process(self) -> None:
         """Answer every whole frame buffered, as one batch of writes: 16
-        pipelined requests cost one sendmsg, not sixteen sends."""
+        pipelined requests cost one send, not sixteen."""
         transport = self.transport
+        session = self.session
+        rules = self.context.rules
+        if session.rules is not rules:  # a reload since the last batch
+            session.update(rules)
         next_request = self.decoder.next_request
+        receive = session.receive
+        now = time.time()  # the wall clock of this batch, for `time`
         self._batch = []
         try:
             while not transport.write_paused and not transport.closed:
                 try:
                     request = next_request()
                 except FrameError as exc:
-                    self._error(None, "bad_frame", str(exc))
-                    self._close("bad_frame")
+                    self._act(session.frame_error(exc))
+                    self._events()
                     return
                 if request is None:
                     return
                 transport.requests += 1
-                self._request(*request)
+                header, body = request
+                if self.debug:
+                    self._logged(header, body, now)
+                else:
+                    try:
+                        self._act(receive(header, body, now))
+                    except Exception as exc:  # a bug: this request fails, the rest go on
+                        self._internal(header, exc)
+                if session.events and self._events():
+                    return  # closing: what follows is not answered
                 if self._batch_size >= BATCH_MAX:
                     self._flush()  # lets write_paused see the queue
         finally:
             self._flush()
             self._batch = None
+
+    def _logged(self, header: Header, body: bytes | bytearray, now: float) -> None:
+        """A request at level debug: served, then logged with its timing.
+        Only scalars of the client's reach the log, cut short."""
+        started = time.monotonic()
+        try:
+            ok = self._act(self.session.receive(header, body, now))
+        except Exception as exc:
+            ok = self._internal(header, exc)
+        log.debug(
+            "request",
+            conn=self.transport.conn_id,
+            svc=loggable(header.get("svc")),
+            id=loggable(header.get("id")),
+            ok=ok,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            bytes_in=len(body),
+            bytes_out=self.last_out,
+        )
+
+    def _act(self, action: Action) -> bool:
+        """Carry out what the session answered a request with; True if ok."""
+        if type(action) is Reply:
+            fields = action.fields
+            if fields is None:
+                self._send(ok_header(action.rid, len(action.body)), action.body)
+            else:
+                self._send(*encode_parts({"id": action.rid, "ok": True, **fields}, action.body))
+            return True
+        if type(action) is Stats:
+            body = self.context.stats_body(self.transport.reactor.now)
+            self._send(ok_header(action.rid, len(body)), body)
+            return True
+        if type(action) is Start:
+            return self._start(action)
+        assert type(action) is Failure
+        self._fail(action)
+        return False
+
+    def _fail(self, failure: Failure) -> None:
+        self.service.errors += 1
+        error = {"code": failure.code, "message": failure.message}
+        self._send(*encode_parts({"id": failure.rid, "ok": False, "error": error}))
+
+    def _internal(self, header: Header, exc: Exception) -> bool:
+        """A bug while serving a request: logged with its traceback,
+        answered `internal`, counted once."""
+        log.error("error", where="framed.request", conn=self.transport.conn_id, exc_info=exc)
+        rid = header.get("id")
+        self._fail(Failure(rid if type(rid) in _SCALAR_TYPES else None, "internal", "internal error"))
+        return False
+
+    def _events(self) -> bool:
+        """Log, ban and close as the session said; True once closing."""
+        session = self.session
+        transport = self.transport
+        closing = False
+        for event in session.events:
+            if isinstance(event, AuthOk):
+                log.info("auth.ok", conn=transport.conn_id, peer=transport.peer, key=event.key, via=event.via)
+            elif isinstance(event, AuthFail):
+                fields = {} if event.key is None else {"key": event.key}
+                log.warning(
+                    "auth.fail", conn=transport.conn_id, peer=transport.peer, attempt=event.failures, **fields
+                )
+                self.service.auth_failures += 1  # evd_auth_failures_total
+            else:  # Close: after everything answered so far, batched or queued
+                if event.ban:
+                    self.service.admission.ban(transport.host, transport.reactor.now)
+                self._flush()
+                transport.close_when_flushed(event.reason)
+                closing = True
+        session.events.clear()
+        return closing
+
+    # -- output ---------------------------------------------------------------
+
+    def _send(self, head: bytes, body: Buffer) -> None:
+        self.last_out = size = len(head) + len(body)
+        batch = self._batch
+        if batch is None:  # outside _process: a command's result
+            self.transport.writelines((head, body) if body else (head,))
+        else:
+            batch.append(head)
+            if body:
+                batch.append(body)
+            self._batch_size += size
 
     def _flush(self) -> None:
         batch = self._batch
@@ -156,155 +304,29 @@ class Framed(Handler):
             batch.clear()
         self._batch_size = 0
 
-    def _request(self, header: dict, body: bytes) -> None:
-        started = time.monotonic() if self.debug else 0.0
-        rid = header.get("id")
-        svc = header.get("svc")
-        if (
-            type(svc) is str
-            and svc in self.services
-            and isinstance(rid, _SCALARS)
-            and (self.authenticated or svc not in self.auth_required)
-        ):
-            try:
-                ok = _SERVICES[svc](self, rid, header, body)
-            except Exception as exc:  # a bug: this request fails, the rest go on
-                self.transport.service.errors += 1
-                log.error("error", where=f"framed.{svc}", conn=self.transport.conn_id, exc_info=exc)
-                ok = self._error(rid, "internal", "internal error")
-        else:
-            ok = self._refuse(rid, svc, header)
-        if self.debug:
-            log.debug(
-                "request",
-                conn=self.transport.conn_id,
-                svc=svc,
-                id=rid,
-                ok=ok,
-                duration_ms=round((time.monotonic() - started) * 1000, 3),
-                bytes_in=len(body),
-                bytes_out=self.last_out,
-            )
+    # -- commands -------------------------------------------------------------
 
-    def _refuse(self, rid, svc, header) -> bool:
-        """Every request that is not simply served: the error it gets, or
-        the `auth` exchange (which is not a service of the dispatch list)."""
-        if not isinstance(rid, _SCALARS):
-            return self._error(None, "bad_request", "id must be a JSON scalar")
-        if not isinstance(svc, str):
-            return self._error(rid, "bad_request", "svc (a string) is required")
-        if svc == "auth":
-            return self._auth(rid, header)
-        if svc not in self.services:
-            return self._error(rid, "unknown_service", f"no service {svc!r} here")
-        return self._error(rid, "unauthorized", f"{svc} needs an authenticated connection")
-
-    def _reply(self, rid, body: bytes = b"", **fields) -> bool:
-        if fields:
-            self._send(encode_parts({"id": rid, "ok": True, **fields}, body))
-        else:
-            self._send((ok_header(rid, len(body)), body))
-        return True
-
-    def _error(self, rid, code: str, message: str) -> bool:
-        self.transport.service.errors += 1
-        self._send(encode_parts({"id": rid, "ok": False, "error": {"code": code, "message": message}}))
-        return False
-
-    def _close(self, reason: str) -> None:
-        """Close after everything answered so far, batched or queued."""
-        self._flush()
-        self.transport.close_when_flushed(reason)
-
-    def _send(self, parts) -> None:
-        self.last_out = size = len(parts[0]) + len(parts[1])
-        if self._batch is None:  # outside _process: a command's result
-            self.transport.writelines(parts)
-        else:
-            self._batch.extend(parts)
-            self._batch_size += size
-
-    # -- services -------------------------------------------------------------
-
-    def _svc_echo(self, rid, header, body) -> bool:
-        self._send((ok_header(rid, len(body)), body))  # _reply without the call
-        return True
-
-    def _svc_time(self, rid, header, body) -> bool:
-        fmt = header.get("fmt", TIME_FORMAT)
-        tz = header.get("tz", "utc")
-        if not isinstance(fmt, str) or len(fmt) > TIME_FMT_MAX:
-            return self._error(
-                rid, "bad_request", f"fmt must be a string of at most {TIME_FMT_MAX} characters"
-            )
-        if tz not in ("utc", "local"):
-            return self._error(rid, "bad_request", 'tz must be "utc" or "local"')
-        now = time.time()
+    def _start(self, start: Start) -> bool:
+        token = id(start)
         try:
-            text = time.strftime(fmt, time.gmtime(now) if tz == "utc" else time.localtime(now))
-        except ValueError as exc:
-            return self._error(rid, "bad_request", f"bad fmt: {exc}")
-        return self._reply(
-            rid, text.encode("utf-8", "replace"), epoch=now, rfc868=(int(now) + 2208988800) & 0xFFFFFFFF
-        )
-
-    def _svc_stats(self, rid, header, body) -> bool:
-        return self._reply(rid, json.dumps(self.context.stats()).encode())
-
-    def _svc_command(self, rid, header, body) -> bool:
-        runner = self.context.runner
-        name = header.get("name")
-        try:
-            argv = runner.argv(name, header.get("args"))
-            runner.start(name, argv, body, lambda result: self._command_done(rid, result))
+            run = self.context.runner.start(
+                start.name,
+                start.argv,
+                start.stdin,
+                functools.partial(self._command_done, token, start),
+                key=start.key,
+                peer=self.transport.peer,
+            )
         except CommandError as exc:
-            return self._error(rid, exc.code, str(exc))
-        self.pending += 1
+            self._fail(self.session.start_failed(start, exc.code, str(exc)))
+            return False
+        self.runs[token] = run
         return True
 
-    def _command_done(self, rid, result) -> None:
-        self.pending -= 1
-        self._reply(
-            rid,
-            bytes(result.stdout) + bytes(result.stderr),
-            exit=result.exit,
-            signal=result.signal,
-            timed_out=result.timed_out,
-            truncated=result.truncated,
-            stdout_len=len(result.stdout),
-            stderr_len=len(result.stderr),
-        )
-        if not self.pending and self.transport.eof:
-            self.transport.close_when_flushed("eof")
-        self._close_if_idle()
-
-    def _auth(self, rid, header) -> bool:
-        if not self.key:
-            return self._error(rid, "bad_request", "authentication is not configured")
-        mac = header.get("mac")
-        expected = hmac.new(self.key, self.nonce, "sha256").hexdigest()
-        if isinstance(mac, str) and hmac.compare_digest(mac.lower().encode(), expected.encode()):
-            self.authenticated = True
-            return self._reply(rid)
-        self.auth_failures += 1
-        log.warning("auth.fail", conn=self.transport.conn_id, peer=self.transport.peer)
-        self._error(rid, "unauthorized", "wrong mac")
-        if self.auth_failures >= AUTH_ATTEMPTS:
-            self._close("auth")
-        return False
-
-
-_SERVICES = {
-    "echo": Framed._svc_echo,
-    "time": Framed._svc_time,
-    "stats": Framed._svc_stats,
-    "command": Framed._svc_command,
-}
-
-
-@functools.lru_cache(maxsize=64)
-def offered(dispatch: tuple[str, ...], enabled: frozenset[str]) -> tuple[str, ...]:
-    """The services a connection offers, in `dispatch` order: echo and time
-    always, command and stats when switched on.  Shared by every connection
-    (a tuple: `in` on four names is as quick as a set)."""
-    return tuple(s for s in dispatch if s in ("echo", "time") or s in enabled)
+    def _command_done(self, token: int, start: Start, result: Result) -> None:
+        self.runs.pop(token, None)
+        reply = self.session.finished(start, result)
+        if self.transport.closing:  # gone, or going: nobody to answer
+            return
+        self._act(reply)
+        self._close_if_done()

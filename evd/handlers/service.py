@@ -34,11 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from evd.core.addresses import SockAddr, peer_text, sockaddr_text
+from evd.core.addresses import SockAddr, fold_mapped, peer_text, sockaddr_text
 from evd.core.config import ServiceConfig
 from evd.core.log import log
 from evd.core.seams import Connection, Reason
-from evd.proto.admission import Admission
+from evd.proto.admission import ACCESS, RATE, Admission
 
 if TYPE_CHECKING:
     from evd.core.reactor import Reactor, Timer
@@ -47,10 +47,32 @@ if TYPE_CHECKING:
 # the logs whatever service it belongs to.
 conn_ids = itertools.count(1)
 
+
+# With workers, the ids of a slot's successive workers start this many
+# steps apart: more connections than one worker ever sees.
+IDS_PER_LIFE = 2**32
+
+
+def number_connections(workers: int, index: int | None, life: int = 0) -> None:
+    """Number this process's connections so that an id names one connection
+    across the supervisor and all its workers, past and present: with
+    `workers` > 1 each process counts on its own residue modulo workers + 1
+    (worker `index`, or the supervisor's last one for None), and the
+    `life`-th worker on a slot starts life * IDS_PER_LIFE steps on.  One
+    process (workers = 1) counts 1, 2, 3, ..."""
+    global conn_ids
+    step = workers + 1 if workers > 1 else 1
+    residue = workers if index is None else index
+    conn_ids = itertools.count(life * IDS_PER_LIFE * step + residue + 1, step)
+
+
 # `udp.drop` reasons for replies the kernel would not take: the datagram was
 # admitted and answered, the answer was lost.  Every other drop reason is a
 # refusal (loop, access, rate) and counts in `rejected` too.
 SEND_FAILURES = ("send_buffer_full", "send_errno_")
+
+# Datagram drops that admission decided (the rest: the loop guard, sends).
+REFUSALS = frozenset({ACCESS, RATE})
 
 P = TypeVar("P")
 
@@ -133,6 +155,7 @@ class Service:
         self.bytes_out = 0
         self.requests = 0
         self.errors = 0
+        self.auth_failures = 0  # framed: wrong MACs (`auth.fail`)
 
     def apply(self, config: ServiceConfig) -> None:
         """A reload: new limits and access lists for new and open connections."""
@@ -150,6 +173,8 @@ class Service:
         reason = self.admission.connect(host, now)
         if reason is not None:
             self.rejected[reason] += 1
+            if host is not None:
+                self.admission.refused(host)
             self.rejects.note(reason, (host, port))
         return reason
 
@@ -188,6 +213,8 @@ class Service:
         admission, or its answer not taken by the kernel (SEND_FAILURES)."""
         self.udp_drops[reason] += 1
         self.drops.note(reason, (family, sender))
+        if reason in REFUSALS:  # admission's verdicts, by client (evd ctl sources)
+            self.admission.refused(fold_mapped(sender[0]))
 
     # -- views -----------------------------------------------------------------
 

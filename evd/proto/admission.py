@@ -1,53 +1,49 @@
 """Who may talk to a service: access lists, connection limits, rates.
 
 This is xinetd's only_from / no_access / instances / per_source / cps, done
-in-process.  It is pure bookkeeping (no sockets), asked once per new TCP
+in-process (the access lists' decision itself is proto/access.py's, shared
+with `evd explain`).  It is pure bookkeeping (no sockets), asked once per new TCP
 connection and once per UDP datagram, and told when a connection ends.
 
 Rates are token buckets per client IP.  The bucket table is bounded: a sweep
 drops buckets that have refilled completely (an idle client), and if the table
 still reaches MAX_BUCKETS the oldest half goes -- an attacker cycling through
 source addresses costs at most MAX_BUCKETS small entries.
+
+Bans (`auth_ban`, SPEC section 10) are a table of client IP -> end of ban,
+bounded the same way: the sweep drops bans that have run out, and a full
+table gives up its oldest ban for a new one.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-from evd.core.config import Limits, Network, ServiceConfig
+from evd.core.config import Limits, ServiceConfig
+from evd.proto.access import AccessList
 
 # About 100 bytes each: 64k buckets is a few MiB at worst, and far more
 # distinct clients per `burst / rate` seconds than a small daemon serves.
 MAX_BUCKETS = 65536
+# Refusals counted per client IP, for `evd ctl sources`: a few dozen bytes
+# each; past this many clients the oldest half is forgotten (as buckets).
+MAX_REFUSED = 4096
+
+# One address per entry, made only by three failed `auth` on one connection
+# (each connection first passing every other limit): far more than a
+# small daemon meets, and a few MiB at worst.
+MAX_BANS = 65536
+
+# Access-list verdicts remembered, one small entry per client address; the
+# table starts afresh when full (and at every reload).
+MAX_VERDICTS = 65536
 
 # Reasons, as they appear in `conn.reject` and `udp.drop`.
 ACCESS = "access"
 MAX_CONNECTIONS = "max_connections"
 PER_SOURCE = "per_source"
 RATE = "rate"
-
-
-def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The peer's address, IPv4-mapped IPv6 folded to IPv4; None if not IP."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-
-def fold_mapped(net: Network) -> Network:
-    """An IPv4-mapped IPv6 network (::ffff:10.0.0.0/104) as the IPv4 network
-    it means: peers are folded to IPv4 the same way, so both must be."""
-    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
-        return ipaddress.ip_network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
-    return net
+BANNED = "banned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +53,7 @@ class SourceView:
     host: str
     connections: int  # open now
     tokens: float | None  # left in its rate bucket now; None: no rate limit
+    rejected: int = 0  # connections and datagrams refused (as far as remembered)
 
 
 class Admission:
@@ -64,30 +61,38 @@ class Admission:
         self.current = 0
         self._per_source: dict[str, int] = {}
         self._buckets: dict[str, list[float]] = {}  # ip -> [tokens, last]
+        self._bans: dict[str, float] = {}  # ip -> when its ban ends
+        self._verdicts: dict[str, bool] = {}  # ip -> may it talk to us (the access lists)
+        self._refused: dict[str, int] = {}  # ip -> refusals (bounded: MAX_REFUSED)
         self.apply(service)
 
     def apply(self, service: ServiceConfig) -> None:
         """Take new rules (a reload); counts of open connections carry over."""
-        self._only_from = tuple(fold_mapped(n) for n in service.only_from)
-        self._no_access = tuple(fold_mapped(n) for n in service.no_access)
+        self._access = AccessList(service.only_from, service.no_access)
+        self._verdicts.clear()
         limits: Limits = service.limits
         self._max = limits.max_connections
         self._per_source_max = limits.per_source
         self._rate = limits.rate
         self._burst = float(limits.burst)
+        self._ban_time = limits.auth_ban
+        if not self._ban_time:  # bans switched off: lift those in force
+            self._bans.clear()
         # With no access lists, the address never needs parsing.
-        self.filters = bool(self._only_from or self._no_access)
+        self.filters = bool(self._access)
         # Whether a datagram needs asking about at all: with neither lists
         # nor a rate, the UDP path skips admission entirely.
         self.checks_datagrams = self.filters or self._rate > 0
 
     def _allowed(self, host: str) -> bool:
-        ip = parse_ip(host)
-        if ip is None:
-            return True
-        if self._only_from and not any(ip in net for net in self._only_from if net.version == ip.version):
-            return False
-        return not any(ip in net for net in self._no_access if net.version == ip.version)
+        """The access lists' verdict, remembered per host: parsing an
+        address costs microseconds, and a UDP client asks per datagram."""
+        allowed = self._verdicts.get(host)
+        if allowed is None:
+            if len(self._verdicts) >= MAX_VERDICTS:
+                self._verdicts.clear()
+            allowed = self._verdicts[host] = self._access.allowed(host)
+        return allowed
 
     def _take_token(self, key: str, now: float) -> bool:
         bucket = self._buckets.get(key)
@@ -105,7 +110,11 @@ class Admission:
         return True
 
     def expire(self, now: float, force: bool = False) -> None:
-        """Drop buckets that have refilled (their client has been quiet)."""
+        """Drop buckets that have refilled (their client has been quiet),
+        and bans that have run out."""
+        if self._bans:
+            for host in [h for h, end in self._bans.items() if end <= now]:
+                del self._bans[host]
         if not self._rate:
             self._buckets.clear()
             return
@@ -121,11 +130,39 @@ class Admission:
     def buckets(self) -> int:
         return len(self._buckets)
 
+    @property
+    def bans(self) -> int:
+        return len(self._bans)
+
+    def ban(self, host: str | None, now: float) -> bool:
+        """Refuse `host` for `auth_ban` seconds from `now`; False if bans are
+        off (or the peer has no IP address to ban)."""
+        if host is None or not self._ban_time:
+            return False
+        bans = self._bans
+        if host not in bans and len(bans) >= MAX_BANS:
+            self.expire(now)
+            if len(bans) >= MAX_BANS:
+                del bans[next(iter(bans))]  # the oldest
+        bans.pop(host, None)  # re-inserted: the table stays oldest first
+        bans[host] = now + self._ban_time
+        return True
+
+    def banned_for(self, host: str, now: float) -> float:
+        """Seconds left of `host`'s ban (0.0: not banned)."""
+        return max(0.0, self._bans.get(host, now) - now)
+
     def connect(self, host: str | None, now: float) -> str | None:
         """A new connection from `host` (None for UNIX peers): None to admit
         (and count it), or the reason to refuse."""
         if host is not None and self.filters and not self._allowed(host):
             return ACCESS
+        if host is not None and self._bans:
+            end = self._bans.get(host)
+            if end is not None:
+                if now < end:
+                    return BANNED
+                del self._bans[host]
         if self.current >= self._max:
             return MAX_CONNECTIONS
         if host is not None:
@@ -186,9 +223,19 @@ class Admission:
             return self._burst
         return min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
 
+    def refused(self, host: str) -> None:
+        """`host` was refused a connection or a datagram (counted per IP
+        for `sources`; the service counts by reason)."""
+        refused = self._refused
+        if host not in refused and len(refused) >= MAX_REFUSED:
+            for key in list(refused)[: len(refused) // 2]:
+                del refused[key]
+        refused[host] = refused.get(host, 0) + 1
+
     def sources(self, now: float) -> list[SourceView]:
-        """Every client IP admission keeps state for: open connections or a
-        rate bucket not yet refilled and expired."""
-        hosts = list(self._per_source)
-        hosts += [h for h in self._buckets if h not in self._per_source]
-        return [SourceView(h, self.per_source(h), self.tokens(h, now)) for h in hosts]
+        """Every client IP admission keeps state for: open connections, a
+        rate bucket not yet refilled and expired, refusals, or a ban."""
+        hosts = dict.fromkeys([*self._per_source, *self._buckets, *self._refused, *self._bans])
+        return [
+            SourceView(h, self.per_source(h), self.tokens(h, now), self._refused.get(h, 0)) for h in hosts
+        ]

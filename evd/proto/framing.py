@@ -45,8 +45,11 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from evd.core.seams import Buffer
 
 # The length prefix: a uint32, big-endian (network order), 4 bytes.
 _PREFIX = struct.Struct(">I")
@@ -68,6 +71,7 @@ _COMPACT_MIN = 65536
 _QUOTE_MAX = 40
 
 _JSON_TYPE = {
+    dict: "object",
     list: "array",
     str: "string",
     int: "number",
@@ -75,6 +79,8 @@ _JSON_TYPE = {
     bool: "boolean",
     type(None): "null",
 }
+
+Header = dict[str, Any]  # a JSON object: any JSON value under each key
 
 
 class FrameError(Exception):
@@ -85,7 +91,7 @@ class FrameError(Exception):
 
 @dataclass(slots=True)
 class Frame:
-    header: dict
+    header: Header
     body: bytes
 
 
@@ -101,7 +107,7 @@ class Decoder:
         self.max_body = max_body
         self._buf = bytearray()
         self._pos = 0  # read offset into _buf
-        self._pending: dict | None = None  # parsed header awaiting its body
+        self._pending: Header | None = None  # parsed header awaiting its body
         self._header_len = 0  # its H, for `buffered`
         self._body_len = 0  # its body's length
         self._error: FrameError | None = None
@@ -133,7 +139,7 @@ class Decoder:
         while (frame := self.next_frame()) is not None:
             yield frame
 
-    def next_request(self) -> tuple[dict, bytes | bytearray] | None:
+    def next_request(self) -> tuple[Header, bytes | bytearray] | None:
         """`next_frame` for the server's hot path: (header, body) with the
         body a bytes-like copy (bytearray), no Frame object, one call per
         frame whatever it takes to parse it."""
@@ -191,29 +197,34 @@ def _bad_header_length(h: int, max_header: int) -> str:
     return f"header length {h} exceeds max_header {max_header}"
 
 
-def _bad_len(n, max_body: int) -> str:
+def _bad_len(n: object, max_body: int) -> str:
     if type(n) is int and n > max_body:
         return f"len {n} exceeds max_body {max_body}"
-    quoted = json.dumps(n, ensure_ascii=False)
+    if isinstance(n, dict | list):
+        # Named, not quoted: dumping an array nested a thousand deep would
+        # raise RecursionError here, and its first 40 brackets say nothing.
+        return f"len must be a non-negative integer, got an {_JSON_TYPE[type(n)]}"
+    quoted = json.dumps(n)
     if len(quoted) > _QUOTE_MAX:
         quoted = quoted[:_QUOTE_MAX] + "..."
     return f"len must be a non-negative integer, got {quoted}"
 
 
-def _parse_header(raw: bytearray) -> dict:
+def _parse_header(raw: bytearray) -> Header:
     try:
         text = raw.decode("utf-8")  # json.loads(bytes) would guess UTF-16/32
     except UnicodeDecodeError:
         raise FrameError("header is not valid UTF-8") from None
-    # The C scanner directly when the text is one object and nothing else
+    # The scanner directly when the text is one object and nothing else
     # (the common case); the full decoder, with its errors, otherwise.
-    if text[:1] == "{":
+    scan = _scan
+    if scan is not None and text[:1] == "{":
         try:
-            header, end = _scan(text, 0)
+            header, end = scan(text, 0)
         except (StopIteration, ValueError, RecursionError):
             pass
         else:
-            if end == len(text):
+            if end == len(text) and type(header) is dict:
                 return header
     try:
         header = _DECODER.decode(text)
@@ -221,15 +232,21 @@ def _parse_header(raw: bytearray) -> dict:
         raise FrameError(f"header is not JSON: {e.msg} at char {e.pos}") from None
     except RecursionError:  # "[[[[..." deeper than the C stack allows
         raise FrameError("header is not JSON: nested too deeply") from None
-    except ValueError as e:  # NaN/Infinity, or an int over 4300 digits
+    except _Refused as e:  # NaN, Infinity, 1e400
         raise FrameError(f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
+    except ValueError:  # int(): over sys.get_int_max_str_digits() digits
+        raise FrameError("header is not JSON: a number has too many digits") from None
+    if type(header) is not dict:
         raise FrameError(f"header is a JSON {_JSON_TYPE[type(header)]}, not an object")
     return header
 
 
+class _Refused(ValueError):
+    """A JSON value the protocol refuses; str() says which, in its words."""
+
+
 def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
+    raise _Refused(f"{name} is not allowed")
 
 
 def _finite_float(text: str) -> float:
@@ -237,7 +254,7 @@ def _finite_float(text: str) -> float:
     no response could carry back: refused like NaN and Infinity."""
     value = float(text)
     if value in (math.inf, -math.inf):
-        raise ValueError(f"number {text[:_QUOTE_MAX]} is out of range")
+        raise _Refused(f"number {text[:_QUOTE_MAX]} is out of range")
     return value
 
 
@@ -248,20 +265,39 @@ def _finite_float(text: str) -> float:
 # client sent, lone surrogates included, goes back out as valid JSON.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-_scan = _DECODER.scan_once
-_quote = json.encoder.encode_basestring_ascii
-if json.encoder.c_make_encoder is not None:
-    _c_encode = json.encoder.c_make_encoder(
-        None, _ENCODER.default, _quote, None, ":", ",", False, False, False
-    )
-
-    def _dumps(obj: dict) -> str:
-        return "".join(_c_encode(obj, 0))
-else:  # pragma: no cover -- CPython always has the C accelerator
-    _dumps = _ENCODER.encode
+# The decoder's scanner, called directly to parse a header without the
+# whitespace and "extra data" checks of decode(); undocumented, so None
+# (decode() alone) on a Python that lacks it.
+_scan: Callable[[str, int], tuple[Any, int]] | None = getattr(_DECODER, "scan_once", None)
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
-def ok_header(rid, length: int) -> bytes:
+def build_dumps(c_make_encoder: Callable[..., Any] | None) -> Callable[[Header], str]:
+    """`_ENCODER.encode`, minus its per-call cost where CPython allows.
+
+    json.encoder.c_make_encoder (CPython's C encoder; an internal whose
+    signature may change) is built once here and called directly.  Without
+    it, or if building or probing it fails, the public encoder does the same
+    work: a Python that changes the internal loses speed, never bytes."""
+    if c_make_encoder is not None:
+        try:
+            encoder = c_make_encoder(None, _ENCODER.default, _quote, None, ":", ",", False, False, False)
+
+            def dumps(obj: Header) -> str:
+                return "".join(encoder(obj, 0))
+
+            probe: Header = {"id": "\u00e9\ud800", "n": [1, 2.5, None, True], "o": {}}
+            if dumps(probe) == _ENCODER.encode(probe):
+                return dumps
+        except Exception:  # a changed internal: fall through to the public API
+            pass
+    return _ENCODER.encode
+
+
+_dumps = build_dumps(getattr(json.encoder, "c_make_encoder", None))
+
+
+def ok_header(rid: Any, length: int) -> bytes:
     """Prefix and header of a plain success, `{"id":ID,"ok":true,"len":N}`:
     the same bytes as `encode_parts({"id": rid, "ok": True}, body)[0]`,
     formatted directly when the id is an int or a string (the usual ids)
@@ -276,7 +312,7 @@ def ok_header(rid, length: int) -> bytes:
     return _pack_prefix(len(raw)) + raw
 
 
-def encode_parts(header: dict, body: bytes = b"") -> tuple[bytes, bytes]:
+def encode_parts(header: Header, body: Buffer = b"") -> tuple[bytes, Buffer]:
     """Return (prefix + header, body), the body uncopied; `len` is set in a copy.
 
     ValueError/TypeError (not JSON, NaN, too long) is a local bug, not the peer's.
@@ -287,7 +323,7 @@ def encode_parts(header: dict, body: bytes = b"") -> tuple[bytes, bytes]:
     return _PREFIX.pack(len(raw)) + raw, body
 
 
-def encode(header: dict, body: bytes = b"") -> bytes:
+def encode(header: Header, body: bytes = b"") -> bytes:
     """Return one whole frame as bytes; see `encode_parts`."""
-    head, body = encode_parts(header, body)
+    head, _ = encode_parts(header, body)
     return head + body

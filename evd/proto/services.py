@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 
 # RFC 868: seconds from 1900-01-01 to 1970-01-01.
 RFC868_OFFSET = 2208988800
@@ -21,6 +22,13 @@ DAYTIME_FORMAT = "%A, %B %d, %Y %H:%M:%S-%Z"
 # accept (strftime output grows with its input; 256 matches framed `time`).
 TIMEFMT_DEFAULT = "%Y-%m-%d %X"
 TIMEFMT_MAX = 256
+# UDP timefmt answers at most as many bytes as the request carried, or this
+# many if the request was shorter: "%c" is 2 bytes and formats to 24, so
+# uncapped, a spoofed source could aim ~12 times what it sent at a victim.
+# 32 bytes still carry the default format (19) and "%c" whole; with the 28
+# bytes of IPv4 and UDP headers on each datagram, no reply is more than
+# about twice its request on the wire.
+TIMEFMT_UDP_FLOOR = 32
 
 # RFC 864: lines of 72 printable ASCII characters, each starting one further
 # along the 95-character ring of codes 32..126.
@@ -67,7 +75,7 @@ class DatagramChargen:
     (RFC 864 allows 0-512 characters; one line keeps amplification at ~74:1
     for an empty datagram -- which is why it is off by default.)"""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.n = 0
 
     def __call__(self, payload: bytes) -> bytes:
@@ -76,11 +84,17 @@ class DatagramChargen:
         return line
 
 
-def datagram_echo(payload: bytes) -> bytes:
-    return payload
+class DatagramEcho:
+    """UDP echo: `echoes` tells the endpoint it may answer each datagram from
+    its receive buffer without calling this at all."""
+
+    echoes = True
+
+    def __call__(self, payload: bytes) -> bytes:
+        return payload
 
 
-datagram_echo.echoes = True  # the endpoint may answer without calling it
+datagram_echo = DatagramEcho()
 
 
 def datagram_discard(payload: bytes) -> None:
@@ -96,10 +110,21 @@ def datagram_time(payload: bytes) -> bytes:
 
 
 def datagram_timefmt(payload: bytes) -> bytes | None:
-    return timefmt(payload.rstrip(b"\r\n"), time.time())
+    reply = timefmt(payload.rstrip(b"\r\n"), time.time())
+    cap = max(len(payload), TIMEFMT_UDP_FLOOR)
+    if reply is None or len(reply) <= cap:
+        return reply
+    # Cut at a character boundary: a UTF-8 continuation byte (0b10xxxxxx)
+    # at the cut means the character before it is cut in half.
+    while cap and reply[cap] & 0xC0 == 0x80:
+        cap -= 1
+    return reply[:cap]
 
 
-def datagram_handler(service: str):
+DatagramHandler = Callable[[bytes], bytes | None]
+
+
+def datagram_handler(service: str) -> DatagramHandler:
     """The function answering one datagram for `service`: payload -> reply
     bytes, or None for no reply.  (The clock is read only by the services
     that tell the time, not on the echo path.)"""
@@ -108,7 +133,7 @@ def datagram_handler(service: str):
     return _DATAGRAM[service]
 
 
-_DATAGRAM = {
+_DATAGRAM: dict[str, DatagramHandler] = {
     "echo": datagram_echo,
     "discard": datagram_discard,
     "daytime": datagram_daytime,

@@ -27,12 +27,13 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 from evd import __version__
 from evd.core import loader
-from evd.core.config import DEFAULT_KEY, LISTENING, Config, ConfigError
+from evd.core.config import LISTENING, Config, ConfigError
 from evd.core.log import log
 from evd.core.reactor import Reactor, Timer
 from evd.core.seams import HandlerFactory, Reason
@@ -42,9 +43,12 @@ from evd.handlers.raw import STREAM_HANDLERS
 from evd.handlers.service import Service
 from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, Listener, StreamListener
 from evd.net.tls import ServerTLS
+from evd.proto.rules import rules_for
 from evd.proto.services import datagram_handler
 from evd.server import preflight, signals, sockets
+from evd.server.figures import LagProbe
 from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
+from evd.system.certificates import CertificateError, server_context
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
 
@@ -63,10 +67,6 @@ def sweep_period(idle_timeouts: Iterable[float]) -> float:
     if not positive:
         return SWEEP_SLOWEST
     return max(SWEEP_FASTEST, min(SWEEP_SLOWEST, min(positive) / 4))
-
-
-def _framed_enabled(config: Config) -> frozenset[str]:
-    return frozenset(name for name in ("command", "stats") if config.services[name].enabled)
 
 
 class Daemon:
@@ -100,9 +100,13 @@ class Daemon:
         self.stop_signal: str | None = None
         self.sweep_every = SWEEP_SLOWEST
         self._sweep_timer: Timer | None = None
-        self.runner = Runner(self.reactor, config.services["command"], config.commands)
-        self.context = Context(self.runner, self.stats, None, frozenset())
-        self._update_context()
+        self.runner = Runner(self.reactor, config.services["command"])
+        self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
+        # For the runtime control and metrics (server/runtime.py, figures.py).
+        self.lag = LagProbe(self.reactor)
+        self.reloads: Counter[str] = Counter()  # "ok" / "failed"
+        self.last_reload: tuple[float, bool] | None = None  # (time.time(), ok)
+        self.closers: list[Callable[[], None]] = []  # at exit, while the loop is still there
 
     def stats(self) -> dict[str, object]:
         """The framed `stats` body."""
@@ -122,10 +126,9 @@ class Daemon:
         return "config.reload" if what == "reload" else f"daemon.{what}"
 
     def _update_context(self) -> None:
-        """What framed connections read: the key secrets preflight read,
-        the framed-only services switched on."""
-        self.context.key = self.machine.secrets.get(DEFAULT_KEY)
-        self.context.enabled = _framed_enabled(self.config)
+        """What framed connections read: the services offered, the keys and
+        the secrets preflight read."""
+        self.context.rules = rules_for(self.config, self.machine.secrets)
 
     # -- start ----------------------------------------------------------------
 
@@ -138,11 +141,11 @@ class Daemon:
                 self.services[svc.name] = Service(svc, self.reactor)
         self._update_tls(self.machine)
         for key, sock in bound.items():
-            self._open_listener(key, sock)
+            self.open_listener(key, sock)
         self._update_guard_ports()
         self._schedule_sweep()
 
-    def _open_listener(self, key: ListenerKey, sock: socket.socket) -> None:
+    def open_listener(self, key: ListenerKey, sock: socket.socket) -> None:
         name, address = key
         service = self.services[name]
         listener: Listener
@@ -151,7 +154,7 @@ class Daemon:
                 self.reactor, sock, service, address, datagram_handler(name), self.guard_ports
             )
         elif address.proto == "tls":
-            transport = self.tls[name].transport
+            transport = self._tls(name).transport
             listener = StreamListener(self.reactor, sock, service, address, self._factory(name), transport)
         else:
             listener = StreamListener(self.reactor, sock, service, address, self._factory(name))
@@ -168,16 +171,37 @@ class Daemon:
         factory: HandlerFactory = STREAM_HANDLERS[name]
         return factory
 
+    def refresh(self) -> None:
+        """Listeners or limits changed at run time (evd ctl): the UDP loop
+        guard and the sweep's pace follow."""
+        self._update_guard_ports()
+        self._schedule_sweep()
+
+    def _tls(self, name: str) -> ServerTLS:
+        """The service's TLS state, made with its first TLS listener."""
+        tls = self.tls.get(name)
+        if tls is None:
+            tls = self.tls[name] = ServerTLS(self.services[name], self.machine.tls[name], self.reactor)
+        return tls
+
     def _update_tls(self, machine: preflight.Machine) -> None:
         """The TLS contexts preflight just built (at start, and re-read by
         every reload: certificate rotation) for new connections; open ones
         keep the session they have."""
         for name, context in machine.tls.items():
-            current = self.tls.get(name)
-            if current is not None:
-                current.context = context
-            elif name in self.services:
-                self.tls[name] = ServerTLS(self.services[name], context, self.reactor)
+            if name in self.tls:
+                self.tls[name].context = context
+
+    def prepare_tls(self, name: str) -> None:
+        """A service switched on at run time (`evd ctl enable`) that was off
+        when preflight ran: read its certificate and key now.  BindError
+        (naming the key) if they cannot serve."""
+        svc = self.config.services[name]
+        if svc.tls and name not in self.machine.tls:
+            try:
+                self.machine.tls[name] = server_context(svc.tls_cert, svc.tls_key, svc.tls_client_ca)
+            except CertificateError as exc:
+                raise BindError(f"services.{name}.{exc.key}: {exc}") from None
 
     def _update_guard_ports(self) -> None:
         self.guard_ports.clear()
@@ -202,7 +226,8 @@ class Daemon:
         signals.release()
         reactor.add_before_sleep(self._before_sleep)
         self.notifier.start_watchdog(self.reactor)
-        with log.batched():
+        self.lag.start()
+        with log.batched(reactor):
             log.info(self._event("ready"), listeners=len(self.listeners))
             self.notifier.ready(f"serving on {len(self.listeners)} listeners")
             if on_ready is not None:
@@ -296,6 +321,8 @@ class Daemon:
         self.listeners.clear()
 
     def _close_everything(self) -> None:
+        for close in self.closers:
+            close()
         self.runner.kill_all()
         self._close_listeners()
         for service in self.services.values():
@@ -320,6 +347,8 @@ class Daemon:
             log.error("error", where="reload", exc_info=exc)
             result = Result.failed(f"internal error: {exc.__class__.__name__}: {exc}")
         self.notifier.ready(f"serving on {len(self.listeners)} listeners")
+        self.reloads["ok" if result.ok else "failed"] += 1
+        self.last_reload = (time.time(), result.ok)
         if result.ok:
             log.info(event, **result.fields())
         else:
@@ -340,7 +369,11 @@ class Daemon:
         except BindError as exc:
             return Result.failed(str(exc))
         try:
-            log.configure(*log_settings(new, self.log_overrides))
+            log.configure(
+                *log_settings(new, self.log_overrides),
+                buffer=new.log.buffer,
+                journal_socket=new.log.journal_socket,
+            )
         except OSError as exc:
             sockets.unbind(bound)
             return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")
@@ -365,9 +398,9 @@ class Daemon:
                 current.apply(svc)
         self._update_tls(machine)
         for key, socks in bound.items():
-            self._open_listener(key, socks[0])
+            self.open_listener(key, socks[0])
         self.config, self.machine = new, machine
-        self.runner.apply(new.services["command"], new.commands)
+        self.runner.config = new.services["command"]
         self._update_context()
         self._update_guard_ports()
         self._schedule_sweep()

@@ -40,11 +40,12 @@ from evd import __version__
 from evd.core.config import Config, ConfigError
 from evd.core.log import log
 from evd.net.listeners import BindError
-from evd.server import preflight, signals
+from evd.server import preflight, runtime, signals, surfaces
 from evd.server.daemon import Daemon
 from evd.server.reload import ListenerKey, Overrides, log_settings
-from evd.server.sockets import Slots, bind_slots
+from evd.server.sockets import Slots, bind_slots, unbind
 from evd.server.supervisor import Supervisor
+from evd.server.surfaces import SurfaceKey
 from evd.system import systemd
 from evd.system.pidfile import AlreadyRunning, Pidfile, PidfileError
 from evd.system.privileges import Credentials, PrivilegeError, drop
@@ -77,6 +78,7 @@ class Launch:
         inherited: set[ListenerKey],
         notifier: systemd.Notifier,
         mask: signals.Mask,
+        surfaces: dict[SurfaceKey, socket.socket] | None = None,
     ):
         self.config = config
         self.machine = machine  # what step 1 read: key secrets, credentials
@@ -86,10 +88,12 @@ class Launch:
         self.inherited = inherited  # keys whose socket came from systemd
         self.notifier = notifier
         self.mask = mask  # the signal mask before step 3 held some
+        self.surfaces = surfaces or {}  # the control socket and metrics ports
 
     def descriptors(self) -> list[int]:
         """What must survive DaemonContext's closing of every descriptor."""
         fds = {s.fileno() for socks in self.slots.values() for s in socks}
+        fds.update(s.fileno() for s in self.surfaces.values())
         if self.pidfile is not None:
             fds.add(self.pidfile.fileno())
         if log.sink.path:
@@ -108,11 +112,19 @@ def prepare(config: Config, overrides: Overrides, detach: bool) -> Launch:
     except ConfigError as exc:
         raise StartError(str(exc), config_error=True) from None
     try:
-        log.configure(*log_settings(config, overrides))
+        log.configure(
+            *log_settings(config, overrides),
+            buffer=config.log.buffer,
+            journal_socket=config.log.journal_socket,
+        )
     except OSError as exc:
-        raise StartError(
-            f"cannot open log file {config.log.file}: [Errno {exc.errno}] {exc.strerror}"
-        ) from None
+        journal = (overrides.get("format") or config.log.format) == "journal"
+        what = (
+            f"reach the journal at {config.log.journal_socket}"
+            if journal
+            else f"open log file {config.log.file}"
+        )
+        raise StartError(f"cannot {what}: [Errno {exc.errno}] {exc.strerror}") from None
     log.info("daemon.start", version=__version__, config=config.source)
     # From here until the reactor has handlers, SIGHUP/SIGUSR1 sent to the
     # pid of the pidfile wait instead of killing us (server/signals.py).
@@ -121,6 +133,11 @@ def prepare(config: Config, overrides: Overrides, detach: bool) -> Launch:
     try:
         raise_nofile_limit()
         slots, inherited = _listen(config)
+        try:
+            bound = surfaces.bind_all(config)
+        except BindError:
+            unbind(slots)
+            raise
         if machine.credentials is not None:
             _hand_over(machine.credentials, pidfile, config.log.file)
             drop(machine.credentials)
@@ -130,7 +147,7 @@ def prepare(config: Config, overrides: Overrides, detach: bool) -> Launch:
         log.error("daemon.stop", reason="error", signal=None, error=str(exc))
         raise StartError(str(exc)) from None
     notifier = systemd.Notifier.from_env()
-    return Launch(config, machine, overrides, pidfile, slots, inherited, notifier, mask)
+    return Launch(config, machine, overrides, pidfile, slots, inherited, notifier, mask, bound)
 
 
 def raise_nofile_limit() -> None:
@@ -213,6 +230,7 @@ def serve(launch: Launch, on_ready: Callable[[], None] | None = None) -> int:
             notifier=launch.notifier,
             pidfile=launch.pidfile,
             log_overrides=launch.overrides,
+            surfaces=launch.surfaces,
         )
         return supervisor.run(on_ready)
     daemon = Daemon(
@@ -224,6 +242,10 @@ def serve(launch: Launch, on_ready: Callable[[], None] | None = None) -> int:
     )
     bound: dict[ListenerKey, socket.socket] = {key: socks[0] for key, socks in launch.slots.items()}
     daemon.open(bound, inherited=launch.inherited)
+    local = runtime.Local(daemon)
+    served = surfaces.Surfaces(daemon.reactor, config.limits, launch.surfaces, local, local)
+    served.open()
+    daemon.closers.append(served.close)
     return daemon.serve(on_ready)
 
 

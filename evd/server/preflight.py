@@ -1,6 +1,6 @@
 """What the configuration names on this machine, checked and read.
 
-The validator (core/schema.py) judges the file alone.  Before evd acts on
+The validator (core/validate.py) judges the file alone.  Before evd acts on
 a configuration -- `run`, `start`, a reload, and `check-config`, which must
 refuse everything `run` would -- the things it names must also be usable:
 key files readable, private, regular and not empty; each TLS service's

@@ -18,7 +18,8 @@ reports: the log line's fields, and the answer a control client waits for.
 (named keys, or the bytes of a key file), `log`, the `daemon.*` keys, and
 `control`, `metrics`, `include`.  A service that is off before and after is
 not named: its settings have no effect.  `daemon.pidfile`, `user`, `group`
-and `workers` shape the start, so they say "(at the next start)".
+and `workers` shape the start, so they say "(at the next start)"; so do
+`control` and `metrics`, whose sockets are bound only at the start.
 """
 
 from __future__ import annotations
@@ -137,9 +138,13 @@ def changes(
     for f in fields(old.daemon):
         if getattr(old.daemon, f.name) != getattr(new.daemon, f.name):
             changed.append(f"daemon.{f.name}" + (NEXT_START if f.name in AT_NEXT_START else ""))
-    for section in ("control", "metrics", "include"):
+    # The control socket and the metrics port are bound once, at the start
+    # (as the privileged, pre-drop part of it): a change waits for a restart.
+    for section in ("control", "metrics"):
         if getattr(old, section) != getattr(new, section):
-            changed.append(section)
+            changed.append(section + NEXT_START)
+    if old.include != new.include:
+        changed.append("include")
     return changed
 
 

@@ -17,16 +17,28 @@ systemd are one socket shared by every worker; each accepts from it without
 blocking, and the kernel gives every connection to exactly one.
 
 Workers.  A worker is a fork (no exec) of the supervisor: it keeps slot i's
-The supervisor's loop has no connections, only signals -- SIGCHLD among
-them, through the reactor's wakeup descriptor -- and timers:
+sockets, closes the rest of the supervisor's descriptors, and runs its own
+Reactor and Daemon.  Its process group is its own, so a Ctrl-C reaches only
+the supervisor, which passes signals on once.  A pipe nobody writes (the
+lifeline) reaches end-of-file when the supervisor is gone, however it died,
+and the orphaned worker shuts down.  Each worker also has a socketpair to
+the supervisor (server/link.py): ordered requests and answers, and
+descriptors passed along, for runtime control and metrics.
+
+The supervisor's loop serves the control socket and the metrics port for
+the whole daemon (server/fanout.py: it asks every worker over its
+socketpair and sums the answers without ever waiting for one), and handles
+signals -- SIGCHLD among them, through the reactor's wakeup descriptor --
+and timers:
 - SIGCHLD: reap without waiting, then reconcile (below).
 - SIGTERM/SIGINT: close our copies of the sockets, pass the signal on, wait
   for the workers up to shutdown_timeout + KILL_AFTER, then SIGKILL them.
 - SIGHUP: re-read the configuration and carry out the plan of
   server/reload.py, the same plan a single process follows.  Invalid, or a
   new listener or log file that cannot be opened: `config.reload ok=false`,
-  nothing changes.  Same listeners: pass SIGHUP on; each worker applies
-  limits, access lists, commands and log settings without dropping anyone.
+  nothing changes.  Same listeners: tell each worker over its socketpair;
+  it re-reads the file and applies limits, access lists, commands and log
+  settings without dropping anyone.
   Listeners added or removed: bind the new ones, start a new generation of
   workers, and retire the old one (SIGUSR2): it stops accepting and serves
   its open connections to their natural end.
@@ -50,6 +62,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -58,11 +71,14 @@ from evd.core.addresses import sockaddr_text
 from evd.core.config import Config, ConfigError
 from evd.core.log import log
 from evd.core.reactor import Reactor
+from evd.handlers.service import number_connections
 from evd.net.listeners import BindError, bound_identity, unlink_if_ours
 from evd.server import preflight, signals
 from evd.server.daemon import Daemon
+from evd.server.fanout import Fanout, WorkerEnd
 from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
 from evd.server.sockets import Slots, bind_slots, close_sockets, unbind
+from evd.server.surfaces import SurfaceKey, Surfaces
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
 
@@ -109,6 +125,7 @@ class Supervisor:
         notifier: Notifier | None = None,
         pidfile: Pidfile | None = None,
         log_overrides: Overrides | None = None,
+        surfaces: Mapping[SurfaceKey, socket.socket] | None = None,
     ):
         self.config = config
         self.machine = machine
@@ -127,6 +144,17 @@ class Supervisor:
         self.stop_signal: str | None = None
         # Read end for the workers; the write end stays here only.
         self.lifeline_r, self.lifeline_w = os.pipe()
+        # The runtime control and metrics (server/fanout.py, surfaces.py).
+        self.fanout = Fanout(self)
+        self.surfaces = Surfaces(self.reactor, config.limits, surfaces or {}, self.fanout, self.fanout)
+        self.reloads: Counter[str] = Counter()
+        self.last_reload: tuple[float, bool] | None = None
+        self.lives: Counter[int] = Counter()  # slot -> workers started on it
+
+    @property
+    def live(self) -> dict[int, tuple[int, int]]:
+        """pid -> (slot, generation) of every worker not yet reaped."""
+        return {pid: (w.index, w.generation) for pid, w in self.workers.items()}
 
     # -- the supervisor's life ----------------------------------------------
 
@@ -140,7 +168,10 @@ class Supervisor:
         signals.release(BLOCKED_FOR_FORK)
         reactor.add_before_sleep(log.sink.flush)
         for key in self.slots:
-            self._log_listener("listener.open", key)
+            self.log_listener("listener.open", key)
+        number_connections(self.count, None)
+        self.surfaces.open()
+        self.fanout.lag.start()
         self.manage()
         reactor.call_later(MANAGE_EVERY, self._tick)
         log.info("daemon.ready", listeners=len(self.slots), workers=self.count)
@@ -148,8 +179,9 @@ class Supervisor:
         self.notifier.start_watchdog(self.reactor)
         if on_ready is not None:
             on_ready()
-        with log.batched():
+        with log.batched(reactor):
             reactor.run()
+            self.surfaces.close()
         reactor.close()
         self._close_all()
         warning = self.pidfile.release() if self.pidfile is not None else None
@@ -158,7 +190,7 @@ class Supervisor:
         log.info("daemon.stop", reason="signal", signal=self.stop_signal)
         return 0
 
-    def _log_listener(self, event: str, key: ListenerKey) -> None:
+    def log_listener(self, event: str, key: ListenerKey) -> None:
         sock = self.slots[key][0]
         log.info(
             event, service=key[0], proto=key[1].proto, address=sockaddr_text(sock.family, sock.getsockname())
@@ -167,12 +199,12 @@ class Supervisor:
     def _close_all(self) -> None:
         """Our copies of every socket, and the UNIX paths we bound."""
         for key in list(self.slots):
-            self._close_listener(key)
+            self.close_listener(key)
         os.close(self.lifeline_w)
         os.close(self.lifeline_r)
 
-    def _close_listener(self, key: ListenerKey) -> None:
-        self._log_listener("listener.close", key)
+    def close_listener(self, key: ListenerKey) -> None:
+        self.log_listener("listener.close", key)
         socks = self.slots.pop(key)
         if key[1].proto == "unix" and key not in self.inherited:
             unlink_if_ours(key[1].host, bound_identity(key[1].host))
@@ -196,25 +228,34 @@ class Supervisor:
         """Fork worker `index` of the current generation."""
         log.sink.flush()  # else the child would write our pending lines again
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_FOR_FORK)
+        ours, theirs = self.fanout.pair()
         try:
             pid = os.fork()
         except OSError as exc:
+            ours.close()
+            theirs.close()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             log.error("worker.fork", worker=index, error=f"fork: [Errno {exc.errno}] {exc.strerror}")
             self.held[index] = time.monotonic() + RESTART_DELAY
             return
         if pid == 0:
-            self._become_worker(index)  # never returns
+            ours.close()
+            self._become_worker(index, theirs)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        theirs.close()
+        self.fanout.adopt(pid, ours)
         self.workers[pid] = Worker(index, pid, self.generation, time.monotonic())
+        self.lives[index] += 1
         log.info("worker.start", worker=index, worker_pid=pid, generation=self.generation)
 
-    def _become_worker(self, index: int) -> None:
+    def _become_worker(self, index: int, link: socket.socket) -> None:
         """The child side of `spawn`: shed the supervisor, serve, exit."""
         code = 1
         try:
             os.setpgid(0, 0)
             self.reactor.close_in_child()
+            self.surfaces.close_in_child()
+            self.fanout.close_in_child()
             # Not handled here, and commands inherit the mask: unblock it.
             signals.release(frozenset({signal.SIGCHLD}))
             os.close(self.lifeline_w)
@@ -227,14 +268,17 @@ class Supervisor:
                 for sock in socks:
                     if id(sock) not in keep:
                         sock.close()
-            code = self._serve_worker(index, mine)
+            code = self._serve_worker(index, mine, link)
         except BaseException as exc:
             log.error("error", where="worker", worker=index, exc_info=exc)
         finally:
             log.sink.flush()
             os._exit(code)
 
-    def _serve_worker(self, index: int, sockets: dict[ListenerKey, socket.socket]) -> int:
+    def _serve_worker(
+        self, index: int, sockets: dict[ListenerKey, socket.socket], link: socket.socket
+    ) -> int:
+        number_connections(self.count, index, self.lives[index])
         reactor = Reactor()
         daemon = Daemon(
             self.config, self.machine, reactor, worker=(index, os.getpid()), log_overrides=self.log_overrides
@@ -249,7 +293,10 @@ class Supervisor:
                 daemon.shutdown(signal.SIGTERM)
 
         reactor.add_reader(lifeline, orphaned)
-        return daemon.serve()
+        end = WorkerEnd(daemon, link)
+        code = daemon.serve()
+        end.last_words()
+        return code
 
     def reap(self) -> None:
         """SIGCHLD: collect every dead worker, then fill what is missing."""
@@ -308,7 +355,7 @@ class Supervisor:
         self.notifier.stopping(f"stopping on {name}: waiting for {len(self.workers)} workers")
         # New connections are refused once the workers close their copies.
         for key in list(self.slots):
-            self._close_listener(key)
+            self.close_listener(key)
         self._signal_workers(signum)
         if not self.workers:
             self.reactor.stop()
@@ -335,6 +382,8 @@ class Supervisor:
             log.error("error", where="reload", exc_info=exc)
             result = Result.failed(f"internal error: {exc.__class__.__name__}: {exc}")
         self.notifier.ready(f"{self.count} workers serving on {len(self.slots)} listeners")
+        self.reloads["ok" if result.ok else "failed"] += 1
+        self.last_reload = (time.time(), result.ok)
         if result.ok:
             log.info("config.reload", **result.fields())
         else:
@@ -353,7 +402,11 @@ class Supervisor:
         except BindError as exc:
             return Result.failed(str(exc))
         try:
-            log.configure(*log_settings(new, self.log_overrides))
+            log.configure(
+                *log_settings(new, self.log_overrides),
+                buffer=new.log.buffer,
+                journal_socket=new.log.journal_socket,
+            )
         except OSError as exc:
             unbind(bound)
             return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")
@@ -362,7 +415,7 @@ class Supervisor:
         if todo.added or todo.removed:
             self._new_generation(todo, bound)
         else:
-            self._signal_workers(signal.SIGHUP)
+            self.fanout.reload_workers()
         if reopen:  # logrotate may have moved it: a reload reopens it too
             log.reopen()
         return todo.result()
@@ -371,10 +424,10 @@ class Supervisor:
         """Listeners changed: workers cannot be handed new sockets, so new
         workers get the new set and the old ones retire."""
         for key in todo.removed:
-            self._close_listener(key)
+            self.close_listener(key)
         self.slots.update(bound)
         for key in todo.added:
-            self._log_listener("listener.open", key)
+            self.log_listener("listener.open", key)
         old = [w for w in self.workers.values() if w.generation == self.generation]
         self.generation += 1
         self.held.clear()  # a new generation starts at once

@@ -9,7 +9,10 @@ beside it while it is measured.  A new load -- TLS echo, tcp64 while
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import http.client
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -49,6 +52,45 @@ class Load:
     during: Callable[[Running], AbstractContextManager[object]] | None = None
 
 
+# tcp64_scraped: evd's /metrics on its own loopback address (servers.py
+# tells the service's listeners from a load's own by address).
+METRICS_HOST = "127.0.0.2"
+SCRAPE_EVERY = 1.0
+SCRAPED = EvdSetup(tables=f'[metrics]\ntcp = ["{METRICS_HOST}:0"]\n')
+
+
+@contextlib.contextmanager
+def scraped(srv: Running) -> Iterator[None]:
+    """GET /metrics every SCRAPE_EVERY seconds while the load runs, as
+    Prometheus does (one kept-alive connection); every scrape must answer."""
+    port = next(p for proto, host, p in srv.listeners if (proto, host) == ("tcp", METRICS_HOST))
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def scrape() -> None:
+        conn = http.client.HTTPConnection(METRICS_HOST, port, timeout=5.0)
+        try:
+            while not stop.wait(SCRAPE_EVERY):
+                conn.request("GET", "/metrics")
+                response = conn.getresponse()
+                if response.status != 200 or b"evd_connections_total" not in response.read():
+                    failures.append(f"status {response.status}")
+        except OSError as exc:
+            failures.append(str(exc))
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10.0)
+    if failures:
+        raise OSError(f"/metrics scrapes failed during the load: {failures[:3]}")
+
+
 EVD = ("evd",)
 LOADS = [
     Load("tcp64", "TCP ping-pong 50 × 64 B", "tcp", 50),
@@ -60,6 +102,16 @@ LOADS = [
         servers=EVD,
         reference=("tcp64", "evd"),
         evd=DEFAULT_LIMITS,
+    ),
+    Load(
+        "tcp64_scraped",
+        "TCP ping-pong 50 × 64 B, /metrics scraped every second",
+        "tcp",
+        50,
+        servers=EVD,
+        reference=("tcp64", "evd"),
+        evd=SCRAPED,
+        during=scraped,
     ),
     Load("tcp1k", "TCP ping-pong 50 × 1 KiB", "tcp", 50, 1024),
     Load("lat64", "TCP 1 × 64 B (latency)", "tcp", 1, 64),

@@ -1,0 +1,102 @@
+"""`evd ctl COMMAND [ARGS...]`: the runtime control client (SPEC section 9)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from evd.cli.exits import EX_CONFIG, EX_FAIL, EX_OK, error, load_config
+
+DEFAULT_TIMEOUT = 10.0  # seconds: a reload binds a few sockets and reads a few files
+COMMANDS = (
+    "info | services | conns [SERVICE] | sources [SERVICE] | kill CONN | disable SERVICE | "
+    "enable SERVICE | set SERVICE KEY VALUE | reload"
+)
+
+
+def _options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options, accepted before COMMAND (the group's parser) and after
+    it (the parser of the words, whose defaults must not undo the first)."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=default,
+        help="control socket (default: the config's control.unix)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="print the answer as one JSON object",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS if suppress else DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"how long to wait for the answer (default {DEFAULT_TIMEOUT:g})",
+    )
+
+
+def _words(args: argparse.Namespace) -> argparse.Namespace:
+    """COMMAND, its arguments and any option among them."""
+    parser = argparse.ArgumentParser(prog="evd ctl", description=COMMANDS)
+    parser.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS)
+    _options(parser, suppress=True)
+    parser.add_argument("command", metavar="COMMAND")
+    parser.add_argument("args", nargs="*", metavar="ARG")
+    if not args.words or all(w.startswith("-") for w in args.words if w != "--"):
+        if "-h" in args.words or "--help" in args.words:
+            parser.print_help()
+            raise SystemExit(0)
+        parser.error(f"a COMMAND is needed: {COMMANDS}")
+    return parser.parse_intermixed_args(args.words, namespace=args)
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from evd.proto.control import EXIT_STATUS, Request, parse
+    from evd.tools import ctl
+
+    args = _words(args)
+    path = args.socket
+    if path is None:
+        config = load_config(args)
+        if config is None:
+            return EX_CONFIG
+        path = config.control.unix
+        if not path:
+            error(f"no control socket: set control.unix in {config.source}, or give --socket")
+            return EX_FAIL
+    request = parse({"cmd": args.command, "args": args.args})
+    if not isinstance(request, Request):  # checked here too: a clear usage line, no round trip
+        error(request.message or "bad request")
+        return EXIT_STATUS.get(request.code or "", EX_FAIL)
+    try:
+        answer = ctl.request(path, request, args.timeout)
+    except OSError as exc:
+        error(f"cannot talk to evd at {path}: {exc.strerror or exc}")
+        return EX_FAIL
+    if args.json:
+        body = answer.body if answer.body is not None else {"ok": False, "error": answer.header()["error"]}
+        print(json.dumps(body))
+    elif answer.ok and answer.body is not None:
+        print("\n".join(ctl.render(request.command, answer.body)))
+    if answer.ok:
+        return EX_OK
+    error(answer.message or "refused")
+    return EXIT_STATUS.get(answer.code or "", EX_FAIL)
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    parser = sub.add_parser(
+        "ctl",
+        parents=[common],
+        help="ask or steer the running daemon through its control socket",
+        description=f"evd ctl {COMMANDS}",
+    )
+    _options(parser, suppress=False)
+    parser.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    parser.set_defaults(func=cmd_ctl)

@@ -1,0 +1,179 @@
+"""The control protocol (SPEC section 9), sans-IO: requests, answers, and
+the answers of several workers made into one.
+
+On the wire both directions use the frame codec (proto/framing.py).  A
+request is one frame with the header `{"cmd": NAME, "args": [TEXT...]}`
+and no body.  The answer is one frame: header `{"ok": BOOL, "len": N}`
+plus, when not ok, `"error": {"code", "message"}`; the body is the answer
+object as JSON (a `conns` answer over 10,000 connections is far larger than
+a header should be).  A failed `reload` is not ok and still has its body,
+the reload's five fields.
+
+Error codes, and the client's exit status for each (SPEC section 2):
+`refused` (2: an unknown connection or service, a bad value),
+`bad_request` and `unknown_command` (2), `failed` (1: a reload that failed,
+workers that did not answer).
+
+The same requests go from the supervisor to its workers (server/fanout.py),
+who answer their share; `merge_*` below turn the shares into the answer a
+single process would give, with figures summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Body = dict[str, Any]
+
+# command -> (least arguments, most arguments, usage)
+COMMANDS: Mapping[str, tuple[int, int, str]] = {
+    "info": (0, 0, "info"),
+    "services": (0, 0, "services"),
+    "conns": (0, 1, "conns [SERVICE]"),
+    "sources": (0, 1, "sources [SERVICE]"),
+    "kill": (1, 1, "kill CONN"),
+    "disable": (1, 1, "disable SERVICE"),
+    "enable": (1, 1, "enable SERVICE"),
+    "set": (3, 3, "set SERVICE KEY VALUE"),
+    "reload": (0, 0, "reload"),
+}
+# The commands that change something: each is logged as `ctl`.
+CHANGES = frozenset({"kill", "disable", "enable", "set", "reload"})
+# Requests are a verb and a few words; this bounds what a client can make
+# the daemon buffer and parse.  (Answers are bounded by what they describe.)
+MAX_REQUEST_HEADER = 4096
+ARG_MAX = 256
+
+REFUSED = "refused"
+FAILED = "failed"
+BAD_REQUEST = "bad_request"
+UNKNOWN_COMMAND = "unknown_command"
+EXIT_STATUS = {REFUSED: 2, BAD_REQUEST: 2, UNKNOWN_COMMAND: 2, FAILED: 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    command: str
+    args: tuple[str, ...] = ()
+
+    def header(self) -> Body:
+        return {"cmd": self.command, "args": list(self.args)}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    ok: bool
+    body: Body | None = None
+    code: str | None = None  # when not ok
+    message: str | None = None
+
+    @classmethod
+    def done(cls, body: Body) -> Answer:
+        return cls(True, body)
+
+    @classmethod
+    def refused(cls, message: str, code: str = REFUSED) -> Answer:
+        return cls(False, None, code, message)
+
+    @classmethod
+    def failed(cls, message: str, body: Body | None = None) -> Answer:
+        return cls(False, body, FAILED, message)
+
+    def header(self) -> Body:
+        if self.ok:
+            return {"ok": True}
+        return {"ok": False, "error": {"code": self.code, "message": self.message}}
+
+    @classmethod
+    def from_wire(cls, header: Mapping[str, Any], body: Body | None) -> Answer:
+        if header.get("ok") is True:
+            return cls(True, body)
+        error = header.get("error")
+        error = error if isinstance(error, dict) else {}
+        return cls(False, body, str(error.get("code", FAILED)), str(error.get("message", "")))
+
+
+# How a backend gives its answer: at once, or later (workers).
+Reply = Callable[[Answer], None]
+
+
+def parse(header: Mapping[str, Any]) -> Request | Answer:
+    """The request a header asks for, or the refusal it gets."""
+    command = header.get("cmd")
+    if not isinstance(command, str):
+        return Answer.refused("cmd (a string) is required", BAD_REQUEST)
+    shape = COMMANDS.get(command)
+    if shape is None:
+        return Answer.refused(f"no command {command!r} (known: {', '.join(COMMANDS)})", UNKNOWN_COMMAND)
+    args = header.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) and len(a) <= ARG_MAX for a in args):
+        return Answer.refused(f"args must be a list of strings of at most {ARG_MAX} characters", BAD_REQUEST)
+    least, most, usage = shape
+    if not least <= len(args) <= most:
+        return Answer.refused(f"usage: {usage}", BAD_REQUEST)
+    return Request(command, tuple(args))
+
+
+# -- one answer from the workers' shares ----------------------------------------
+
+
+def merge_info(own: Body, shares: Iterable[Body]) -> Body:
+    """The supervisor's `info` (pid, uptime, last reload are its own) with
+    the workers' connections and running commands summed."""
+    out = dict(own)
+    for share in shares:
+        out["connections"] += share["connections"]
+        out["commands_running"] += share["commands_running"]
+    return out
+
+
+def merge_services(own: Mapping[str, Body], shares: Iterable[Body]) -> Body:
+    """`own`: what the supervisor knows of each service (enabled, its
+    listeners, limits); the workers' counts summed into it."""
+    services = {
+        name: {**entry, "connections_current": 0, "connections_total": 0, "rejected": {}}
+        for name, entry in own.items()
+    }
+    for share in shares:
+        for name, entry in share["services"].items():
+            mine = services.get(name)
+            if mine is None:
+                continue
+            mine["connections_current"] += entry["connections_current"]
+            mine["connections_total"] += entry["connections_total"]
+            for reason, n in entry["rejected"].items():
+                mine["rejected"][reason] = mine["rejected"].get(reason, 0) + n
+    return {"services": services}
+
+
+def merge_conns(shares: Iterable[Body]) -> Body:
+    conns = [conn for share in shares for conn in share["conns"]]
+    conns.sort(key=lambda c: c["conn"])
+    return {"conns": conns}
+
+
+def merge_sources(shares: Iterable[Body]) -> Body:
+    """One row per (service, IP): counts and tokens summed (each worker
+    has its own bucket), the longest ban."""
+    rows: dict[tuple[str, str], Body] = {}
+    for share in shares:
+        for row in share["sources"]:
+            key = (row["service"], row["ip"])
+            mine = rows.get(key)
+            if mine is None:
+                rows[key] = dict(row)
+                continue
+            mine["connections"] += row["connections"]
+            mine["rejected"] += row["rejected"]
+            if row["tokens"] is not None:
+                mine["tokens"] = round((mine["tokens"] or 0.0) + row["tokens"], 3)
+            mine["banned_for_s"] = max(mine["banned_for_s"], row["banned_for_s"])
+    return {"sources": sorted(rows.values(), key=lambda r: (r["service"], r["ip"]))}
+
+
+def first_done(answers: Sequence[Answer], otherwise: Answer) -> Answer:
+    """`kill`: the worker that had the connection answers ok; if none did,
+    `otherwise`."""
+    return next((a for a in answers if a.ok), otherwise)

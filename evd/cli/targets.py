@@ -27,9 +27,9 @@ def status_address(config: Config) -> str | None:
     return dialable(known[0]) if known else None
 
 
-def echo_address(config: Config, udp: bool) -> str | None:
+def echo_address(config: Config, udp: bool, tls: bool = False) -> str | None:
     echo = config.services["echo"]
-    listed = echo.udp if udp else echo.tcp + echo.unix
+    listed = echo.udp if udp else echo.tls if tls else echo.tcp + echo.unix
     return dialable(listed[0]) if echo.enabled and listed else None
 
 

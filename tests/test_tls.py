@@ -475,3 +475,50 @@ def test_ctl_enable_reads_the_tls_files_of_a_service_that_was_off(start_evd, pki
     assert out.returncode == 2
     assert "services.daytime.tls_key: " in out.stderr and "chmod 600" in out.stderr
     assert not [e for e in evd.drain_events() if e["event"] == "listener.open" and e["service"] == "daytime"]
+
+
+# -- evd bench --tls ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "service", "extra"),
+    [
+        ("tcp", "echo", ["-n", "4", "-s", "1000"]),
+        ("connect", "echo", ["-n", "4", "--sources", "64"]),
+        ("framed", "framed", ["-n", "3", "-D", "4"]),
+        ("idle", "echo", ["-n", "20"]),
+    ],
+)
+def test_evd_bench_over_tls(start_evd, pki, mode, service, extra):
+    from test_bench import run_json
+
+    evd = start_evd(tls_config(services=("echo", "framed")))
+    host, port = evd.addr(service, "tls")
+    result = run_json(
+        mode,
+        "--tls",
+        "--cafile",
+        str(pki.cafile),
+        "--address",
+        f"{host}:{port}",
+        "-d",
+        "0.5",
+        "-w",
+        "0",
+        *extra,
+    )
+    assert result["tls"] is True and result["errors"] == 0, result
+    assert result["requests"] > 0
+    opened = [e for e in evd.drain_events() if e["event"] == "conn.open" and e["service"] == service]
+    assert opened and all(e["proto"] == "tls" for e in opened)
+
+
+def test_evd_bench_tls_refuses_udp_and_an_untrusted_server(start_evd, pki):
+    from test_bench import evd_bench
+
+    evd = start_evd(tls_config(services=("echo",)))
+    host, port = evd.addr("echo", "tls")
+    out = evd_bench("udp", "--tls", "--address", f"{host}:{port}", "-d", "0.2")
+    assert out.returncode == 1 and "udp has no TLS" in out.stderr
+    out = evd_bench("tcp", "--tls", "--address", f"{host}:{port}", "-d", "0.2", "-w", "0")
+    assert out.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in out.stderr

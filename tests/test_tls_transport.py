@@ -14,9 +14,10 @@ import ssl
 
 import pytest
 from pki import Pki
-from test_transport import LogRecorder, Loop, Recorder, chargen_cycle, counting_pattern, make_service
+from test_transport import LogRecorder, Loop, Peer, Recorder, chargen_cycle, counting_pattern, make_service
 
 import evd.handlers.service as service_mod
+import evd.net.tls as tls_mod
 import evd.net.transport as transport_mod
 from evd.core.seams import Reason
 from evd.handlers import raw as handlers
@@ -128,6 +129,15 @@ def pki(tmp_path):
     return Pki(tmp_path)
 
 
+@pytest.fixture(params=["c-level", "public"])
+def records(request, monkeypatch):
+    """Run a test on the C-level record object (records_of's private
+    `_sslobj`) and on its public fallback, the SSLObject itself."""
+    if request.param == "public":
+        monkeypatch.setattr(tls_mod, "records_of", lambda obj: obj)
+    return request.param
+
+
 @pytest.fixture
 def tls_conn(loop, log, pki):
     """tls_conn(handler, client_ca=False, client_cert=None, service=None)
@@ -187,8 +197,14 @@ def test_handler_hears_of_the_connection_only_after_the_handshake(loop, tls_conn
     assert "client_cn" not in opened
 
 
-def test_echo_with_every_ciphertext_byte_arriving_alone(loop, tls_conn):
+def test_records_of_reaches_the_c_level_object(loop, tls_conn):
+    t, _client, _ = tls_conn(handlers.Echo())
+    assert t._records is t._obj._sslobj  # what SSLObject.read and .write call
+
+
+def test_echo_with_every_ciphertext_byte_arriving_alone(loop, tls_conn, records):
     t, client, _ = tls_conn(handlers.Echo())
+    assert (t._records is t._obj) == (records == "public")
     handshake(loop, t, client)
     client.obj.write(b"first record ")
     client.obj.write(b"second record")
@@ -346,7 +362,30 @@ def test_a_client_that_never_reads_is_held_at_write_high(loop, tls_conn):
     assert data == (cycle * (len(data) // len(cycle) + 1))[: len(data)]
 
 
-def test_ciphertext_the_kernel_takes_in_part_is_sent_once(loop, tls_conn):
+def test_echo_to_a_client_that_reads_late_loses_and_repeats_nothing(loop, tls_conn, records):
+    """The echo path's own send meets a full kernel: from there its answers
+    queue, and every byte still comes back once, in order."""
+    t, client, _ = tls_conn(handlers.Echo(), sndbuf=8 * KiB)
+    handshake(loop, t, client)
+    client.stop_reading()
+    data = counting_pattern(600 * KiB)
+    for i in range(0, len(data), 1000):  # many records, as a client writes
+        client.obj.write(data[i : i + 1000])
+    wire = client.ciphertext()
+    pos = 0
+    while not t.write_paused:  # feed until the server stops reading
+        sent = client.sock.send(wire[pos : pos + 32 * KiB])
+        pos += sent
+        t._reader()
+    assert t._cipher and t.buffered > 0
+    client.start_reading()
+    Peer(loop.reactor, client.sock).send(wire[pos:])  # the rest, as the server takes it
+    loop.run_until(lambda: len(client.received) >= len(data), what="every byte back")
+    assert bytes(client.received) == data
+    assert t.bytes_in == t.bytes_out == len(data)
+
+
+def test_ciphertext_the_kernel_takes_in_part_is_sent_once(loop, tls_conn, records):
     """Writes far beyond the socket buffer: every partial send leaves
     ciphertext behind, and each byte must still arrive exactly once."""
     t, client, _ = tls_conn(Recorder(), sndbuf=8 * KiB)

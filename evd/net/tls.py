@@ -55,7 +55,7 @@ from __future__ import annotations
 import ssl
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from evd.core.addresses import peer_text
 from evd.core.seams import Buffer, Handler, Reason
@@ -74,6 +74,28 @@ PLAIN_BUFFER = bytearray(RECV_SIZE)
 PLAIN_VIEW = memoryview(PLAIN_BUFFER)
 
 Peer = tuple[str | None, int]
+
+
+class Records(Protocol):
+    """What decrypts and encrypts a connection's records: SSLObject's read
+    (given a buffer: the count) and write."""
+
+    def read(self, len: int, buffer: bytearray, /) -> int: ...
+    def write(self, data: Buffer, /) -> int: ...
+
+
+def records_of(obj: ssl.SSLObject) -> Records:
+    """The C-level object SSLObject.read and .write call through (private:
+    `_sslobj`), so that the echo path pays no Python frame for them; the
+    SSLObject itself, same calls, where a Python has no such attribute."""
+    inner = getattr(obj, "_sslobj", None)
+    if (
+        inner is not None
+        and callable(getattr(inner, "read", None))
+        and callable(getattr(inner, "write", None))
+    ):
+        return cast(Records, inner)
+    return cast(Records, obj)
 
 
 def _render_peer(peer: Peer) -> str:
@@ -145,6 +167,7 @@ class TLSTransport(StreamTransport):
         "_incoming",
         "_outgoing",
         "_handler",
+        "_records",
         "_cipher",
         "_inflight",
         "_partial",
@@ -167,6 +190,7 @@ class TLSTransport(StreamTransport):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._obj = tls.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._records = records_of(self._obj)
         self._handler: Handler | None = protocol  # told once the handshake is done
         self.protocol = _Handshaking(self)
         self._reader = self._on_handshake
@@ -252,45 +276,104 @@ class TLSTransport(StreamTransport):
         if n:
             self._incoming.write(RECV_VIEW[:n])
             return True
+        self._ended()
+        return False
+
+    def _ended(self) -> None:
+        """The kernel's EOF."""
         if self._partial:  # the peer vanished in the middle of a record
             self.close(Reason.RESET)
         else:
             self._on_eof()
-        return False
 
     def _on_read(self) -> None:
         if self._pull():
             self._decrypt()
 
     def _on_read_echo(self) -> None:
-        if self._pull():
-            self._decrypt_echo()
+        """RFC 862 over TLS, the hot path, inlined as StreamTransport's echo
+        reader is: with nothing queued, one recv, then per record one
+        decrypt, one encrypt and one send.  Once the kernel does not take
+        an answer whole, `_decrypt_echo` carries on the general way."""
+        if self._out or self._cipher:
+            if self._pull():
+                self._decrypt_echo()
+            return
+        try:
+            n = self.sock.recv_into(RECV_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._os_error("recv", exc)
+            return
+        if not n:
+            self._ended()
+            return
+        incoming, outgoing, records, sock = self._incoming, self._outgoing, self._records, self.sock
+        incoming.write(RECV_VIEW[:n])
+        while True:
+            try:
+                got = records.read(RECV_SIZE, PLAIN_BUFFER)
+            except ssl.SSLWantReadError:
+                self._partial = True
+                if outgoing.pending:  # a record of our own (a key update's answer)
+                    self._send_records()
+                return
+            except ssl.SSLError as exc:
+                self._unreadable(exc)
+                return
+            if not got:
+                self._unreadable(None)
+                return
+            self._partial = False
+            self.bytes_in += got
+            records.write(PLAIN_VIEW[:got])
+            data = outgoing.read()
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._os_error("send", exc)
+                return
+            if sent != len(data):  # the kernel is full: queued from here on
+                self._cipher = memoryview(data)[sent:]
+                self._inflight = got
+                self._enqueue((PLAIN_VIEW[:got].tobytes(),))
+                if incoming.pending:
+                    self._decrypt_echo()
+                return
+            self.bytes_out += got
+            if not incoming.pending:  # (what reading wrote left with the answer)
+                return
 
     def _record(self) -> int:
         """Decrypt the next whole record into PLAIN_BUFFER: its size; 0 when
         none is whole yet; -1 when the connection ended (the peer's
         close_notify, or an error)."""
         try:
-            # Given a buffer, read() returns the count (typeshed says bytes).
-            got = cast(int, self._obj.read(RECV_SIZE, PLAIN_BUFFER))
+            got = self._records.read(RECV_SIZE, PLAIN_BUFFER)
         except ssl.SSLWantReadError:
             # Only ever asked with bytes just received or still pending:
             # they began a record that is not whole yet.
             self._partial = True
             return 0
-        except ssl.SSLZeroReturnError:
-            got = 0
         except ssl.SSLError as exc:
-            self._send_records()  # the alert
-            self.close(Reason.ERROR, error=f"tls: {failure_reason(exc)}")
-            return -1
+            return self._unreadable(exc)
         if got:
             self._partial = False
             self.bytes_in += got
             return got
-        # read() gives 0 for the peer's close_notify: its end of the stream.
-        self._send_records()
-        self._on_eof()
+        return self._unreadable(None)
+
+    def _unreadable(self, exc: ssl.SSLError | None) -> int:
+        """read() gave no data: the peer's close_notify (0, or
+        SSLZeroReturnError), its end of the stream; or an error.  -1."""
+        self._send_records()  # our close_notify's answer, or an alert
+        if exc is None or isinstance(exc, ssl.SSLZeroReturnError):
+            self._on_eof()
+        else:
+            self.close(Reason.ERROR, error=f"tls: {failure_reason(exc)}")
         return -1
 
     def _decrypt(self) -> None:
@@ -344,7 +427,7 @@ class TLSTransport(StreamTransport):
                 return taken
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
-            self._obj.write(data)
+            self._records.write(data)
         except ssl.SSLError as exc:
             self.close(Reason.ERROR, error=f"tls: {failure_reason(exc)}")
             return None

@@ -21,7 +21,8 @@ import evd.net.tls as tls_mod
 import evd.net.transport as transport_mod
 from evd.core.seams import Reason
 from evd.handlers import raw as handlers
-from evd.net.tls import ServerTLS, TLSTransport
+from evd.net.tls import TLSTransport
+from evd.net.tls_service import ServerTLS
 from evd.system.certificates import server_context
 
 KiB = 1024

@@ -34,7 +34,7 @@ not leave before it, and `conn.open` carries the verified client's CN.
 Until then the transport's protocol is a placeholder that ends the
 connection when the daemon drains.  A connection closed before its
 handshake finished -- an OpenSSL error, the peer's EOF, `handshake_timeout`
-(enforced by the daemon's periodic sweep through `ServerTLS.sweep`), idle --
+(enforced by the daemon's periodic sweep, net/tls_service.py), idle --
 logs `tls.fail` with that reason, throttled like `conn.reject`, and no
 `conn.open`/`conn.close` pair.
 
@@ -53,13 +53,11 @@ context (system/certificates.py).
 from __future__ import annotations
 
 import ssl
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
-from evd.core.addresses import peer_text
 from evd.core.seams import Buffer, Handler, Reason
-from evd.handlers.service import Service, ThrottledLog
+from evd.handlers.service import Service
 from evd.net.transport import RECV_BUFFER, RECV_SIZE, RECV_VIEW, StreamSocket, StreamTransport
 
 if TYPE_CHECKING:
@@ -73,7 +71,17 @@ if TYPE_CHECKING:
 PLAIN_BUFFER = bytearray(RECV_SIZE)
 PLAIN_VIEW = memoryview(PLAIN_BUFFER)
 
-Peer = tuple[str | None, int]
+
+class ServiceTLS(Protocol):
+    """What a TLS transport needs of its service's TLS state
+    (net/tls_service.py): the context, the handshakes under way, and
+    where a failed handshake is told."""
+
+    service: Service
+    context: ssl.SSLContext
+    handshaking: set[TLSTransport]
+
+    def failed(self, conn: TLSTransport, reason: str) -> None: ...
 
 
 class Records(Protocol):
@@ -96,10 +104,6 @@ def records_of(obj: ssl.SSLObject) -> Records:
     ):
         return cast(Records, inner)
     return cast(Records, obj)
-
-
-def _render_peer(peer: Peer) -> str:
-    return peer_text(*peer)
 
 
 def failure_reason(exc: ssl.SSLError) -> str:
@@ -182,7 +186,7 @@ class TLSTransport(StreamTransport):
         service: Service,
         host: str | None,
         port: int,
-        tls: ServerTLS,
+        tls: ServiceTLS,
     ):
         super().__init__(reactor, sock, protocol, service, host, port)
         self.tls = tls
@@ -255,7 +259,7 @@ class TLSTransport(StreamTransport):
             self._bug("connection_made", exc)
             return
         if self._incoming.pending and not self._closing:
-            self._decrypt_echo() if handler.echoes else self._decrypt()
+            self._echo() if handler.echoes else self._decrypt()
 
     def fail(self, reason: str) -> None:
         """End a connection whose handshake did not finish (`tls.fail`)."""
@@ -291,14 +295,8 @@ class TLSTransport(StreamTransport):
             self._decrypt()
 
     def _on_read_echo(self) -> None:
-        """RFC 862 over TLS, the hot path, inlined as StreamTransport's echo
-        reader is: with nothing queued, one recv, then per record one
-        decrypt, one encrypt and one send.  Once the kernel does not take
-        an answer whole, `_decrypt_echo` carries on the general way."""
-        if self._out or self._cipher:
-            if self._pull():
-                self._decrypt_echo()
-            return
+        """RFC 862 over TLS, the hot path (the recv inlined, as in
+        StreamTransport's echo reader)."""
         try:
             n = self.sock.recv_into(RECV_BUFFER)
         except (BlockingIOError, InterruptedError):
@@ -309,8 +307,14 @@ class TLSTransport(StreamTransport):
         if not n:
             self._ended()
             return
+        self._incoming.write(RECV_VIEW[:n])
+        self._echo()
+
+    def _echo(self) -> None:
+        """Each whole record straight back: with nothing queued, one
+        decrypt, one encrypt and one send; behind queued output, a copy
+        queued (the plaintext buffer is reused)."""
         incoming, outgoing, records, sock = self._incoming, self._outgoing, self._records, self.sock
-        incoming.write(RECV_VIEW[:n])
         while True:
             try:
                 got = records.read(RECV_SIZE, PLAIN_BUFFER)
@@ -327,24 +331,25 @@ class TLSTransport(StreamTransport):
                 return
             self._partial = False
             self.bytes_in += got
-            records.write(PLAIN_VIEW[:got])
-            data = outgoing.read()
-            try:
-                sent = sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._os_error("send", exc)
-                return
-            if sent != len(data):  # the kernel is full: queued from here on
-                self._cipher = memoryview(data)[sent:]
-                self._inflight = got
+            if self._out or self._cipher:
                 self._enqueue((PLAIN_VIEW[:got].tobytes(),))
-                if incoming.pending:
-                    self._decrypt_echo()
-                return
-            self.bytes_out += got
-            if not incoming.pending:  # (what reading wrote left with the answer)
+            else:
+                records.write(PLAIN_VIEW[:got])
+                data = outgoing.read()  # (with what reading wrote, if anything)
+                try:
+                    sent = sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self._os_error("send", exc)
+                    return
+                if sent == len(data):
+                    self.bytes_out += got
+                else:  # see _send: this plaintext is in flight until then
+                    self._cipher = memoryview(data)[sent:]
+                    self._inflight = got
+                    self._enqueue((PLAIN_VIEW[:got].tobytes(),))
+            if not incoming.pending:
                 return
 
     def _record(self) -> int:
@@ -387,27 +392,6 @@ class TLSTransport(StreamTransport):
             except Exception as exc:
                 self._bug("data_received", exc)
                 return
-            if self._closing or not incoming.pending:
-                break
-        if self._outgoing.pending and not self.closed:
-            self._send_records()
-
-    def _decrypt_echo(self) -> None:
-        """RFC 862 over TLS: each record goes straight back."""
-        incoming = self._incoming
-        while True:
-            got = self._record()
-            if got <= 0:
-                break
-            chunk = PLAIN_VIEW[:got]
-            if self._out:
-                self._enqueue((chunk.tobytes(),))
-            else:
-                sent = self._send((chunk,))
-                if sent is None:
-                    return
-                if sent != got:  # the buffer is reused: queue a copy
-                    self._enqueue((chunk.tobytes(),))
             if self._closing or not incoming.pending:
                 break
         if self._outgoing.pending and not self.closed:
@@ -505,40 +489,3 @@ class TLSTransport(StreamTransport):
     def _log_close(self, reason: Reason, extra: dict[str, object]) -> None:
         if self._opened:  # else it was tls.fail, and never conn.open
             super()._log_close(reason, extra)
-
-
-class ServerTLS:
-    """One service's TLS: the context new connections get (a reload puts
-    the freshly read one here; open connections keep theirs), the
-    handshakes under way (for `handshake_timeout`), and `tls.fail`."""
-
-    def __init__(self, service: Service, context: ssl.SSLContext, reactor: Reactor):
-        self.service = service
-        self.context = context
-        self.handshaking: set[TLSTransport] = set()
-        self.failures: Counter[str] = Counter()  # by reason, for stats and metrics
-        self.fails: ThrottledLog[Peer] = ThrottledLog("tls.fail", service.name, reactor, _render_peer)
-
-    def transport(
-        self,
-        reactor: Reactor,
-        sock: StreamSocket,
-        protocol: Handler,
-        service: Service,
-        host: str | None,
-        port: int,
-    ) -> TLSTransport:
-        """The listener's transport factory for a `tls` address."""
-        return TLSTransport(reactor, sock, protocol, service, host, port, self)
-
-    def failed(self, conn: TLSTransport, reason: str) -> None:
-        self.failures[reason] += 1
-        self.fails.note(reason, (conn.host, conn.port))
-
-    def sweep(self, now: float) -> None:
-        """The daemon's periodic sweep: end handshakes older than
-        `handshake_timeout` (the handshaking set is small: a busy port
-        finishes its handshakes within milliseconds)."""
-        limit = self.service.config.limits.handshake_timeout
-        for conn in [c for c in self.handshaking if now - c.opened > limit]:
-            conn.fail("handshake_timeout")

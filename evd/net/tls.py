@@ -259,7 +259,7 @@ class TLSTransport(StreamTransport):
             self._bug("connection_made", exc)
             return
         if self._incoming.pending and not self._closing:
-            self._echo() if handler.echoes else self._decrypt()
+            self._on_read_echo() if handler.echoes else self._decrypt()
 
     def fail(self, reason: str) -> None:
         """End a connection whose handshake did not finish (`tls.fail`)."""
@@ -295,26 +295,27 @@ class TLSTransport(StreamTransport):
             self._decrypt()
 
     def _on_read_echo(self) -> None:
-        """RFC 862 over TLS, the hot path (the recv inlined, as in
-        StreamTransport's echo reader)."""
+        """RFC 862 over TLS, the hot path, in one function as StreamTransport's
+        echo reader is: one recv, then each whole record straight back --
+        with nothing queued, one decrypt, one encrypt and one send; behind
+        queued output, a copy queued (the plaintext buffer is reused).
+        Also called when the handshake ends, for records that came with the
+        client's Finished: the recv may then find nothing new."""
+        incoming, outgoing, records, sock = self._incoming, self._outgoing, self._records, self.sock
         try:
-            n = self.sock.recv_into(RECV_BUFFER)
+            n = sock.recv_into(RECV_BUFFER)
         except (BlockingIOError, InterruptedError):
-            return
+            if not incoming.pending:
+                return
+            n = -1
         except OSError as exc:
             self._os_error("recv", exc)
             return
-        if not n:
+        if n > 0:
+            incoming.write(RECV_VIEW[:n])
+        elif not n:
             self._ended()
             return
-        self._incoming.write(RECV_VIEW[:n])
-        self._echo()
-
-    def _echo(self) -> None:
-        """Each whole record straight back: with nothing queued, one
-        decrypt, one encrypt and one send; behind queued output, a copy
-        queued (the plaintext buffer is reused)."""
-        incoming, outgoing, records, sock = self._incoming, self._outgoing, self._records, self.sock
         while True:
             try:
                 got = records.read(RECV_SIZE, PLAIN_BUFFER)

@@ -34,6 +34,7 @@ import ssl
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -241,8 +242,9 @@ def client_handshake(port: int, ctx: ssl.SSLContext, deadline: float) -> None:
 # -- one measurement ---------------------------------------------------------------
 
 
-def measure(kind: str, load: str, c: certs_mod.Certs, duration: float, warmup: float) -> float:
-    """Server CPU µs per request (echo) or per connection (handshake)."""
+def measure(kind: str, load: str, c: certs_mod.Certs, duration: float, warmup: float) -> tuple[float, float]:
+    """(server CPU µs per request (echo) or per connection (handshake),
+    requests or connections per second)."""
     lsock = socket.socket()
     # As evd's listeners: replies leave at once.  Without it a handshake
     # written record by record meets Nagle and the delayed ACK.
@@ -267,13 +269,10 @@ def measure(kind: str, load: str, c: certs_mod.Certs, duration: float, warmup: f
         finally:
             os._exit(code)
     ctx = server_context(c)
-    # The server counts what it answers by its own CPU clock at both ends
-    # of the window; the requests are counted by a second pass below.
+    # A thread reads this process's CPU time and the count of answers at
+    # both ends of the window, then stops the loop.
     counted = Counter()
     window = (start + warmup, start + warmup + duration)
-
-    import threading
-
     result: dict[str, float] = {}
 
     def sampler() -> None:

@@ -45,8 +45,9 @@ LAYERS = {
     "server.reload": 14, "server.preflight": 14, "server.exposition": 14, "server.link": 14,
     "server.figures": 15,
     # sockets: listening and connected
-    "net.listeners": 20,
-    "net.transport": 21,
+    "net.listeners": 20, "net.tls_service": 20,
+    "net.tls": 21,
+    "net.transport": 22,
     # connection handlers and a service's running state
     "handlers.framed": 30,
     "handlers.raw": 31, "handlers.commands": 31, "handlers.service": 31,
@@ -60,6 +61,7 @@ LAYERS = {
     # command's processes
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,
     "system.children": 50,
+    "system.certificates": 49,  # reads the TLS key as system.secrets reads keys
     # primitives: the loop, the log, the configuration (found, validated,
     # written back), the interfaces between layers, addresses
     # the log: what callers use, the queue in front of the target, how a

@@ -18,8 +18,8 @@ def _address(args: argparse.Namespace) -> str | None:
     if config is None:
         return None
     if args.mode == "framed":
-        return framed_address(config)
-    return echo_address(config, udp=args.mode == "udp")
+        return framed_address(config, tls=args.tls)
+    return echo_address(config, udp=args.mode == "udp", tls=args.tls)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     address = _address(args)
     if address is None:
-        error(f"no {args.mode} target in the configuration; give --address")
+        error(f"no {args.mode}{' tls' if args.tls else ''} target in the configuration; give --address")
         return EX_FAIL
     opts = options.Options(
         mode=args.mode,
@@ -41,6 +41,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         server_pid=args.server_pid,
         allow_remote=args.allow_remote,
         sources=args.sources,
+        tls=args.tls,
+        cafile=args.cafile or "",
     )
     try:
         result = runner.run(opts)
@@ -122,6 +124,15 @@ def register(
         help="spread connections and datagrams over N loopback source addresses "
         "(127.64.0.0/10), so that per-client limits see N modest clients "
         "(default: 127.0.0.2-5 for streams, the kernel's choice for udp)",
+    )
+    bench.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS over every connection (tcp, connect: a handshake per request, framed, idle); "
+        "default address: the config's tls listener",
+    )
+    bench.add_argument(
+        "--cafile", metavar="PATH", help="--tls: CA bundle to verify the server (default: the system's)"
     )
     bench.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
     bench.add_argument("--json", action="store_true", help="print one JSON line")

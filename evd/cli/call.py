@@ -36,34 +36,42 @@ def _request(args: argparse.Namespace) -> tuple[Fields, bytes]:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from evd.tools.client import Client, ServerError
+    import ssl
+
+    from evd.tools.client import Client, ServerError, tls_context
 
     address, key = args.address, None
     if address is None or args.key_file is None:
         config = load_config(args)
         if config is None:
             return EX_CONFIG
-        address = address or framed_address(config)
+        address = address or framed_address(config, tls=args.tls)
         if args.key_file is None:
             key = server_key(config)
     if address is None:
-        error("no framed listener configured; give --address")
+        error(f"no framed {'tls ' if args.tls else ''}listener configured; give --address")
         return EX_FAIL
+    tls = None
     try:
         if args.key_file:
             key = read_secret(args.key_file, private=False)
         fields, body = _request(args)
-    except (OSError, ValueError, SecretError) as exc:
+        if args.tls:
+            tls = tls_context(args.cafile, args.cert, args.key)
+    except (OSError, ValueError, SecretError) as exc:  # ssl.SSLError is an OSError
         error(str(exc))
         return EX_FAIL
     try:
-        with Client(address, timeout=args.timeout, key=key) as client:
+        with Client(address, timeout=args.timeout, key=key, tls=tls) as client:
             frame = client.call(args.service, body, **fields)
     except ServerError as exc:
         if args.json:
             print(json.dumps(exc.frame.header))
         error(f"{exc.code}: {exc.message}")
         return EX_SERVER
+    except ssl.SSLError as exc:
+        error(f"cannot talk to {address}: TLS: {exc.reason or exc}")
+        return EX_FAIL
     except (OSError, ValueError) as exc:
         error(f"cannot talk to {address}: {exc}")
         return EX_FAIL
@@ -91,6 +99,14 @@ def register(
         "--address", help="HOST:PORT or unix:PATH (default: the config's first framed listener)"
     )
     call.add_argument("--key-file", metavar="PATH", help="HMAC key for authentication")
+    call.add_argument(
+        "--tls", action="store_true", help="TLS (default address: the config's first framed tls listener)"
+    )
+    call.add_argument(
+        "--cafile", metavar="PATH", help="--tls: CA bundle to verify the server (default: the system's)"
+    )
+    call.add_argument("--cert", metavar="PATH", help="--tls: client certificate (mutual TLS)")
+    call.add_argument("--key", metavar="PATH", help="--tls: the client certificate's private key")
     call.add_argument("--timeout", type=float, default=10.0, metavar="S")
     call.add_argument("--json", action="store_true", help="print the response header as JSON first")
     call.add_argument("--fmt", help="time: strftime format")

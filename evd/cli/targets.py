@@ -9,10 +9,11 @@ from evd.core.config import Config
 from evd.system.secrets import SecretError, read_secret
 
 
-def framed_address(config: Config) -> str | None:
-    """The first framed listener (TCP, else UNIX), as a client dials it."""
+def framed_address(config: Config, tls: bool = False) -> str | None:
+    """The first framed listener (TCP, else UNIX; with `tls`, the first
+    TLS one), as a client dials it."""
     framed = config.services["framed"]
-    listed = framed.tcp + framed.unix
+    listed = framed.tls if tls else framed.tcp + framed.unix
     return dialable(listed[0]) if listed else None
 
 
@@ -26,9 +27,9 @@ def status_address(config: Config) -> str | None:
     return dialable(known[0]) if known else None
 
 
-def echo_address(config: Config, udp: bool) -> str | None:
+def echo_address(config: Config, udp: bool, tls: bool = False) -> str | None:
     echo = config.services["echo"]
-    listed = echo.udp if udp else echo.tcp + echo.unix
+    listed = echo.udp if udp else echo.tls if tls else echo.tcp + echo.unix
     return dialable(listed[0]) if echo.enabled and listed else None
 
 

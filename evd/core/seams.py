@@ -49,6 +49,7 @@ class Transport(Protocol):
     write_paused: bool  # above write_high: stop producing until resume_writing
     eof: bool  # the peer half-closed
     closed: bool
+    client_cn: str | None  # a verified TLS client certificate's subject CN
 
     @property
     def peer(self) -> str: ...
@@ -101,6 +102,8 @@ class Connection(Protocol):
 
     @property
     def peer(self) -> str: ...
+    @property
+    def proto(self) -> str: ...  # "tcp", "unix" or "tls", as listeners name them
 
     def idle_for(self, now: float) -> float: ...
     def apply_limits(self, limits: Limits) -> None: ...

@@ -116,9 +116,11 @@ class Framed:
         self.transport = transport
         rules = self.context.rules
         nonce = os.urandom(NONCE_BYTES) if rules.secrets else b""
-        # A TLS listener passes tls_key=rules.key_for_cn(CN) for a verified
-        # client certificate: the session is then authenticated from here on.
-        self.session = Session(rules, nonce)
+        # Over mutual TLS the transport calls this once the handshake has
+        # verified the client's certificate: a key whose client_cn is its
+        # CN authenticates the session from the hello on.
+        cn = transport.client_cn
+        self.session = Session(rules, nonce, rules.key_for_cn(cn) if cn else None)
         transport.writelines(encode_parts(self.session.hello()))
         if self.session.events:
             self._events()

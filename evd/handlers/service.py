@@ -12,6 +12,7 @@ as the listener and the transport report it:
     release(host)              the slot goes back unused (the handler or the
                                transport could not be built)
     opened(conn)            -> its conn id; counted, logged `conn.open`
+                               (TLS: `announce`d after the handshake)
     closed(conn)               the transport's one way out: slot back,
                                byte counts folded in
 
@@ -187,9 +188,17 @@ class Service:
         self.connections.add(conn)
         self.connections_total += 1
         conn_id = next(conn_ids)
-        if log.info_on:
-            log.info("conn.open", service=self.name, peer=conn.peer, conn=conn_id)
+        # A TLS connection is announced by its transport once the handshake
+        # is done: its client is known then, and a failed handshake is
+        # `tls.fail`, not a connection (net/tls.py).
+        if log.info_on and conn.proto != "tls":
+            self.announce(conn, conn_id)
         return conn_id
+
+    def announce(self, conn: Connection, conn_id: int, **extra: object) -> None:
+        """Log `conn.open` (`extra`: TLS adds `client_cn`)."""
+        if log.info_on:
+            log.info("conn.open", service=self.name, peer=conn.peer, conn=conn_id, proto=conn.proto, **extra)
 
     def closed(self, conn: Connection) -> None:
         """The transport's close: the slot goes back, the counts fold in."""

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from evd.core.addresses import Address, fold_mapped, sockaddr_text
 from evd.core.log import log
-from evd.core.seams import HandlerFactory
+from evd.core.seams import Handler, HandlerFactory
 from evd.handlers.service import Service
-from evd.net.transport import RECV_BUFFER, RECV_VIEW, StreamTransport
+from evd.net.transport import RECV_BUFFER, RECV_VIEW, StreamSocket, StreamTransport
 
 if TYPE_CHECKING:
     from evd.core.reactor import Reactor, Timer
@@ -68,6 +68,11 @@ Identity = tuple[int, int]
 # Paths this process bound, and what it found there right after binding:
 # what `Listener.close` (and the supervisor) may remove later.
 _BOUND_UNIX: dict[str, Identity] = {}
+
+
+# (reactor, socket, handler, service, peer host, peer port) -> its transport:
+# StreamTransport, or a TLS listener's (net/tls.py ServerTLS.transport).
+TransportFactory = Callable[["Reactor", StreamSocket, Handler, Service, str | None, int], StreamTransport]
 
 
 class BindError(Exception):
@@ -218,9 +223,11 @@ class StreamListener(Listener):
         service: Service,
         address: Address,
         handler_factory: HandlerFactory,
+        transport_factory: TransportFactory = StreamTransport,
     ):
         super().__init__(reactor, sock, service, address)
         self.handler_factory = handler_factory
+        self.transport_factory = transport_factory
         # socket.accept() converts family and type to enums for every
         # connection, and socket.socket adds Python-level __init__ and
         # close() wrappers: the C-level accept and socket type skip both,
@@ -233,7 +240,7 @@ class StreamListener(Listener):
         # which saves a system call per connection; elsewhere each accepted
         # socket is set.
         self._nodelay_each = False
-        if self.proto == "tcp":
+        if self.proto in ("tcp", "tls"):
             sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
             self._nodelay_each = not INHERITS_NODELAY
 
@@ -302,7 +309,9 @@ class StreamListener(Listener):
             conn.setblocking(False)
             if self._nodelay_each:
                 conn.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-            transport = StreamTransport(self.reactor, conn, self.handler_factory(), service, host, port)
+            transport = self.transport_factory(
+                self.reactor, conn, self.handler_factory(), service, host, port
+            )
         except Exception as exc:
             conn.close()
             service.release(host)

@@ -35,9 +35,10 @@ meaning.  The split is CPython's asyncio selector transport, minus futures:
   tells the service (`service.closed`: the admission slot and the counters)
   and logs `conn.close`.
 
-A transport that layers something over the socket (TLS, issue 13) keeps
+A transport that layers something over the socket (TLS, net/tls.py) keeps
 all of the above and replaces the kernel calls: the two readers (bytes in)
-and `_send` (bytes out).
+and `_send` (bytes out), plus what its handshake adds before and its
+close_notify at the end.
 """
 
 from __future__ import annotations
@@ -160,6 +161,14 @@ class StreamTransport:
         limits = service.config.limits
         self._high = limits.write_high
         self._low = limits.write_low
+
+    # The subject CN of a verified TLS client certificate (net/tls.py).
+    client_cn: str | None = None
+
+    @property
+    def proto(self) -> str:
+        """ "tcp" or "unix", as listeners name them (TLS says "tls")."""
+        return "unix" if self.host is None else "tcp"
 
     @property
     def peer(self) -> str:
@@ -401,16 +410,14 @@ class StreamTransport:
         self.closed = True
         self._closing = True
         self.close_reason = reason
-        reactor = self.reactor
-        reactor.forget(self.fd)
+        self.reactor.forget(self.fd)
         self._reading = False
         self._out = _NO_QUEUE
         try:
             self.sock.close()
         except OSError:
             pass
-        service = self.service
-        service.closed(self)
+        self.service.closed(self)
         try:
             self.protocol.connection_lost(reason)
         except Exception as exc:
@@ -420,13 +427,18 @@ class StreamTransport:
         # counting, and the cyclic GC has nothing to find on the connect path.
         self.protocol = _GONE
         self._reader = _noop
+        self._log_close(reason, extra)
+
+    def _log_close(self, reason: Reason, extra: dict[str, object]) -> None:
+        """`conn.close` (a TLS connection whose handshake failed says
+        `tls.fail` instead)."""
         if log.info_on:
             log.info(
                 "conn.close",
-                service=service.name,
+                service=self.service.name,
                 peer=self.peer,
                 conn=self.conn_id,
-                duration_ms=round((reactor.now - self.opened) * 1000, 3),
+                duration_ms=round((self.reactor.now - self.opened) * 1000, 3),
                 bytes_in=self.bytes_in,
                 bytes_out=self.bytes_out,
                 reason=reason,

@@ -42,19 +42,22 @@ from evd.handlers.framed import Context, Framed
 from evd.handlers.raw import STREAM_HANDLERS
 from evd.handlers.service import Service
 from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, Listener, StreamListener
+from evd.net.tls_service import ServerTLS
 from evd.proto.rules import rules_for
 from evd.proto.services import datagram_handler
 from evd.server import preflight, signals, sockets
 from evd.server.figures import LagProbe
 from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
+from evd.system.certificates import CertificateError, server_context
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
 
-# The sweep (idle connections, stalled frames, rate buckets) runs at a
-# quarter of the shortest positive idle_timeout, so a connection is closed
-# within a quarter of its limit late, but never more often than FASTEST --
-# a sweep walks every connection -- nor less often than SLOWEST, so rate
-# buckets expire even when no service has an idle limit (0 = never).
+# The sweep (idle connections, stalled frames, rate buckets, TLS handshakes)
+# runs at a quarter of the shortest positive idle_timeout (or, with TLS,
+# handshake_timeout), so a connection is closed within a quarter of its
+# limit late, but never more often than FASTEST -- a sweep walks every
+# connection -- nor less often than SLOWEST, so rate buckets expire even
+# when no service has an idle limit (0 = never).
 SWEEP_FASTEST = 0.05
 SWEEP_SLOWEST = 1.0
 
@@ -89,6 +92,7 @@ class Daemon:
         self.reactor.on_error = self._loop_error
         self.services: dict[str, Service] = {}
         self.listeners: dict[ListenerKey, Listener] = {}
+        self.tls: dict[str, ServerTLS] = {}  # by service: the contexts preflight built
         self.guard_ports: set[int] = set(GUARD_PORTS)
         self.started = time.time()
         self.stopping = False  # draining for shutdown_timeout, then out
@@ -135,6 +139,7 @@ class Daemon:
         for svc in self.config.services.values():
             if svc.enabled and svc.name in LISTENING:
                 self.services[svc.name] = Service(svc, self.reactor)
+        self._update_tls(self.machine)
         for key, sock in bound.items():
             self.open_listener(key, sock)
         self._update_guard_ports()
@@ -148,6 +153,9 @@ class Daemon:
             listener = DatagramEndpoint(
                 self.reactor, sock, service, address, datagram_handler(name), self.guard_ports
             )
+        elif address.proto == "tls":
+            transport = self._tls(name).transport
+            listener = StreamListener(self.reactor, sock, service, address, self._factory(name), transport)
         else:
             listener = StreamListener(self.reactor, sock, service, address, self._factory(name))
         # A UNIX path belongs to whoever bound it: not to systemd's sockets'
@@ -168,6 +176,32 @@ class Daemon:
         guard and the sweep's pace follow."""
         self._update_guard_ports()
         self._schedule_sweep()
+
+    def _tls(self, name: str) -> ServerTLS:
+        """The service's TLS state, made with its first TLS listener."""
+        tls = self.tls.get(name)
+        if tls is None:
+            tls = self.tls[name] = ServerTLS(self.services[name], self.machine.tls[name], self.reactor)
+        return tls
+
+    def _update_tls(self, machine: preflight.Machine) -> None:
+        """The TLS contexts preflight just built (at start, and re-read by
+        every reload: certificate rotation) for new connections; open ones
+        keep the session they have."""
+        for name, context in machine.tls.items():
+            if name in self.tls:
+                self.tls[name].context = context
+
+    def prepare_tls(self, name: str) -> None:
+        """A service switched on at run time (`evd ctl enable`) that was off
+        when preflight ran: read its certificate and key now.  BindError
+        (naming the key) if they cannot serve."""
+        svc = self.config.services[name]
+        if svc.tls and name not in self.machine.tls:
+            try:
+                self.machine.tls[name] = server_context(svc.tls_cert, svc.tls_key, svc.tls_client_ca)
+            except CertificateError as exc:
+                raise BindError(f"services.{name}.{exc.key}: {exc}") from None
 
     def _update_guard_ports(self) -> None:
         self.guard_ports.clear()
@@ -220,7 +254,11 @@ class Daemon:
             self.reactor.stop()
 
     def _schedule_sweep(self) -> None:
-        period = self.sweep_every = sweep_period(s.config.limits.idle_timeout for s in self.services.values())
+        services = self.services
+        period = self.sweep_every = sweep_period(
+            [s.config.limits.idle_timeout for s in services.values()]
+            + [services[name].config.limits.handshake_timeout for name in self.tls]
+        )
         self.reactor.cancel(self._sweep_timer)
         self._sweep_timer = self.reactor.call_later(period, lambda: self._sweep(period))
 
@@ -237,6 +275,8 @@ class Daemon:
                     elif conn.protocol.stalled(now, limit):
                         conn.close(Reason.FRAME_TIMEOUT)
             service.admission.expire(now)
+        for tls in self.tls.values():
+            tls.sweep(now)
         return period
 
     def _loop_error(self, where: str, exc: BaseException) -> None:
@@ -356,6 +396,7 @@ class Daemon:
                     self.services[svc.name] = Service(svc, self.reactor)
             elif current.config != svc:
                 current.apply(svc)
+        self._update_tls(machine)
         for key, socks in bound.items():
             self.open_listener(key, socks[0])
         self.config, self.machine = new, machine

@@ -3,27 +3,31 @@
 The validator (core/validate.py) judges the file alone.  Before evd acts on
 a configuration -- `run`, `start`, a reload, and `check-config`, which must
 refuse everything `run` would -- the things it names must also be usable:
-key files readable, private, regular and not empty; the user and group
-known.  `check` does all of it, collects every problem as "KEY.PATH:
-message" (one ConfigError, exit 78), and returns what it read, so the
-daemon uses exactly what was checked.
+key files readable, private, regular and not empty; each TLS service's
+certificate, key and client CA loaded into the server context it will use
+(system/certificates.py); the user and group known.  `check` does all of
+it, collects every problem as "KEY.PATH: message" (one ConfigError, exit
+78), and returns what it read, so the daemon uses exactly what was checked.
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 
-from evd.core.config import Config, ConfigError
+from evd.core.config import LISTENING, Config, ConfigError
 from evd.system import privileges
+from evd.system.certificates import CertificateError, server_context
 from evd.system.secrets import SecretError, read_secret
 
 
 @dataclass(slots=True)
 class Machine:
-    """What `check` read: HMAC secrets by key name, and the identity to
-    drop to (None: stay)."""
+    """What `check` read: HMAC secrets by key name, TLS server contexts by
+    service name, and the identity to drop to (None: stay)."""
 
     secrets: dict[str, bytes] = field(default_factory=dict)
+    tls: dict[str, ssl.SSLContext] = field(default_factory=dict)
     credentials: privileges.Credentials | None = None
 
 
@@ -44,6 +48,12 @@ def check(config: Config) -> Machine:
                 machine.secrets[name] = read_secret(spec.file)
             except SecretError as exc:
                 errors.append(f"{_key_path(config, name)}: {exc}")
+    for svc in config.services.values():
+        if svc.enabled and svc.tls and svc.name in LISTENING:
+            try:
+                machine.tls[svc.name] = server_context(svc.tls_cert, svc.tls_key, svc.tls_client_ca)
+            except CertificateError as exc:
+                errors.append(f"services.{svc.name}.{exc.key}: {exc}")
     try:
         machine.credentials = privileges.resolve(config.daemon.user, config.daemon.group)
     except ConfigError as exc:

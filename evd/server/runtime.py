@@ -61,6 +61,7 @@ class Served(Protocol):
     last_reload: LastReload
 
     def open_listener(self, key: ListenerKey, sock: socket.socket) -> None: ...
+    def prepare_tls(self, name: str) -> None: ...  # BindError: its TLS files cannot serve
     def refresh(self) -> None: ...
     def reload(self) -> Result: ...
 
@@ -358,6 +359,7 @@ class Local:
             if isinstance(refusal, Answer):
                 return refusal
             try:
+                daemon.prepare_tls(args[0])
                 socks = bind_all(to_open(daemon, args[0], self.disabled))
             except BindError as exc:
                 return Answer.refused(str(exc))

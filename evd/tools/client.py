@@ -1,14 +1,16 @@
 """A small blocking client for the framed protocol (used by `evd call`,
 `evd status` and the tests).
 
-It is deliberately simple: one socket with a timeout, the same sans-IO
-`Decoder` the server uses, and one method per step of the protocol.
+It is deliberately simple: one socket with a timeout (TLS-wrapped when
+given a context: the handshake, then the hello), the same sans-IO `Decoder`
+the server uses, and one method per step of the protocol.
 """
 
 from __future__ import annotations
 
 import hmac
 import socket
+import ssl
 from types import TracebackType
 from typing import Any
 
@@ -33,16 +35,38 @@ class ServerError(Exception):
         super().__init__(f"{self.code}: {self.message}")
 
 
+def tls_context(cafile: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A client context: the server verified against `cafile` (default: the
+    system's CAs) and its name or IP, TLS 1.2 at least; `cert` and `key`
+    present a client certificate (mutual TLS)."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        context.load_cert_chain(cert, key or None)
+    return context
+
+
 class Client:
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, key: bytes | None = None):
+    def __init__(
+        self,
+        address: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        key: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
         family, sockaddr = dial(address)
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.decoder = Decoder(CLIENT_MAX_HEADER, CLIENT_MAX_BODY)
         try:
             self.sock.connect(sockaddr)
+            if tls is not None:
+                host = sockaddr if isinstance(sockaddr, str) else sockaddr[0]
+                self.sock = tls.wrap_socket(self.sock, server_hostname=host)
             self.hello = self.recv().header
-            if key is not None and self.hello.get("auth") == "hmac-sha256":
+            # A client certificate may have authenticated the connection
+            # already (mutual TLS: the hello names the key).
+            if key is not None and self.hello.get("auth") == "hmac-sha256" and "key" not in self.hello:
                 self.authenticate(key)
         except BaseException:
             self.sock.close()

@@ -50,6 +50,9 @@ class Load:
     # Something running while the load is measured (a /metrics scraper, say):
     # called with the started server, a context manager around the run.
     during: Callable[[Running], AbstractContextManager[object]] | None = None
+    # TLS: evd's echo on a `tls` listener, the peers' *_tls_echo.py, and the
+    # generator with --tls (certificates made at run time: certs.py).
+    tls: bool = False
 
 
 # tcp64_scraped: evd's /metrics on its own loopback address (servers.py
@@ -92,6 +95,7 @@ def scraped(srv: Running) -> Iterator[None]:
 
 
 EVD = ("evd",)
+TLS_SERVERS = ("evd", "asyncio", "uvloop")
 LOADS = [
     Load("tcp64", "TCP ping-pong 50 × 64 B", "tcp", 50),
     Load(
@@ -162,6 +166,16 @@ LOADS = [
         depth=16,
         servers=EVD,
         reference=("tcp64", "evd"),
+    ),
+    Load("tls64", "TLS echo 50 × 64 B", "tcp", 50, servers=TLS_SERVERS, tls=True),
+    Load(
+        "tls_connect",
+        "TLS connect/handshake/echo/close, 20 in flight (evd: log warning)",
+        "connect",
+        20,
+        servers=TLS_SERVERS,
+        sources=CONNECT_SOURCES,
+        tls=True,
     ),
     Load("idle", "10,000 idle connections", "idle", 10000),
     # workers: both evds may use both cores, which the generator shares.

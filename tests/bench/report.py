@@ -150,6 +150,8 @@ def targets(idx: Index, rows: list[dict], startup_ms) -> list[dict]:
         cpu("udp64_default", "evd", "udp64", "evd"),
         1.05,
     )
+    add(13, "tls64: CPU/req ≤ 1.0× uvloop", cpu("tls64", "evd", "tls64", "uvloop"), 1.0)
+    add(13, "tls64: CPU/req ≤ 0.8× asyncio", cpu("tls64", "evd", "tls64", "asyncio"), 0.8)
     add(6, "framed depth 1: CPU/req ≤ 2× raw echo", cpu("framed1", "evd", "tcp64", "evd"), 2.0)
     add(6, "framed depth 16: CPU/req ≤ 1× raw echo", cpu("framed16", "evd", "tcp64", "evd"), 1.0)
     idle = [r for r in rows if (r["load"], r["server"]) == ("idle", "evd")]

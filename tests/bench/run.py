@@ -82,12 +82,18 @@ def prefix(cpus: str, nice: bool) -> list[str]:
     return (["nice", "-n", "-10"] if nice else []) + ["taskset", "-c", cpus]
 
 
-def generate(load: Load, settings: Settings, address: str, pid: int) -> dict:
-    """One generator run against `address`; the result in evd bench's terms."""
+def generate(load: Load, settings: Settings, address: str, pid: int, cafile: Path | None = None) -> dict:
+    """One generator run against `address` (over TLS, trusting `cafile`,
+    for a TLS load); the result in evd bench's terms."""
     hold = settings.idle_hold if load.mode == "idle" else settings.duration
     limit = hold + settings.warmup + 180
     pre = prefix(settings.gen_cpus, settings.nice)
-    if settings.generator == "loadgen" and load.mode in loadgen.LOADGEN_MODES and loadgen.can_run(load):
+    if (
+        settings.generator == "loadgen"
+        and not load.tls
+        and load.mode in loadgen.LOADGEN_MODES
+        and loadgen.can_run(load)
+    ):
         host, _, port = address.rpartition(":")
         cmd = [
             settings.loadgen,
@@ -135,6 +141,7 @@ def generate(load: Load, settings: Settings, address: str, pid: int) -> dict:
         str(pid),
         "--json",
         *(["--sources", str(load.sources)] if load.sources else []),
+        *(["--tls", "--cafile", str(cafile)] if load.tls and cafile else []),
         *load.bench_args,
     ]
     result = json.loads(_run(pre + cmd, limit))
@@ -173,7 +180,7 @@ def measure(load: Load, server: str, settings: Settings, tmp: Path) -> dict:
             else:
                 address = f"127.0.0.1:{srv.tcp_port}"
             with load.during(srv) if load.during else nullcontext():
-                result = generate(load, settings, address, srv.pid)
+                result = generate(load, settings, address, srv.pid, srv.cafile)
     except (ServerError, subprocess.TimeoutExpired, ValueError, OSError) as exc:
         result = {"failed": str(exc)}
     result.update(load=load.name, server=server, wall_s=round(time.monotonic() - started, 2))

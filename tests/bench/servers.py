@@ -17,11 +17,14 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import certs
 
 from evd.tools.bench.probes import process_tree
 
@@ -98,6 +101,7 @@ class EvdSetup:
     limits: str = "opened"  # or "default"
     service: str = ""  # TOML lines for the service under test's table
     tables: str = ""  # TOML tables appended to the file
+    tls: bool = False  # echo on a TLS listener instead of TCP (the TLS loads)
 
 
 def evd_config(
@@ -125,6 +129,13 @@ def evd_config(
         echo_extra=extra if echo else "",
         framed_extra=extra if framed else "",
     )
+    if setup.tls:  # the one stream listener of the service is TLS
+        services = services.replace(
+            'enabled = true\ntcp = ["127.0.0.1:0"]',
+            f'enabled = true\ntcp = []\ntls = ["127.0.0.1:0"]\ntls_cert = "{tmp}/server.pem"\n'
+            f'tls_key = "{tmp}/server.key"',
+            1,
+        )
     return head + ("" if default else OPENED) + services + (setup.tables and "\n" + setup.tables)
 
 
@@ -136,6 +147,7 @@ class Running:
     udp_port: int = 0
     # evd: every listening (proto, host, port), the service's and a load's own
     listeners: frozenset[tuple[str, str, int]] = frozenset()
+    cafile: Path | None = None  # a TLS load: the CA the generator trusts
 
     @property
     def pid(self) -> int:
@@ -220,7 +232,7 @@ def _wait_evd(srv: Running, echo: bool, workers: int, stderr_path: Path) -> None
     srv.listeners = frozenset(listeners)
 
 
-def prime(tcp_port: int, udp_port: int, echo: bool) -> None:
+def prime(tcp_port: int, udp_port: int, echo: bool, cafile: Path | None = None) -> None:
     """Warm a fresh server the same way for everyone: a few connections that
     echo and close (or take the framed hello and close), and a datagram.
 
@@ -231,15 +243,23 @@ def prime(tcp_port: int, udp_port: int, echo: bool) -> None:
     mmap, mremap and munmap (a fresh asyncio UDP echo runs at a quarter of its
     speed).  A long-running server has seen many closes; so has a primed one.
     """
+    tls = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     for _ in range(PRIME_CONNECTIONS):
-        with socket.create_connection(("127.0.0.1", tcp_port), timeout=START_TIMEOUT) as sock:
+        sock = socket.create_connection(("127.0.0.1", tcp_port), timeout=START_TIMEOUT)
+        try:
+            if tls:
+                sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
             if echo:
                 sock.sendall(b"prime")
                 _recv_all(sock, 5, "echo", tcp_port)
+                if isinstance(sock, ssl.SSLSocket):  # TLS's EOF first: close_notify both ways
+                    sock = sock.unwrap()
                 sock.shutdown(socket.SHUT_WR)
                 _recv_all(sock, 0, "close after EOF", tcp_port)
             else:
                 _recv_all(sock, 4, "framed hello", tcp_port)
+        finally:
+            sock.close()
     if udp_port:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(START_TIMEOUT)
@@ -284,11 +304,13 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def start_server(name: str, load, tmp: Path, prefix: list[str]):
     """Start `name` fresh for `load` (pinned by `prefix`); yield a Running."""
+    cafile = certs.make(tmp).ca if load.tls else None
     if name in ("evd", "evd-w2"):
         workers = 2 if name == "evd-w2" else 1
         echo = load.mode != "framed"
         config = tmp / "evd.toml"
-        config.write_text(evd_config(tmp, load.evd, echo=echo, framed=not echo, workers=workers))
+        setup = replace(load.evd, tls=True) if load.tls else load.evd
+        config.write_text(evd_config(tmp, setup, echo=echo, framed=not echo, workers=workers))
         stderr_path = tmp / "evd.stderr"
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
@@ -298,10 +320,10 @@ def start_server(name: str, load, tmp: Path, prefix: list[str]):
                 stderr=err,
                 cwd=tmp,
             )
-        srv = Running(name, proc)
+        srv = Running(name, proc, cafile=cafile)
         try:
             _wait_evd(srv, echo, workers, stderr_path)
-            prime(srv.tcp_port, srv.udp_port, echo)
+            prime(srv.tcp_port, srv.udp_port, echo, cafile)
             yield srv
         finally:
             _stop(proc)
@@ -309,9 +331,10 @@ def start_server(name: str, load, tmp: Path, prefix: list[str]):
                 with contextlib.suppress(OSError):
                     os.unlink(tmp / leftover)
         return
-    script = PEERS / f"{name}_echo.py"
+    script = PEERS / f"{name}_tls_echo.py" if load.tls else PEERS / f"{name}_echo.py"
+    tls_args = ["--cert", str(tmp / "server.pem"), "--key", str(tmp / "server.key")] if load.tls else []
     proc = subprocess.Popen(
-        prefix + [PY, "-u", str(script), "--port", "0"],
+        prefix + [PY, "-u", str(script), "--port", "0", *tls_args],
         cwd=PEERS,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -320,8 +343,8 @@ def start_server(name: str, load, tmp: Path, prefix: list[str]):
     try:
         line = _read_line(proc, proc.stdout, lambda text: text.startswith("ready "), START_TIMEOUT)
         _, tcp, udp = line.split()
-        prime(int(tcp), int(udp), echo=True)
-        yield Running(name, proc, int(tcp), int(udp))
+        prime(int(tcp), int(udp), echo=True, cafile=cafile)
+        yield Running(name, proc, int(tcp), int(udp), cafile=cafile)
     finally:
         _stop(proc)
 

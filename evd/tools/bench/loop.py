@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import time
 from collections import deque
 from typing import Generic, TypeVar
@@ -47,6 +48,7 @@ class Mode(Generic[T]):
         self.payloads = payloads(opts.size)
         self.sel = selectors.DefaultSelector()
         self.stats = Stats()
+        self.tls = target.tls()  # None: plain TCP
 
     def setup(self) -> None:
         """Before the shared start: open what the mode holds."""
@@ -116,15 +118,18 @@ class StreamMode(Mode[Stream]):
 
     # tcp reads exactly what the one answer in flight still lacks (a 64 KiB
     # recv costs a 64 KiB allocation each time); framed reads what is there.
+    # Over TLS a record is read whole: what OpenSSL keeps back (`pending`)
+    # would wake no select.
     read_exact = False
 
     def __init__(self, opts: Options, target: Target, first: int, count: int):
         super().__init__(opts, target, first, count)
         self.streams: list[Stream] = []
+        self.exact = self.read_exact and self.tls is None
 
     def setup(self) -> None:
         for i in range(self.n):
-            sock = dial(self.target, self.target.source(self.first + i))
+            sock = dial(self.target, self.target.source(self.first + i), tls=self.tls)
             self.streams.append(Stream(sock))  # closed by close() from here on
             self.greet(sock)
             sock.setblocking(False)
@@ -159,9 +164,9 @@ class StreamMode(Mode[Stream]):
         if not mask & READ or s.sock.fileno() < 0:
             return
         try:
-            data = s.sock.recv(self.opts.size - len(s.buf) if self.read_exact else RECV)
-        except (BlockingIOError, InterruptedError):
-            return
+            data = s.sock.recv(self.opts.size - len(s.buf) if self.exact else RECV)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return  # TLS: a record not whole yet, or one that was not data
         except OSError:
             self.drop(s, "recv")
             return
@@ -169,6 +174,9 @@ class StreamMode(Mode[Stream]):
             self.drop(s, "closed")
             return
         self.received(s, data)
+        sock = s.sock
+        if self.tls is not None and isinstance(sock, ssl.SSLSocket) and sock.fileno() >= 0 and sock.pending():
+            self.ready(s, READ)
 
     def send(self, s: Stream, data: bytes) -> None:
         """Send now; queue what the kernel did not take (watching writability)."""
@@ -177,8 +185,8 @@ class StreamMode(Mode[Stream]):
             return
         try:
             sent = s.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0  # TLS: to be sent again, the same bytes
         except OSError:
             self.drop(s, "send")
             return
@@ -189,7 +197,7 @@ class StreamMode(Mode[Stream]):
     def flush(self, s: Stream) -> None:
         try:
             sent = s.sock.send(s.out)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return
         except OSError:
             self.drop(s, "send")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -138,14 +139,17 @@ class UdpMode(Mode[tuple[socket.socket, Slot]]):
 class Session:
     """connect mode: one connection, one request."""
 
-    __slots__ = ("sock", "idx", "started", "got")
+    __slots__ = ("sock", "idx", "started", "got", "secure")
 
     def __init__(self, sock: socket.socket, idx: int, started: int):
         self.sock, self.idx, self.started, self.got = sock, idx, started, b""
+        self.secure = False  # TLS: the handshake is done
 
 
 class ConnectMode(Mode[Session]):
-    """Connect, S-byte echo, close; C sessions in flight."""
+    """Connect, S-byte echo, close; C sessions in flight.  With TLS, a
+    handshake comes between the connect and the request: the load that
+    measures what a handshake costs the server."""
 
     def __init__(self, opts: Options, target: Target, first: int, count: int):
         super().__init__(opts, target, first, count)
@@ -156,7 +160,7 @@ class ConnectMode(Mode[Session]):
     def setup(self) -> None:
         """One connection, closed at once: a port nobody listens on is a
         set-up error here, as in the other stream modes, not a run of errors."""
-        dial(self.target, self.target.source(self.first)).close()
+        dial(self.target, self.target.source(self.first), tls=self.tls).close()
 
     def close(self) -> None:
         for session in list(self.live):
@@ -186,6 +190,9 @@ class ConnectMode(Mode[Session]):
         session = Session(sock, self.seq, now)
         self.live.add(session)
         self.seq = (self.seq + 1) % VARIANTS
+        if self.tls is not None:
+            self.sel.register(sock, WRITE, session)  # connected: the handshake
+            return
         # On loopback the handshake has usually finished inside connect():
         # send at once, and wait for writability only if it had not.
         try:
@@ -216,6 +223,9 @@ class ConnectMode(Mode[Session]):
             self._end(session)
 
     def ready(self, session: Session, mask: int) -> None:
+        if self.tls is not None and not session.secure:
+            self._handshake(session)
+            return
         sock = session.sock
         if mask & WRITE:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -232,8 +242,8 @@ class ConnectMode(Mode[Session]):
         size = self.opts.size
         try:
             data = sock.recv(size - len(session.got))
-        except (BlockingIOError, InterruptedError):
-            return
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return  # TLS: the session tickets came first
         except OSError:
             self._end(session, "recv")
             return
@@ -250,6 +260,47 @@ class ConnectMode(Mode[Session]):
         self._end(session)
         self._begin(done)
 
+    def _handshake(self, session: Session) -> None:
+        """TLS, one step at a time: wrap once connected, then drive the
+        handshake on readability or writability; send the request at its end."""
+        assert self.tls is not None
+        sock = session.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._end(session, f"connect: {os.strerror(err)}")
+                return
+            self.sel.unregister(sock)  # wrapping moves the descriptor to a new object
+            try:
+                sock = self.tls.wrap_socket(
+                    sock, server_hostname=self.target.server_name, do_handshake_on_connect=False
+                )
+            except OSError:
+                sock.close()
+                self.live.discard(session)
+                self.stats.error("tls")
+                return
+            session.sock = sock
+            self.sel.register(sock, WRITE, session)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.sel.modify(sock, READ, session)
+            return
+        except ssl.SSLWantWriteError:
+            self.sel.modify(sock, WRITE, session)
+            return
+        except OSError:
+            self._end(session, "tls handshake")
+            return
+        session.secure = True
+        try:
+            sock.send(self.payloads[session.idx])
+        except OSError:
+            self._end(session, "send")
+            return
+        self.sel.modify(sock, READ, session)
+
 
 class IdleMode(Mode[socket.socket]):
     """Hold C connections (each checked by one echo), then echo-check a sample."""
@@ -264,7 +315,7 @@ class IdleMode(Mode[socket.socket]):
         for i in range(self.n):
             if time.monotonic() > deadline:
                 raise BenchError(f"idle set-up took over {SETUP_TIMEOUT:.0f}s")
-            sock = dial(self.target, self.target.source(self.first + i))
+            sock = dial(self.target, self.target.source(self.first + i), tls=self.tls)
             self.socks.append(sock)
             # Client side, outside the measured window, on a socket with a
             # timeout: a blocking send is bounded and harmless.

@@ -37,6 +37,8 @@ class Options:
     server_pid: int = 0
     allow_remote: bool = False
     sources: int = 0  # 0: 127.0.0.2-5 for streams, the kernel's choice for UDP
+    tls: bool = False  # TLS over every stream connection (a `tls` listener)
+    cafile: str = ""  # --tls: the CA to verify the server with ("": the system's)
 
     def check(self) -> None:
         """Fill in the mode's defaults; BenchError naming every bad value."""
@@ -59,6 +61,8 @@ class Options:
             for name, v, lo, hi in bounds
             if not lo <= v <= hi
         ]
+        if self.tls and self.mode == "udp":
+            problems.append("tls: udp has no TLS (tcp, connect, framed or idle)")
         if problems:
             raise BenchError("; ".join(problems))
         self.processes = min(self.processes, self.connections)

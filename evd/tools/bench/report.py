@@ -59,6 +59,8 @@ def summary(
     }
     if sources:
         out["sources"] = sources
+    if opts.tls:
+        out["tls"] = True
     if why:
         out["error_kinds"] = dict(why)
     out.update(extra)
@@ -81,8 +83,9 @@ def describe(result: Mapping[str, Any]) -> str:
         return text
     depth = f" depth {r['depth']}" if r["depth"] else ""
     sources = f" sources={r['sources']}" if r.get("sources") else ""
+    tls = "+tls" if r.get("tls") else ""
     text = (
-        f"{r['mode']} c={r['connections']} s={r['size']}{depth} p={r['processes']}{sources}: "
+        f"{r['mode']}{tls} c={r['connections']} s={r['size']}{depth} p={r['processes']}{sources}: "
         f"{r['req_s']:.0f} req/s  p50 {r['p50_us']} us  p99 {r['p99_us']} us  "
         f"p999 {r['p999_us']} us  errors {r['errors']}"
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,21 @@ class Target:
     family: int
     sockaddr: Sockaddr
     sources: tuple[str, ...]  # () = the kernel's choice
+    cafile: str | None = None  # TLS: the CA ("": the system's); None: no TLS
+
+    def tls(self) -> ssl.SSLContext | None:
+        """A client context for this target (made in each worker: a context
+        is not shared across fork), or None without TLS."""
+        if self.cafile is None:
+            return None
+        context = ssl.create_default_context(cafile=self.cafile or None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    @property
+    def server_name(self) -> str:
+        """What the server's certificate must name: the address dialled."""
+        return self.sockaddr if isinstance(self.sockaddr, str) else str(self.sockaddr[0])
 
     def source(self, i: int) -> str | None:
         """Where connection (or UDP socket) number i comes from."""
@@ -84,8 +100,9 @@ def find(opts: Options) -> Target:
     on_loopback4 = family == socket.AF_INET and _is_loopback(str(sockaddr[0]))
     if opts.sources and not on_loopback4:
         raise BenchError("sources: spreading over 127.64.0.0/10 needs an IPv4 loopback target")
+    cafile = opts.cafile if opts.tls else None
     if not on_loopback4:
-        return Target(family, sockaddr, ())
+        return Target(family, sockaddr, (), cafile)
     if opts.sources:
         pool = (str(SOURCE_BASE + i) for i in range(opts.sources + 1))
         sources = tuple(a for a in pool if a != sockaddr[0])[: opts.sources]
@@ -93,11 +110,14 @@ def find(opts: Options) -> Target:
         sources = ()  # as before `sources` existed: the kernel's choice
     else:
         sources = tuple(a for a in DEFAULT_SOURCES if a != sockaddr[0])
-    return Target(family, sockaddr, sources)
+    return Target(family, sockaddr, sources, cafile)
 
 
-def dial(target: Target, source: str | None, timeout: float = STEP_TIMEOUT) -> socket.socket:
-    """A connected stream socket with `timeout` on every blocking call."""
+def dial(
+    target: Target, source: str | None, timeout: float = STEP_TIMEOUT, tls: ssl.SSLContext | None = None
+) -> socket.socket:
+    """A connected stream socket with `timeout` on every blocking call
+    (with `tls`, an SSLSocket whose handshake is done)."""
     sock = socket.socket(target.family, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -109,6 +129,8 @@ def dial(target: Target, source: str | None, timeout: float = STEP_TIMEOUT) -> s
         sock.connect(target.sockaddr)
         if target.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=target.server_name)
     except BaseException:
         sock.close()
         raise

@@ -255,6 +255,19 @@ class Service:
             for conn in sorted(self.connections, key=lambda c: c.conn_id)
         ]
 
+    def sweep(self, now: float) -> None:
+        """Close connections silent for idle_timeout, and those that have
+        kept a request half-sent that long (a slowloris); the daemon's one
+        periodic timer calls this, so reads and writes pay nothing for it."""
+        limit = self.config.limits.idle_timeout
+        if limit <= 0:
+            return
+        for conn in list(self.connections):
+            if conn.idle_for(now) > limit:
+                conn.close(Reason.IDLE)
+            elif conn.protocol.stalled(now, limit):
+                conn.close(Reason.FRAME_TIMEOUT)
+
     def kill(self, conn_id: int) -> bool:
         """Close connection `conn_id` (`reason = "killed"`); False if this
         service has no such connection."""

@@ -267,13 +267,7 @@ class Daemon:
         everything, so a busy connection costs nothing per byte."""
         now = self.reactor.now
         for service in self.services.values():
-            limit = service.config.limits.idle_timeout
-            if limit > 0:
-                for conn in list(service.connections):
-                    if conn.idle_for(now) > limit:
-                        conn.close(Reason.IDLE)
-                    elif conn.protocol.stalled(now, limit):
-                        conn.close(Reason.FRAME_TIMEOUT)
+            service.sweep(now)
             service.admission.expire(now)
         for tls in self.tls.values():
             tls.sweep(now)

@@ -138,11 +138,5 @@ class Surfaces:
     def _sweep(self) -> float:
         now = self.reactor.now
         for service in self.services.values():
-            limit = service.config.limits.idle_timeout
-            if limit > 0:
-                for conn in list(service.connections):
-                    if conn.idle_for(now) > limit:
-                        conn.close(Reason.IDLE)
-                    elif conn.protocol.stalled(now, limit):
-                        conn.close(Reason.FRAME_TIMEOUT)
+            service.sweep(now)
         return SWEEP_EVERY

@@ -151,6 +151,23 @@ def test_key_bytes_rewritten_in_place_are_a_change_of_keys(old_secrets, new_secr
     assert changes(config, config, old_secrets, new_secrets) == changed
 
 
+@pytest.mark.parametrize(
+    ("old_certs", "new_certs", "changed"),
+    [
+        ({"echo": b"a"}, {"echo": b"a"}, []),
+        ({"echo": b"a"}, {"echo": b"b"}, ["echo"]),  # rotated in place: new connections get it
+        ({"echo": b"a", "framed": b"f"}, {"echo": b"a", "framed": b"g"}, ["framed"]),
+        ({}, {"echo": b"b"}, []),  # TLS newly on: the service's settings say so
+        (None, {"echo": b"b"}, []),  # nothing to compare with
+    ],
+)
+def test_a_certificate_rotated_in_place_is_a_change_of_its_service(old_certs, new_certs, changed):
+    config = parse(BASE)
+    assert changes(config, config, None, None, old_certs, new_certs) == changed
+    todo = plan(config, config, config.listener_keys(), None, None, old_certs, new_certs)
+    assert todo.changed == tuple(changed)
+
+
 def test_keys_of_a_framed_port_off_before_and_after_are_no_change():
     off = BASE + "[services.framed]\nenabled = false\n"
     assert changes(parse(off), parse(off + '[keys.ops]\nfile = "/k"\n'), {}, {}) == []

@@ -355,7 +355,15 @@ class Daemon:
             machine = preflight.check(new)
         except ConfigError as exc:
             return Result.failed(str(exc))
-        todo = plan(self.config, new, self.listeners, self.machine.secrets, machine.secrets)
+        todo = plan(
+            self.config,
+            new,
+            self.listeners,
+            self.machine.secrets,
+            machine.secrets,
+            self.machine.certificates,
+            machine.certificates,
+        )
         if self.worker:  # its listeners are the supervisor's business
             todo = replace(todo, added=(), removed=())
         try:

@@ -12,6 +12,7 @@ it, collects every problem as "KEY.PATH: message" (one ConfigError, exit
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from dataclasses import dataclass, field
 
@@ -24,15 +25,29 @@ from evd.system.secrets import SecretError, read_secret
 @dataclass(slots=True)
 class Machine:
     """What `check` read: HMAC secrets by key name, TLS server contexts by
-    service name, and the identity to drop to (None: stay)."""
+    service name (and a digest of the files each was built from, so a
+    reload can tell a rotated certificate), and the identity to drop to
+    (None: stay)."""
 
     secrets: dict[str, bytes] = field(default_factory=dict)
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)
+    certificates: dict[str, bytes] = field(default_factory=dict)
     credentials: privileges.Credentials | None = None
 
 
 def _key_path(config: Config, name: str) -> str:
     return "services.framed.key_file" if name not in config.keys else f"keys.{name}.file"
+
+
+def _digest(*paths: str) -> bytes:
+    """What the files hold now (just read, and read again here: a file
+    replaced in between only makes a reload report a change)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if path:
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.digest()
 
 
 def check(config: Config) -> Machine:
@@ -54,6 +69,8 @@ def check(config: Config) -> Machine:
                 machine.tls[svc.name] = server_context(svc.tls_cert, svc.tls_key, svc.tls_client_ca)
             except CertificateError as exc:
                 errors.append(f"services.{svc.name}.{exc.key}: {exc}")
+            else:
+                machine.certificates[svc.name] = _digest(svc.tls_cert, svc.tls_key, svc.tls_client_ca)
     try:
         machine.credentials = privileges.resolve(config.daemon.user, config.daemon.group)
     except ConfigError as exc:

@@ -101,16 +101,21 @@ def plan(
     current: Iterable[ListenerKey],
     old_secrets: Mapping[str, bytes] | None = None,
     new_secrets: Mapping[str, bytes] | None = None,
+    old_certificates: Mapping[str, bytes] | None = None,
+    new_certificates: Mapping[str, bytes] | None = None,
 ) -> Plan:
     """What going from `old` (with the listeners `current` open) to `new`
     takes.  The secrets, when given, are the key bytes preflight read for
-    each: a key file rewritten in place is a change of `keys` too."""
+    each: a key file rewritten in place is a change of `keys` too.  The
+    certificates are digests of each TLS service's files: a certificate
+    rotated in place is a change of that service."""
     now = list(current)
     wanted = new.listener_keys()
     wanted_set, now_set = set(wanted), set(now)
     added = tuple(k for k in wanted if k not in now_set)
     removed = tuple(k for k in now if k not in wanted_set)
-    return Plan(added, removed, tuple(changes(old, new, old_secrets, new_secrets)))
+    changed = changes(old, new, old_secrets, new_secrets, old_certificates, new_certificates)
+    return Plan(added, removed, tuple(changed))
 
 
 def changes(
@@ -118,12 +123,19 @@ def changes(
     new: Config,
     old_secrets: Mapping[str, bytes] | None = None,
     new_secrets: Mapping[str, bytes] | None = None,
+    old_certificates: Mapping[str, bytes] | None = None,
+    new_certificates: Mapping[str, bytes] | None = None,
 ) -> list[str]:
     """The `changed` list (see the module's docstring for its order)."""
+    before, after = old_certificates or {}, new_certificates or {}
     changed = [
         name
         for name in new.services
-        if name in LISTENING and _differs(old.services.get(name), new.services[name])
+        if name in LISTENING
+        and (
+            _differs(old.services.get(name), new.services[name])
+            or (name in before and name in after and before[name] != after[name])
+        )
     ]
     command = _differs(_unlimited(old, "command"), _unlimited(new, "command"))
     if command or (_on(old, new, "command") and old.commands != new.commands):

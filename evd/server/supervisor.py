@@ -396,7 +396,15 @@ class Supervisor:
             machine = preflight.check(new)
         except ConfigError as exc:
             return Result.failed(str(exc))
-        todo = plan(self.config, new, self.slots, self.machine.secrets, machine.secrets)
+        todo = plan(
+            self.config,
+            new,
+            self.slots,
+            self.machine.secrets,
+            machine.secrets,
+            self.machine.certificates,
+            machine.certificates,
+        )
         try:
             bound = bind_slots(todo.added, self.count)
         except BindError as exc:

@@ -40,10 +40,10 @@ LAYERS = {
     "server.launch": 10,
     "server.supervisor": 11,
     "server.daemon": 12, "server.surfaces": 12, "server.fanout": 12,
-    "server.sockets": 13, "server.signals": 13,
     "server.control": 13, "server.metrics": 13, "server.runtime": 13,
-    "server.reload": 14, "server.preflight": 14, "server.exposition": 14, "server.link": 14,
-    "server.figures": 15,
+    "server.reloading": 14, "server.signals": 14, "server.exposition": 14, "server.link": 14,
+    "server.sockets": 15, "server.figures": 15,
+    "server.reload": 16, "server.preflight": 16,
     # sockets: listening and connected
     "net.listeners": 20, "net.tls_service": 20,
     "net.tls": 21,

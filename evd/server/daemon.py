@@ -27,13 +27,10 @@ import os
 import signal
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 
 from evd import __version__
-from evd.core import loader
-from evd.core.config import LISTENING, Config, ConfigError
+from evd.core.config import LISTENING, Config
 from evd.core.log import log
 from evd.core.reactor import Reactor, Timer
 from evd.core.seams import HandlerFactory, Reason
@@ -45,9 +42,9 @@ from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, Listener
 from evd.net.tls_service import ServerTLS
 from evd.proto.rules import rules_for
 from evd.proto.services import datagram_handler
-from evd.server import preflight, signals, sockets
+from evd.server import preflight, reloading, signals, sockets
 from evd.server.figures import LagProbe
-from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
+from evd.server.reload import ListenerKey, Overrides, Plan, Result
 from evd.system.certificates import CertificateError, server_context
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
@@ -104,8 +101,7 @@ class Daemon:
         self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
         # For the runtime control and metrics (server/runtime.py, figures.py).
         self.lag = LagProbe(self.reactor)
-        self.reloads: Counter[str] = Counter()  # "ok" / "failed"
-        self.last_reload: tuple[float, bool] | None = None  # (time.time(), ok)
+        self.reloads = reloading.Reloads(self.notifier, self._event("reload"))
         self.closers: list[Callable[[], None]] = []  # at exit, while the loop is still there
 
     def stats(self) -> dict[str, object]:
@@ -326,64 +322,29 @@ class Daemon:
     # -- SIGHUP ----------------------------------------------------------------
 
     def reload(self) -> Result:
-        """Re-read the configuration; apply it whole, or not at all.  The
-        result is logged and returned.  systemd hears RELOADING=1 first and
-        READY=1 after, either way."""
-        event = self._event("reload")
-        if self.stopping or self.retiring:  # a reload cannot undo a stop
-            result = Result.failed("stopping: reload ignored")
-            log.warning(event, **result.fields())
-            return result
-        self.notifier.reloading()
-        try:
-            result = self._reload()
-        except Exception as exc:  # a bug: still a failed reload, and said so
-            log.error("error", where="reload", exc_info=exc)
-            result = Result.failed(f"internal error: {exc.__class__.__name__}: {exc}")
-        self.notifier.ready(f"serving on {len(self.listeners)} listeners")
-        self.reloads["ok" if result.ok else "failed"] += 1
-        self.last_reload = (time.time(), result.ok)
-        if result.ok:
-            log.info(event, **result.fields())
-        else:
-            log.error(event, **result.fields())
-        return result
+        """Re-read the configuration; apply it whole, or not at all (logged
+        and returned)."""
+        return self.reloads.run(
+            self._reload,
+            stopping=self.stopping or self.retiring,
+            serving=lambda: f"serving on {len(self.listeners)} listeners",
+        )
 
     def _reload(self) -> Result:
-        try:
-            new = loader.reread(self.config)
-            machine = preflight.check(new)
-        except ConfigError as exc:
-            return Result.failed(str(exc))
-        todo = plan(
+        ready = reloading.prepare(
             self.config,
-            new,
+            self.machine,
             self.listeners,
-            self.machine.secrets,
-            machine.secrets,
-            self.machine.certificates,
-            machine.certificates,
+            self.log_overrides,
+            sockets.bind_slots,
+            listeners_fixed=self.worker is not None,
         )
-        if self.worker:  # its listeners are the supervisor's business
-            todo = replace(todo, added=(), removed=())
-        try:
-            bound = sockets.bind_slots(todo.added)
-        except BindError as exc:
-            return Result.failed(str(exc))
-        try:
-            log.configure(
-                *log_settings(new, self.log_overrides),
-                buffer=new.log.buffer,
-                journal_socket=new.log.journal_socket,
-            )
-        except OSError as exc:
-            sockets.unbind(bound)
-            return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")
-        reopen = new.log.file == self.config.log.file
-        self._commit(new, machine, todo, bound)
-        if reopen:  # logrotate may have moved it: a reload reopens it too
+        if isinstance(ready, Result):
+            return ready
+        self._commit(ready.config, ready.machine, ready.todo, ready.bound)
+        if ready.reopen:
             log.reopen()
-        return todo.result()
+        return ready.todo.result()
 
     def _commit(self, new: Config, machine: preflight.Machine, todo: Plan, bound: sockets.Slots) -> None:
         """Carry out `todo`: nothing in here is expected to fail."""

@@ -32,7 +32,6 @@ import json
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -58,6 +57,7 @@ from evd.server import runtime
 from evd.server.figures import Figures, LagProbe, add, figures, total
 from evd.server.link import Link
 from evd.server.reload import ListenerKey, Result
+from evd.server.reloading import Reloads
 from evd.server.sockets import Slots, bind_slots
 
 # How long a worker may take to answer: they answer from their loop, in
@@ -76,8 +76,7 @@ class Workers(Protocol):
     generation: int
     reactor: Reactor
     stopping: bool
-    reloads: Counter[str]
-    last_reload: tuple[float, bool] | None
+    reloads: Reloads
 
     @property
     def live(self) -> Mapping[int, tuple[int, int]]: ...  # pid -> (index, generation)
@@ -259,7 +258,7 @@ class Fanout:
             "workers": workers.count,
             "connections": 0,
             "commands_running": 0,
-            "last_reload": runtime.last_reload(workers.last_reload),
+            "last_reload": runtime.last_reload(workers.reloads.last),
         }
 
     def _services(self) -> dict[str, Body]:
@@ -347,7 +346,7 @@ class Fanout:
             out = add(total(parts), self.departed)
             own = {"lag": self.lag.figures(), "log_dropped": log.dropped_total}
             add(out, own)
-            out["reloads"] = dict(self.workers.reloads)
+            out["reloads"] = dict(self.workers.reloads.count)
             out["pids"] = [os.getpid(), *self.workers.live]
             done(out)
 

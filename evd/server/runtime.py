@@ -40,6 +40,7 @@ from evd.net.listeners import BindError, Listener, bind, bound_identity, unlink_
 from evd.proto.control import Answer, Body, Reply, Request
 from evd.server.figures import Figures, LagProbe, figures
 from evd.server.reload import ListenerKey, Result
+from evd.server.reloading import Reloads
 
 LastReload = tuple[float, bool] | None
 
@@ -57,8 +58,7 @@ class Served(Protocol):
     stopping: bool
     retiring: bool
     lag: LagProbe
-    reloads: Counter[str]
-    last_reload: LastReload
+    reloads: Reloads
 
     def open_listener(self, key: ListenerKey, sock: socket.socket) -> None: ...
     def prepare_tls(self, name: str) -> None: ...  # BindError: its TLS files cannot serve
@@ -129,7 +129,7 @@ def info(daemon: Served) -> Body:
         "workers": 1,
         "connections": sum(len(s.connections) for s in daemon.services.values()),
         "commands_running": len(daemon.runner.running),
-        "last_reload": last_reload(daemon.last_reload),
+        "last_reload": last_reload(daemon.reloads.last),
     }
 
 
@@ -311,7 +311,7 @@ def reload(daemon: Served) -> Answer:
 
 def local_figures(daemon: Served) -> Figures:
     """/metrics of a single process: its figures and its reloads."""
-    return {**figures(daemon), "reloads": dict(daemon.reloads), "pids": [os.getpid()]}
+    return {**figures(daemon), "reloads": dict(daemon.reloads.count), "pids": [os.getpid()]}
 
 
 def query(daemon: Served, request: Request) -> Answer:

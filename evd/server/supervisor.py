@@ -66,18 +66,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from evd.core import loader
 from evd.core.addresses import sockaddr_text
-from evd.core.config import Config, ConfigError
+from evd.core.config import Config
 from evd.core.log import log
 from evd.core.reactor import Reactor
 from evd.handlers.service import number_connections
-from evd.net.listeners import BindError, bound_identity, unlink_if_ours
-from evd.server import preflight, signals
+from evd.net.listeners import bound_identity, unlink_if_ours
+from evd.server import preflight, reloading, signals
 from evd.server.daemon import Daemon
 from evd.server.fanout import Fanout, WorkerEnd
-from evd.server.reload import ListenerKey, Overrides, Plan, Result, log_settings, plan
-from evd.server.sockets import Slots, bind_slots, close_sockets, unbind
+from evd.server.reload import ListenerKey, Overrides, Plan, Result
+from evd.server.sockets import Slots, bind_slots, close_sockets
 from evd.server.surfaces import SurfaceKey, Surfaces
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
@@ -147,8 +146,7 @@ class Supervisor:
         # The runtime control and metrics (server/fanout.py, surfaces.py).
         self.fanout = Fanout(self)
         self.surfaces = Surfaces(self.reactor, config.limits, surfaces or {}, self.fanout, self.fanout)
-        self.reloads: Counter[str] = Counter()
-        self.last_reload: tuple[float, bool] | None = None
+        self.reloads = reloading.Reloads(self.notifier, "config.reload")
         self.lives: Counter[int] = Counter()  # slot -> workers started on it
 
     @property
@@ -371,60 +369,29 @@ class Supervisor:
     def reload(self) -> Result:
         """SIGHUP: the same plan as a single process's reload; logged and
         returned."""
-        if self.stopping:  # a reload cannot undo a stop
-            result = Result.failed("stopping: reload ignored")
-            log.warning("config.reload", **result.fields())
-            return result
-        self.notifier.reloading()
-        try:
-            result = self._reload()
-        except Exception as exc:  # a bug: still a failed reload, and said so
-            log.error("error", where="reload", exc_info=exc)
-            result = Result.failed(f"internal error: {exc.__class__.__name__}: {exc}")
-        self.notifier.ready(f"{self.count} workers serving on {len(self.slots)} listeners")
-        self.reloads["ok" if result.ok else "failed"] += 1
-        self.last_reload = (time.time(), result.ok)
-        if result.ok:
-            log.info("config.reload", **result.fields())
-        else:
-            log.error("config.reload", **result.fields())
-        return result
+        return self.reloads.run(
+            self._reload,
+            stopping=self.stopping,
+            serving=lambda: f"{self.count} workers serving on {len(self.slots)} listeners",
+        )
 
     def _reload(self) -> Result:
-        try:
-            new = loader.reread(self.config)
-            machine = preflight.check(new)
-        except ConfigError as exc:
-            return Result.failed(str(exc))
-        todo = plan(
+        ready = reloading.prepare(
             self.config,
-            new,
+            self.machine,
             self.slots,
-            self.machine.secrets,
-            machine.secrets,
-            self.machine.certificates,
-            machine.certificates,
+            self.log_overrides,
+            functools.partial(bind_slots, count=self.count),
         )
-        try:
-            bound = bind_slots(todo.added, self.count)
-        except BindError as exc:
-            return Result.failed(str(exc))
-        try:
-            log.configure(
-                *log_settings(new, self.log_overrides),
-                buffer=new.log.buffer,
-                journal_socket=new.log.journal_socket,
-            )
-        except OSError as exc:
-            unbind(bound)
-            return Result.failed(f"cannot open log file {new.log.file}: [Errno {exc.errno}] {exc.strerror}")
-        reopen = new.log.file == self.config.log.file
+        if isinstance(ready, Result):
+            return ready
+        new, machine, todo, bound = ready.config, ready.machine, ready.todo, ready.bound
         self.config, self.machine = new, machine
         if todo.added or todo.removed:
             self._new_generation(todo, bound)
         else:
             self.fanout.reload_workers()
-        if reopen:  # logrotate may have moved it: a reload reopens it too
+        if ready.reopen:
             log.reopen()
         return todo.result()
 

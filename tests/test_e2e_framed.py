@@ -570,6 +570,23 @@ def test_named_keys_hello_auth_scope_and_audit(tmp_path, start_evd):
     assert [e.get("key") for e in fails] == ["nosuch", "deploy"] and [e["attempt"] for e in fails] == [1, 2]
 
 
+def test_evd_call_names_its_key(tmp_path, start_evd):
+    """`evd call --key-file F --key-name NAME` sends `auth` with that name:
+    the server tries that key only, and its scope applies."""
+    write_keys(tmp_path)
+    evd = start_evd(KEYS_CONFIG)
+    deploy = str(tmp_path / "deploy.key")
+    out = call(evd, "--key-file", deploy, "--key-name", "deploy", "--json", "command", "greet", "x")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith(b"hello x\n")
+    assert evd.wait_for("auth.ok", key="deploy")["via"] == "hmac"
+    out = call(evd, "--key-file", deploy, "--key-name", "ops", "command", "greet", "x")
+    assert out.returncode == 2 and b"unauthorized: wrong mac" in out.stderr
+    assert evd.wait_for("auth.fail", key="ops")["attempt"] == 1
+    out = call(evd, "--key-file", deploy, "--key-name", "deploy", "command", "sleep", "0")
+    assert out.returncode == 2 and b'key "deploy" may not run "sleep"' in out.stderr
+
+
 def test_three_failed_auth_ban_the_address_from_that_service(tmp_path, start_evd):
     write_keys(tmp_path)
     evd = start_evd(KEYS_CONFIG.replace("rate = 0.0\n", "rate = 0.0\nauth_ban = 300.0\n"))

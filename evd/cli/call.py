@@ -62,7 +62,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         error(str(exc))
         return EX_FAIL
     try:
-        with Client(address, timeout=args.timeout, key=key, tls=tls) as client:
+        with Client(address, timeout=args.timeout, key=key, tls=tls, key_name=args.key_name) as client:
             frame = client.call(args.service, body, **fields)
     except ServerError as exc:
         if args.json:
@@ -99,6 +99,11 @@ def register(
         "--address", help="HOST:PORT or unix:PATH (default: the config's first framed listener)"
     )
     call.add_argument("--key-file", metavar="PATH", help="HMAC key for authentication")
+    call.add_argument(
+        "--key-name",
+        metavar="NAME",
+        help="the [keys.NAME] entry --key-file is (default: the server tries each)",
+    )
     call.add_argument(
         "--tls", action="store_true", help="TLS (default address: the config's first framed tls listener)"
     )

@@ -53,6 +53,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         key: bytes | None = None,
         tls: ssl.SSLContext | None = None,
+        key_name: str | None = None,
     ):
         family, sockaddr = dial(address)
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -67,7 +68,7 @@ class Client:
             # A client certificate may have authenticated the connection
             # already (mutual TLS: the hello names the key).
             if key is not None and self.hello.get("auth") == "hmac-sha256" and "key" not in self.hello:
-                self.authenticate(key)
+                self.authenticate(key, key_name)
         except BaseException:
             self.sock.close()
             raise
@@ -105,6 +106,11 @@ class Client:
             raise ServerError(frame)
         return frame
 
-    def authenticate(self, key: bytes) -> None:
-        nonce = bytes.fromhex(self.hello["nonce"])
-        self.call("auth", mac=hmac.new(key, nonce, "sha256").hexdigest())
+    def authenticate(self, key: bytes, name: str | None = None) -> None:
+        """`auth` with the MAC of the hello's nonce; naming the key saves
+        the server trying each (SPEC section 5)."""
+        mac = hmac.new(key, bytes.fromhex(self.hello["nonce"]), "sha256").hexdigest()
+        if name is None:
+            self.call("auth", mac=mac)
+        else:
+            self.call("auth", mac=mac, key=name)

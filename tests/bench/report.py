@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import statistics
 
-ORDER = ("evd", "evd-w2", "asyncio", "uvloop", "twisted", "minimal")
+ORDER = ("evd", "evd-base", "evd-w2", "asyncio", "uvloop", "twisted", "minimal")
 COLOURS = {
     "evd": "#d62728",
+    "evd-base": "#e377c2",
     "evd-w2": "#ff7f0e",
     "asyncio": "#1f77b4",
     "uvloop": "#2ca02c",
@@ -152,6 +153,8 @@ def targets(idx: Index, rows: list[dict], startup_ms) -> list[dict]:
     )
     add(13, "tls64: CPU/req ≤ 1.0× uvloop", cpu("tls64", "evd", "tls64", "uvloop"), 1.0)
     add(13, "tls64: CPU/req ≤ 0.8× asyncio", cpu("tls64", "evd", "tls64", "asyncio"), 0.8)
+    for load in ("tcp64", "framed1", "framed16"):  # against evd before this round (--baseline)
+        add(9, f"{load}: CPU/req no worse than evd-base (≤ 1.0×)", cpu(load, "evd", load, "evd-base"), 1.0)
     add(6, "framed depth 1: CPU/req ≤ 2× raw echo", cpu("framed1", "evd", "tcp64", "evd"), 2.0)
     add(6, "framed depth 16: CPU/req ≤ 1× raw echo", cpu("framed16", "evd", "tcp64", "evd"), 1.0)
     idle = [r for r in rows if (r["load"], r["server"]) == ("idle", "evd")]
@@ -184,7 +187,8 @@ def markdown(data: dict) -> str:
         f"Machine: {m['cpus']} × {m['cpu']}, {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}, evd {m['evd_commit']} (code copied at the start, sha256 "
         f"{m.get('evd_source', '?')}); load average {m['loadavg_start']:.2f} at start, "
-        f"{m['loadavg_end']:.2f} at end.",
+        f"{m['loadavg_end']:.2f} at end."
+        + (f" evd-base is evd at {m['baseline']}, the same configuration." if m.get("baseline") else ""),
         f"Command: `{data['command']}` — generator "
         f"{GENERATORS.get(st['generator'], 'evd bench')} "
         f"({st['processes']} process{'es' if st['processes'] != 1 else ''}), "

@@ -57,7 +57,21 @@ sys.path.insert(0, str(HERE))
 import loadgen
 import report
 from loads import DEFAULT_LIMITS, DEFAULT_RATE, LOADS, RATE_MARGIN, SPECIAL, Load
-from servers import SERVERS, EvdSetup, ServerError, evd_config, start_server, startup_time, workers_fork
+from servers import (
+    BASELINE,
+    BASELINE_SRC,
+    SERVERS,
+    EvdSetup,
+    ServerError,
+    evd_config,
+    start_server,
+    startup_time,
+    workers_fork,
+)
+
+# The loads `--baseline` compares: the opened echo, connect and framed ones
+# (a baseline may predate the default-limit and TLS loads' configuration).
+BASELINE_LOADS = ("tcp64", "tcp1k", "connect", "udp64", "framed1", "framed16")
 
 
 @dataclass
@@ -75,6 +89,7 @@ class Settings:
     gen_cpus: str = "1"
     nice: bool = field(default_factory=lambda: os.geteuid() == 0)
     loadgen: str | None = None
+    baseline: str | None = None  # a commit whose evd runs beside this one (evd-base)
 
 
 def prefix(cpus: str, nice: bool) -> list[str]:
@@ -273,7 +288,24 @@ def _servers(load: Load, settings: Settings) -> list[str]:
     wanted = load.servers or SERVERS
     if load.name == "workers2":
         return [s for s in wanted if "evd" in settings.servers]
-    return [s for s in wanted if s in settings.servers]
+    chosen = [s for s in wanted if s in settings.servers]
+    if settings.baseline and load.name in BASELINE_LOADS and "evd" in chosen:
+        chosen.insert(chosen.index("evd") + 1, BASELINE)
+    return chosen
+
+
+def unpack_baseline(rev: str, tmp: Path) -> str:
+    """evd's code at `rev`, unpacked for the evd-base server; its short hash."""
+    dest = tmp / "baseline"
+    dest.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "evd"], capture_output=True, check=True, timeout=60
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
+    BASELINE_SRC[:] = [dest]
+    return subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def _load_info(load: Load) -> dict:
@@ -320,6 +352,12 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
     )
     parser.add_argument("--startup-runs", type=int, default=3, help="evd starts timed per round")
     parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run evd as it was at commit REV (server evd-base) on the opened "
+        f"{', '.join(BASELINE_LOADS)} loads: a change judged against what it changed, in one run",
+    )
+    parser.add_argument(
         "--out",
         default=str(HERE / "results"),
         help="results path without extension: writes .json and .png (default tests/bench/results)",
@@ -348,6 +386,7 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
         loads=loads,
         startup_runs=args.startup_runs,
         gen_cpus=args.gen_cpus,
+        baseline=args.baseline,
     )
     return settings, args
 
@@ -375,6 +414,8 @@ def main(argv=None) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="evd-bench-") as tmp:
         info["evd_source"] = snapshot_evd(Path(tmp))
+        if settings.baseline:
+            info["baseline"] = unpack_baseline(settings.baseline, Path(tmp))
         data = run(settings, Path(tmp))
     info["loadavg_end"] = os.getloadavg()[0]
     data.update(

@@ -33,6 +33,10 @@ PEERS = HERE / "peers"
 PY = sys.executable
 SERVERS = ("evd", "asyncio", "uvloop", "twisted", "minimal")
 EXTRA = ("evd-w2",)  # evd with workers = 2 (the workers2 load)
+# evd as it was at an earlier commit (`run.py --baseline REV`): its code is
+# unpacked here, and "evd-base" runs it with the same configuration.
+BASELINE = "evd-base"
+BASELINE_SRC: list[Path] = []
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 PRIME_CONNECTIONS = 4
@@ -305,13 +309,14 @@ def _stop(proc: subprocess.Popen) -> None:
 def start_server(name: str, load, tmp: Path, prefix: list[str]):
     """Start `name` fresh for `load` (pinned by `prefix`); yield a Running."""
     cafile = certs.make(tmp).ca if load.tls else None
-    if name in ("evd", "evd-w2"):
+    if name in ("evd", "evd-w2", BASELINE):
         workers = 2 if name == "evd-w2" else 1
         echo = load.mode != "framed"
         config = tmp / "evd.toml"
         setup = replace(load.evd, tls=True) if load.tls else load.evd
         config.write_text(evd_config(tmp, setup, echo=echo, framed=not echo, workers=workers))
         stderr_path = tmp / "evd.stderr"
+        env = dict(os.environ, PYTHONPATH=str(BASELINE_SRC[0])) if name == BASELINE else None
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
                 prefix + [PY, "-m", "evd", "run", "-c", str(config)],
@@ -319,6 +324,7 @@ def start_server(name: str, load, tmp: Path, prefix: list[str]):
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 cwd=tmp,
+                env=env,
             )
         srv = Running(name, proc, cafile=cafile)
         try:

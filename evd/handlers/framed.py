@@ -179,7 +179,8 @@ class Framed:
         next_request = self.decoder.next_request
         receive = session.receive
         now = time.time()  # the wall clock of this batch, for `time`
-        self._batch = []
+        batch: list[Buffer] = []
+        self._batch = batch
         try:
             while not transport.write_paused and not transport.closed:
                 try:
@@ -196,7 +197,18 @@ class Framed:
                     self._logged(header, body, now)
                 else:
                     try:
-                        self._act(receive(header, body, now))
+                        action = receive(header, body, now)
+                        if type(action) is Reply and action.fields is None:
+                            # The usual answer (echo): `_act` and `_send`, inlined.
+                            body = action.body
+                            head = ok_header(action.rid, len(body))
+                            self.last_out = size = len(head) + len(body)
+                            batch.append(head)
+                            if body:
+                                batch.append(body)
+                            self._batch_size += size
+                        else:
+                            self._act(action)
                     except Exception as exc:  # a bug: this request fails, the rest go on
                         self._internal(header, exc)
                 if session.events and self._events():

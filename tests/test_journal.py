@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from evd.core import journal
+from evd.core import journal, logline
 from evd.core.log import Log
 
 WAIT = 10.0
@@ -288,3 +288,25 @@ def test_the_real_journald_takes_the_entries(real_journald):
     (big,) = journal_query(namespace, "EVD_EVENT=error", f"_PID={os.getpid()}")
     assert big["PRIORITY"] == "3" and big["EVD_EXC_INFO"].endswith("y" * 1000)
     assert len(big["EVD_EXC_INFO"]) == len("Traceback\n  line\n") + 300_000
+
+
+def test_message_is_the_console_line_after_its_time_and_level():
+    """SPEC section 8: MESSAGE is the console rendering of the line;
+    journald keeps the time, the priority and the pid itself."""
+    events = [
+        {"timestamp": "2026-11-30T00:00:00.000000Z", "level": "warning", "event": "conn.reject", "pid": 9,
+         "service": "echo", "peer": "[::1]:5", "reason": "rate", "count": 3, "note": "a b"},
+        {"timestamp": "2026-11-30T00:00:00.000001Z", "level": "error", "event": "error", "pid": 9,
+         "where": "echo.accept", "exc_info": "Traceback (most recent call last):\n  boom"},
+    ]  # fmt: skip
+    for event in events:
+        line = logline.render_console(None, event["level"], dict(event))
+        stamp, rest = line.split(" ", 1)
+        level, shown = rest.split(" ", 1)
+        assert (stamp, level) == (event["timestamp"], event["level"])
+        assert shown.lstrip() == one(parse(journal.entry(event)), "MESSAGE")
+    first = logline.render_console(None, "warning", dict(events[0]))
+    assert first.endswith('conn.reject service=echo peer=[::1]:5 reason=rate count=3 note="a b"')
+    assert logline.render_console(None, "error", dict(events[1])).endswith(
+        "\nTraceback (most recent call last):\n  boom"
+    )

@@ -86,39 +86,50 @@ def _binary_field(name: str, value: str) -> bytes:
     return name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
 
 
+def message(event_dict: Mapping[str, Any]) -> str:
+    """An event for a person: `EVENT key=value ...` in the order logged,
+    strings quoted only when they must be, a value of several lines (a
+    traceback) below.  The console format prints this after the timestamp
+    and level; a journal entry's MESSAGE is this, journald keeping the time,
+    priority and pid itself."""
+    words = [str(event_dict.get("event"))]
+    below = []
+    for key, value in event_dict.items():
+        if key in _NOT_SHOWN:
+            continue
+        string = text(value)
+        if "\n" in string:
+            below.append(string)
+        elif type(value) is not str or _plain(string):
+            words.append(f"{key}={string}")
+        else:
+            words.append(f"{key}={_json(string)}")
+    return "\n".join([" ".join(words), *below])
+
+
 def entry(event_dict: Mapping[str, Any]) -> bytes:
-    """The datagram for one event: MESSAGE (the event and its fields as
-    `key=value`, as on a console; a value of several lines below it),
-    PRIORITY, SYSLOG_IDENTIFIER, then every key of the event as EVD_KEY."""
+    """The datagram for one event: MESSAGE (see `message`), PRIORITY,
+    SYSLOG_IDENTIFIER, then every key of the event as EVD_KEY."""
     level = event_dict.get("level")
     lines = [
         "",  # MESSAGE, once the fields are known
         "PRIORITY=" + PRIORITY.get(level if type(level) is str else "", "6"),
         "SYSLOG_IDENTIFIER=evd",
     ]
-    words = [str(event_dict.get("event"))]
-    below = []
     several = []  # (name, value) of values with a newline: the binary-safe form
     for key, value in event_dict.items():
         string = text(value)
         name = _names.get(key) or field_name(key)
         if "\n" in string:
             several.append((name, string))
-            if key not in _NOT_SHOWN:
-                below.append(string)
-            continue
-        lines.append(f"{name}={string}")
-        if key in _NOT_SHOWN:
-            continue
-        words.append(
-            f"{key}={string}" if type(value) is not str or _plain(string) else f"{key}={_json(string)}"
-        )
-    message = " ".join(words)
-    if below:
-        several.insert(0, ("MESSAGE", message + "\n" + "\n".join(below)))
+        else:
+            lines.append(f"{name}={string}")
+    shown = message(event_dict)
+    if "\n" in shown:
+        several.insert(0, ("MESSAGE", shown))
         del lines[0]
     else:
-        lines[0] = "MESSAGE=" + message
+        lines[0] = "MESSAGE=" + shown
     data = _bytes("\n".join(lines) + "\n")
     return data + b"".join(_binary_field(name, value) for name, value in several) if several else data
 

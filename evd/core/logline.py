@@ -17,6 +17,7 @@ once a second and reused.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -117,8 +118,24 @@ def processors(fmt: str, colors: bool) -> list[Processor]:
     elif fmt == "journal":
         chain.append(render_journal)
     else:
-        chain.append(structlog.dev.ConsoleRenderer(colors=colors))
+        chain.append(functools.partial(render_console, colors=colors))
     return chain
+
+
+# Levels on a terminal: what needs a look stands out.
+_COLOURS = {"error": "\x1b[31;1m", "warning": "\x1b[33m", "info": "\x1b[32m", "debug": "\x1b[2m"}
+_RESET = "\x1b[0m"
+
+
+def render_console(logger: object, method_name: str, event_dict: EventDict, colors: bool = False) -> str:
+    """`TIMESTAMP LEVEL EVENT key=value ...` for a person: after the level
+    comes exactly what a journal entry's MESSAGE holds (journal.message),
+    so the console and the journal read alike.  (structlog's ConsoleRenderer
+    sorts and pads and costs several times a JSON line: this one is made
+    like the journal's, once per event.)"""
+    level = str(event_dict.get("level", ""))
+    shown = f"{_COLOURS.get(level, '')}{level:<7}{_RESET}" if colors else f"{level:<7}"
+    return f"{event_dict.get('timestamp', '')} {shown} {journal.message(event_dict)}"
 
 
 def run_chain(chain: list[Processor], level: str, event: str, fields: Mapping[str, Any]) -> Any:

@@ -138,6 +138,6 @@ class Link:
         data = memoryview(encode(header, body))
         self.sock.settimeout(timeout)
         try:
-            self.sock.sendall(data)
+            self.sock.sendall(data)  # the loop is gone: bounded by the timeout above
         except OSError:
             pass  # the supervisor is gone or not reading: nothing to do

@@ -78,7 +78,7 @@ def setpriv(env: Mapping[str, str]) -> Deathsig | None:
         return None
     prefix = (path, "--pdeathsig", "KILL", "--")
     try:
-        probe = subprocess.run(
+        probe = subprocess.run(  # at start-up, before any loop runs (Runner creation)
             [*prefix, true],
             env=dict(env),
             stdin=subprocess.DEVNULL,

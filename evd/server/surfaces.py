@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from evd.core.addresses import Address
 from evd.core.config import Config, Limits, ServiceConfig
@@ -33,7 +34,9 @@ from evd.core.seams import HandlerFactory, Reason
 from evd.handlers.service import Service
 from evd.net.listeners import BindError, StreamListener, bind, bound_identity, unlink_if_ours
 from evd.server.control import Backend, Control
-from evd.server.metrics import Scrape, Source
+
+if TYPE_CHECKING:
+    from evd.server.metrics import Source
 
 CONTROL, METRICS = "control", "metrics"
 SurfaceKey = tuple[str, Address]
@@ -95,10 +98,13 @@ class Surfaces:
         self.reactor = reactor
         self.services: dict[str, Service] = {}
         self.listeners: list[StreamListener] = []
-        factories: dict[str, HandlerFactory] = {
-            CONTROL: lambda: Control(backend),
-            METRICS: lambda: Scrape(source),
-        }
+        factories: dict[str, HandlerFactory] = {CONTROL: lambda: Control(backend)}
+        if any(name == METRICS for name, _ in socks):
+            # HTTP and the exposition (h11, prometheus_client) are loaded
+            # only by a daemon that serves /metrics: a tenth of start-up.
+            from evd.server.metrics import Scrape
+
+            factories[METRICS] = lambda: Scrape(source)
         for (name, address), sock in socks.items():
             service = self.services.get(name)
             if service is None:

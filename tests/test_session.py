@@ -31,9 +31,11 @@ from evd.net.transport import StreamTransport
 from evd.proto.framing import Decoder, FrameError, encode
 from evd.proto.rules import Rules, rules_for
 from evd.proto.session import (
+    ECHO,
     AuthFail,
     AuthOk,
     Close,
+    Echo,
     Failure,
     Reply,
     Session,
@@ -86,6 +88,13 @@ def mac(secret: bytes, nonce: bytes = NONCE) -> str:
     return hmac.new(secret, nonce, "sha256").hexdigest()
 
 
+def answer(session: Session, header: dict, body, now: float = NOW):
+    """The action for one request, ECHO resolved as the handler sends it:
+    a reply with the request's own id and body."""
+    action = session.receive(header, body, now)
+    return Reply(header.get("id"), body) if action is ECHO else action
+
+
 def run(session: Session, chunks, now: float = NOW) -> list:
     """Feed `chunks` through a Decoder; every action and event, in order."""
     decoder = Decoder()
@@ -93,7 +102,7 @@ def run(session: Session, chunks, now: float = NOW) -> list:
     for chunk in chunks:
         decoder.feed(chunk)
         while (request := decoder.next_request()) is not None:
-            out.append(session.receive(*request, now))
+            out.append(answer(session, *request, now))
             out.extend(session.events)
             session.events.clear()
     return out
@@ -101,7 +110,7 @@ def run(session: Session, chunks, now: float = NOW) -> list:
 
 def ask(session: Session, header: dict, body: bytes = b""):
     """One request: its action (events stay on the session)."""
-    return session.receive(dict(header), body, NOW)
+    return answer(session, dict(header), body)
 
 
 def summary(items: list) -> list:
@@ -145,6 +154,13 @@ EXPECTED = [
 ]
 
 
+def test_echo_is_answered_by_the_one_shared_action():
+    session = Session(open_rules())
+    assert session.receive({"svc": "echo", "id": 1}, b"x", NOW) is ECHO
+    assert session.receive({"svc": "echo"}, b"", NOW) is ECHO
+    assert session.receive({"svc": "echo", "id": [1]}, b"x", NOW) is not ECHO  # not a scalar id
+
+
 def test_all_at_once():
     assert summary(run(Session(keyed_rules(), NONCE), [STREAM])) == EXPECTED
 
@@ -162,12 +178,12 @@ def test_trailing_data_waits_for_the_rest(cut):
     decoder.feed(STREAM + tail[:cut])
     out = []
     while (request := decoder.next_request()) is not None:
-        out.append(session.receive(*request, NOW))
+        out.append(answer(session, *request))
         out.extend(session.events)
         session.events.clear()
     assert summary(out) == EXPECTED and decoder.buffered == cut
     decoder.feed(tail[cut:])
-    assert summary([session.receive(*decoder.next_request(), NOW)]) == [("reply", "tail", b"later", None)]
+    assert summary([answer(session, *decoder.next_request())]) == [("reply", "tail", b"later", None)]
 
 
 # -- hello ---------------------------------------------------------------------------
@@ -601,7 +617,7 @@ def test_any_json_object_gets_exactly_one_answer_never_an_exception(header, svc,
     session.events.clear()
     for _ in range(data.draw(st.integers(1, 4))):  # the same request again: state moves on
         action = session.receive(dict(header), body, NOW)
-        assert type(action) in (Reply, Failure, Start, Stats)
+        assert type(action) in (Reply, Echo, Failure, Start, Stats)
         if isinstance(action, Failure):
             assert action.code in (
                 "bad_request",

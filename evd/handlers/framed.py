@@ -33,6 +33,7 @@ from evd.handlers.service import Service
 from evd.proto.framing import Decoder, FrameError, Header, encode_parts, ok_header
 from evd.proto.rules import Rules
 from evd.proto.session import (
+    ECHO,
     NONCE_BYTES,
     Action,
     AuthFail,
@@ -198,17 +199,16 @@ class Framed:
                 else:
                     try:
                         action = receive(header, body, now)
-                        if type(action) is Reply and action.fields is None:
-                            # The usual answer (echo): `_act` and `_send`, inlined.
-                            body = action.body
-                            head = ok_header(action.rid, len(body))
+                        if action is ECHO:
+                            # The usual answer: `_act` and `_send`, inlined.
+                            head = ok_header(header.get("id"), len(body))
                             self.last_out = size = len(head) + len(body)
                             batch.append(head)
                             if body:
                                 batch.append(body)
                             self._batch_size += size
                         else:
-                            self._act(action)
+                            self._act(action, header, body)
                     except Exception as exc:  # a bug: this request fails, the rest go on
                         self._internal(header, exc)
                 if session.events and self._events():
@@ -224,7 +224,7 @@ class Framed:
         Only scalars of the client's reach the log, cut short."""
         started = time.monotonic()
         try:
-            ok = self._act(self.session.receive(header, body, now))
+            ok = self._act(self.session.receive(header, body, now), header, body)
         except Exception as exc:
             ok = self._internal(header, exc)
         log.debug(
@@ -238,8 +238,12 @@ class Framed:
             bytes_out=self.last_out,
         )
 
-    def _act(self, action: Action) -> bool:
-        """Carry out what the session answered a request with; True if ok."""
+    def _act(self, action: Action, header: Header | None = None, body: Buffer = b"") -> bool:
+        """Carry out what the session answered a request (`header`, `body`)
+        with; True if ok."""
+        if action is ECHO:
+            self._send(ok_header(header.get("id") if header is not None else None, len(body)), body)
+            return True
         if type(action) is Reply:
             fields = action.fields
             if fields is None:

@@ -400,6 +400,9 @@ class TLSTransport(StreamTransport):
 
     # -- writing ------------------------------------------------------------
 
+    def _send_one(self, data: Buffer) -> int | None:
+        return self._send((data,))
+
     def _send(self, chunks: Sequence[Buffer]) -> int | None:
         """See the module's docstring: plaintext is taken once its
         ciphertext is all in the kernel."""

@@ -297,9 +297,23 @@ class StreamTransport:
         if self._out:
             self._enqueue((data,))
             return
-        sent = self._send((data,))
+        sent = self._send_one(data)
         if sent is not None and sent != len(data):
             self._enqueue((memoryview(data)[sent:],))
+
+    def _send_one(self, data: Buffer) -> int | None:
+        """`_send` of one buffer, for the common write (a framed batch is
+        one): the same ladder without a tuple and a length test per call.
+        A transport with its own `_send` (TLS) routes this through it."""
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._os_error("send", exc)
+            return None
+        self.bytes_out += sent
+        return sent
 
     def writelines(self, chunks: Sequence[Buffer]) -> None:
         """Several chunks in one sendmsg when nothing is queued; what the

@@ -12,9 +12,11 @@ plain unit test -- the way h11's `Connection` is -- and the handler
 control, timing, logging, the transport and the command runner.
 
 `receive(header, body, now)` takes one decoded frame and returns exactly one
-action that answers it: a `Reply`, a `Failure` (an error reply), `Start` (run
-a command; its reply comes from `finished` or `start_failed`) or `Stats` (the
-handler has the daemon's figures).  What else must happen is queued on
+action that answers it: a `Reply`, `ECHO` (reply with the request's own id
+and body: the echo service, the hot path, answered by one shared object), a
+`Failure` (an error reply), `Start` (run a command; its reply comes from
+`finished` or `start_failed`) or `Stats` (the handler has the daemon's
+figures).  What else must happen is queued on
 `events`: `AuthOk`/`AuthFail` to log, and `Close`, which always comes after
 the reply it follows.  Every check of a request lives here, and every
 message a client can read is written here, in the protocol's words (JSON,
@@ -99,7 +101,16 @@ class Stats:
     rid: Scalar
 
 
-Action = Reply | Failure | Start | Stats
+class Echo:
+    """Answer the request with its own id and body (the hot path: one
+    shared object, nothing built per request)."""
+
+    __slots__ = ()
+
+
+ECHO = Echo()
+
+Action = Reply | Echo | Failure | Start | Stats
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +236,8 @@ class Session:
             and type(rid) in _SCALAR_TYPES
             and (self.key is not None or svc not in self._auth_required)
         ):
-            if svc == "echo":  # the hot path: nothing to check
-                return Reply(rid, body)
+            if svc == "echo":  # the hot path: nothing to check, nothing made
+                return ECHO
             return _SERVICES[svc](self, rid, header, body, now)
         return self._refuse(rid, svc, header)
 

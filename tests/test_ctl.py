@@ -292,7 +292,7 @@ def test_workers_every_command_covers_every_worker(start_evd):
         assert len({c["conn"] for c in conns}) == 40  # unique across workers
         assert body(evd, "info")["connections"] == 40
         assert body(evd, "services")["services"]["echo"]["connections_current"] == 40
-        victim = conns[0]
+        victim = conn_of(evd, "echo", socks[0].getsockname()[1])  # not socks[1]: it carries on below
         assert ask(evd, "kill", str(victim["conn"])).ok
         closed = evd.wait_for("conn.close", conn=victim["conn"])
         assert closed["reason"] == "killed" and closed["pid"] in pids

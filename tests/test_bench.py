@@ -159,7 +159,14 @@ def test_sources_spread_the_load_over_addresses_the_server_admits(start_evd, mod
     # counts as lost is one answered after 0.2 s, which a busy machine can
     # cause; a refusal would be in evd's log.)
     assert evd.stop() == 0
-    refused = [e for e in evd.events if e.get("event") in ("udp.drop", "conn.reject")]
+    # (A reply the kernel's send buffer had no room for is a drop too, but
+    # not a refusal: a busy machine can cause it.)
+    refused = [
+        e
+        for e in evd.events
+        if e.get("event") == "conn.reject"
+        or (e.get("event") == "udp.drop" and e["reason"] in ("access", "rate"))
+    ]
     assert not refused, refused
 
 

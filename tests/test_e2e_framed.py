@@ -566,6 +566,7 @@ def test_named_keys_hello_auth_scope_and_audit(tmp_path, start_evd):
                 client.call("auth", **header)
             assert (err.value.code, err.value.message) == ("unauthorized", "wrong mac")
         assert client.call("auth", key="default", mac=mac_for(client, "default")).header["key"] == "default"
+    evd.wait_for("auth.fail", key="deploy")  # the second: both are in the log now
     fails = [e for e in evd.drain_events() if e.get("event") == "auth.fail"]
     assert [e.get("key") for e in fails] == ["nosuch", "deploy"] and [e["attempt"] for e in fails] == [1, 2]
 

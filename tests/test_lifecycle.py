@@ -232,6 +232,7 @@ def test_sigterm_lets_an_inflight_command_finish(start_evd, tmp_path):
         reply = client.recv()
     assert reply.header["id"] == 7 and reply.header["ok"] is True and reply.header["exit"] == 0
     assert evd.proc.wait(WAIT) == 0
+    assert evd.stop() == 0  # and its log read to the end
     names = [e["event"] for e in evd.drain_events()]
     assert names.index("command.end") < names.index("daemon.stop")
     assert not (tmp_path / "evd.pid").exists()

@@ -156,6 +156,7 @@ def test_every_stream_service_over_tls(start_evd, pki):
     with tls_connect(evd, pki, "timefmt") as sock:
         sock.sendall(b"%Y\n")
         assert recv_exactly(sock, 6) == time.strftime("%Y").encode() + b"\r\n"
+    evd.wait_for("conn.open", service="timefmt")  # the last: the others are read too
     opens = [e for e in evd.drain_events() if e["event"] == "conn.open"]
     assert {e["service"] for e in opens} == {"discard", "chargen", "daytime", "time", "timefmt"}
     assert all(e["proto"] == "tls" for e in opens)
@@ -510,6 +511,7 @@ def test_evd_bench_over_tls(start_evd, pki, mode, service, extra):
     )
     assert result["tls"] is True and result["errors"] == 0, result
     assert result["requests"] > 0
+    evd.wait_for("conn.open", service=service)
     opened = [e for e in evd.drain_events() if e["event"] == "conn.open" and e["service"] == service]
     assert opened and all(e["proto"] == "tls" for e in opened)
 

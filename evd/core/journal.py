@@ -145,7 +145,7 @@ class JournalTarget:
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
         self._sock = self._connect()
-        self._identity = _identity(self._sock.fileno())
+        self._identity = identity(self._sock.fileno())
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -194,16 +194,16 @@ class JournalTarget:
         sock = self._connect()
         self._sock.close()
         self._sock = sock
-        self._identity = _identity(sock.fileno())
+        self._identity = identity(sock.fileno())
         return None
 
     def after_fork(self) -> None:
         """Still our socket?  `evd start` detaching closes every descriptor
         it was not told to keep, and the number may be someone else's now."""
-        if _identity(self._sock.fileno()) != self._identity:
+        if identity(self._sock.fileno()) != self._identity:
             self._sock.detach()  # not ours any more: never close it
             self._sock = self._connect()
-            self._identity = _identity(self._sock.fileno())
+            self._identity = identity(self._sock.fileno())
 
     def isatty(self) -> bool:
         return False
@@ -212,7 +212,9 @@ class JournalTarget:
         self._sock.close()
 
 
-def _identity(fd: int) -> tuple[int, int] | None:
+def identity(fd: int) -> tuple[int, int] | None:
+    """The file a descriptor is (device, inode): after a fork, a sink checks
+    its descriptor is still the one it opened.  None if closed."""
     try:
         st = os.fstat(fd)
     except OSError:

@@ -14,6 +14,8 @@ import select
 import socket
 import stat
 
+from evd.core.journal import identity
+
 # The largest write a pipe keeps whole when several processes write to it.
 ATOMIC_WRITE = select.PIPE_BUF
 # A regular file keeps any append whole: fewer, larger writes.
@@ -24,14 +26,6 @@ def describe(exc: OSError) -> str:
     """`[Errno 28] No space left on device`, with no Python words."""
     text = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else str(exc)
     return f"{exc.filename}: {text}" if exc.filename else text
-
-
-def _identity(fd: int) -> tuple[int, int] | None:
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 class StderrTarget:
@@ -49,7 +43,7 @@ class StderrTarget:
         self._sock: socket.socket | None = None
         self._poll = False
         self.chunk = ATOMIC_WRITE
-        self._identity = _identity(self.stderr)
+        self._identity = identity(self.stderr)
         try:
             mode = os.fstat(self.stderr).st_mode
         except OSError:
@@ -62,7 +56,7 @@ class StderrTarget:
             try:
                 flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
                 self._private = os.open(f"/proc/self/fd/{self.stderr}", flags)
-                self._private_identity = _identity(self._private)
+                self._private_identity = identity(self._private)
             except OSError:
                 self._poll = True
         elif stat.S_ISREG(mode):
@@ -96,9 +90,9 @@ class StderrTarget:
         """Detaching (`evd start`) points fd 2 at /dev/null and closes our
         private descriptor, whose number may be reused by then: look again,
         and never close what may not be ours any more."""
-        same = _identity(self.stderr) == self._identity
+        same = identity(self.stderr) == self._identity
         if self._private is not None:
-            same = same and _identity(self._private) == self._private_identity
+            same = same and identity(self._private) == self._private_identity
         if not same:
             if self._sock is not None:
                 self._sock.detach()
@@ -173,7 +167,7 @@ class FileTarget:
             st = os.stat(self.path)
         except OSError:
             return False
-        return (st.st_dev, st.st_ino) == _identity(fd)
+        return (st.st_dev, st.st_ino) == identity(fd)
 
     def after_fork(self) -> None:
         pass  # launch keeps the log file across detaching

@@ -57,12 +57,12 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
 from evd.core.seams import Buffer, Handler, Reason
+from evd.handlers.raw import Handler as Ignoring
 from evd.handlers.service import Service
 from evd.net.transport import RECV_BUFFER, RECV_SIZE, RECV_VIEW, StreamSocket, StreamTransport
 
 if TYPE_CHECKING:
     from evd.core.reactor import Reactor
-    from evd.core.seams import Transport
 
 # Decrypted records land here (one process, one thread: free again when the
 # callback returns).  SSLObject.read without a buffer would allocate its
@@ -130,34 +130,16 @@ def common_name(cert: Mapping[str, object]) -> str | None:
     return found
 
 
-class _Handshaking:
+class _Handshaking(Ignoring):
     """The protocol of a connection whose handshake is under way: the real
     handler has not been told of it yet.  A daemon that drains ends it (it
-    has nothing in flight); everything else is ignored."""
+    has nothing in flight); everything else is ignored (Handler's
+    defaults)."""
 
-    __slots__ = ("transport",)
-    echoes = False
+    __slots__ = ()
 
     def __init__(self, transport: TLSTransport):
         self.transport = transport
-
-    def connection_made(self, transport: Transport) -> None:
-        pass
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False
-
-    def resume_writing(self) -> None:
-        pass
-
-    def connection_lost(self, reason: str) -> None:
-        pass
-
-    def stalled(self, now: float, limit: float) -> bool:
-        return False
 
     def drain(self) -> None:
         self.transport.close(Reason.SHUTDOWN)

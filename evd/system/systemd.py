@@ -38,11 +38,6 @@ LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 ListenerKey = tuple[str, Address]
 
 
-def under_systemd(env: Mapping[str, str] = os.environ) -> bool:
-    """Started by systemd as a service (not just on a systemd machine)."""
-    return bool(env.get("NOTIFY_SOCKET") or env.get("INVOCATION_ID"))
-
-
 def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 

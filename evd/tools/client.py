@@ -85,7 +85,7 @@ class Client:
         self.sock.close()
 
     def send(self, header: dict[str, Any], body: bytes = b"") -> None:
-        self.sock.sendall(encode(header, body))
+        self.sock.sendall(encode(header, body))  # a client: blocking, under the socket timeout
 
     def recv(self) -> Frame:
         """The next frame; ConnectionError if the server closed first."""

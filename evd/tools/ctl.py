@@ -31,7 +31,7 @@ def request(path: str, command: Request, timeout: float) -> Answer:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(encode(command.header()))
+        sock.sendall(encode(command.header()))  # a client: blocking, under the timeout
         decoder = Decoder(MAX_HEADER, MAX_BODY)
         while (frame := decoder.next_frame()) is None:
             sock.settimeout(max(0.001, deadline - time.monotonic()))

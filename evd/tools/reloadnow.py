@@ -127,7 +127,7 @@ def _wait_for_reload(path: str, offset: int, pid: int, timeout: float) -> dict[s
                 return event
         if time.monotonic() >= deadline:
             return None
-        time.sleep(POLL)
+        time.sleep(POLL)  # a client reading a log file, bounded by `deadline`
 
 
 def _event(line: bytes) -> dict[str, Any] | None:

@@ -152,4 +152,4 @@ def _sleep_until(when: float) -> None:
     """The measured window is a span of time: waiting out a span is timing, not sync."""
     left = when - time.monotonic()
     if left > 0:
-        time.sleep(left)
+        time.sleep(left)  # waiting out the window (the generator, not the daemon)

@@ -61,7 +61,7 @@ class PollWatcher:
         pass
 
     def wait(self) -> None:
-        time.sleep(POLL)
+        time.sleep(POLL)  # a reader without inotify: polling is its only clock
 
     def close(self) -> None:
         pass

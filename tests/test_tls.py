@@ -225,6 +225,25 @@ def test_slow_and_garbage_handshakes_are_tls_fail(start_evd, pki):
         assert recv_exactly(sock, 2) == b"ok"
 
 
+def test_failed_handshakes_are_counted_in_metrics_by_reason(start_evd, pki):
+    from test_metrics import samples, scrape, value
+
+    evd = start_evd(tls_config(services=("echo",)) + '\n[metrics]\ntcp = ["127.0.0.1:0"]\n')
+    for _ in range(2):
+        with socket.create_connection(evd.addr("echo", "tls"), timeout=WAIT) as http:
+            http.sendall(b"GET / HTTP/1.1\r\nHost: evd\r\n\r\n")
+            recv_all(http)
+        evd.wait_for("tls.fail", reason="http_request")
+    with tls_connect(evd, pki) as sock:  # a handshake that works counts nothing
+        sock.sendall(b"ok")
+        assert recv_exactly(sock, 2) == b"ok"
+    text = scrape(evd.addr("metrics"))[2]
+    assert value(text, "evd_tls_failures_total", service="echo", reason="http_request") == 2
+    assert [k for k in samples(text) if k[0] == "evd_tls_failures_total"] == [
+        ("evd_tls_failures_total", (("reason", "http_request"), ("service", "echo")))
+    ]
+
+
 def test_tls_1_1_and_renegotiation_are_refused(start_evd, pki):
     openssl = need("openssl")
     evd = start_evd(tls_config(services=("echo",)))

@@ -48,7 +48,7 @@ class ServerTLS:
         self.service = service
         self.context = context
         self.handshaking: set[TLSTransport] = set()
-        self.failures: Counter[str] = Counter()  # by reason, for stats and metrics
+        self.failures: Counter[str] = Counter()  # by reason, for evd_tls_failures_total
         self.fails: ThrottledLog[Peer] = ThrottledLog("tls.fail", service.name, reactor, _render_peer)
 
     def transport(

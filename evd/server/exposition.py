@@ -105,10 +105,11 @@ def service_families(services: Mapping[str, Mapping[str, Any]]) -> Iterator[Metr
     for metric, help_text, key in (
         ("evd_rejected", "Connections refused, by reason (conn.reject).", "rejected"),
         ("evd_udp_drops", "Datagrams not answered, by reason (udp.drop).", "udp_drops"),
+        ("evd_tls_failures", "TLS handshakes that failed, by reason (tls.fail).", "tls_failures"),
     ):
         family = CounterMetricFamily(metric, help_text, labels=["service", "reason"])
         for name in names:
-            for reason, n in sorted(services[name][key].items()):
+            for reason, n in sorted(services[name].get(key, {}).items()):
                 family.add_metric([name, reason], n)
         yield family
 

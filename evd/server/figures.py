@@ -34,6 +34,7 @@ from evd.handlers.service import SEND_FAILURES, Service
 if TYPE_CHECKING:
     from evd.core.reactor import Reactor, Timer
     from evd.handlers.commands import Runner
+    from evd.net.tls_service import ServerTLS
 
 Figures = dict[str, Any]
 
@@ -84,6 +85,7 @@ class Counted(Protocol):
     """What `figures` reads of a daemon (server/daemon.py's Daemon)."""
 
     services: dict[str, Service]
+    tls: dict[str, ServerTLS]
     runner: Runner
     lag: LagProbe
 
@@ -110,6 +112,9 @@ def figures(daemon: Counted) -> Figures:
     for (name, outcome), n in daemon.runner.outcomes.items():
         commands.setdefault(name, {})[outcome] = n
     services = {name: service_figures(svc) for name, svc in daemon.services.items()}
+    for name, tls in daemon.tls.items():
+        if name in services:
+            services[name]["tls_failures"] = dict(tls.failures)
     return {
         "services": services,
         "commands_running": len(daemon.runner.running),

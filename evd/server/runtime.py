@@ -37,6 +37,7 @@ from evd.core.reactor import Reactor
 from evd.handlers.commands import Runner
 from evd.handlers.service import SEND_FAILURES, Service
 from evd.net.listeners import BindError, Listener, bind, bound_identity, unlink_if_ours
+from evd.net.tls_service import ServerTLS
 from evd.proto.control import Answer, Body, Reply, Request
 from evd.server.figures import Figures, LagProbe, figures
 from evd.server.reload import ListenerKey, Result
@@ -51,6 +52,7 @@ class Served(Protocol):
     config: Config
     services: dict[str, Service]
     listeners: dict[ListenerKey, Listener]
+    tls: dict[str, ServerTLS]
     runner: Runner
     reactor: Reactor
     started: float

@@ -12,7 +12,7 @@ import argparse
 
 from evd import __version__
 from evd.cli import bench, call, configure, ctl, lifecycle, logs, switch
-from evd.core.config import DEFAULT_PATH
+from evd.config.model import DEFAULT_PATH
 
 # Every subcommand group, in the order `evd --help` lists them.
 GROUPS = (lifecycle, configure, switch, call, ctl, logs, bench)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from evd.cli.exits import EX_FAIL, EX_OK, error, load_config
+from evd.cli.failures import EX_FAIL, EX_OK, error, load_config
 from evd.cli.targets import echo_address, framed_address
 from evd.tools.bench.options import MODES
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from evd.cli.exits import EX_CONFIG, EX_FAIL, EX_OK, EX_SERVER, error, load_config
+from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, EX_SERVER, error, load_config
 from evd.cli.targets import framed_address, server_key
 from evd.system.secrets import SecretError, read_secret
 

@@ -8,9 +8,9 @@ import ipaddress
 import json
 import sys
 
-from evd.cli.exits import EX_CONFIG, EX_OK, EX_SERVER, config_errors, error
-from evd.core import loader, tomlout
-from evd.core.config import SERVICE_NAMES, ConfigError
+from evd.cli.failures import EX_CONFIG, EX_OK, EX_SERVER, config_errors, error
+from evd.config import loader, tomlout
+from evd.config.model import SERVICE_NAMES, ConfigError
 from evd.server import preflight
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from evd.cli.exits import EX_CONFIG, EX_FAIL, EX_OK, error, load_config
+from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, error, load_config
 
 DEFAULT_TIMEOUT = 10.0  # seconds: a reload binds a few sockets and reads a few files
 COMMANDS = (

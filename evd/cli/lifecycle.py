@@ -7,9 +7,9 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-from evd.cli.exits import EX_CONFIG, EX_FAIL, EX_OK, error, load_config
+from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, error, load_config
 from evd.cli.targets import server_key, status_address
-from evd.core.schema import DURATION_MAX, LEVELS, LOG_FORMATS
+from evd.config.schema import DURATION_MAX, LEVELS, LOG_FORMATS
 
 # `evd stop --timeout`: the bound the schema puts on every duration (a
 # number select() and the clock take exactly).

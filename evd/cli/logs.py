@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evd.cli.exits import EX_FAIL, EX_OK, error
+from evd.cli.failures import EX_FAIL, EX_OK, error
 from evd.tools.logs.events import LEVEL_RANK, TimeSpecError, parse_time_spec
 
 FOLLOW_TAIL = 10  # lines shown before following, as `tail -f` does

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from evd.cli.exits import EX_CONFIG, EX_FAIL, EX_OK, config_errors, error
-from evd.core.config import ConfigError
+from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, config_errors, error
+from evd.config.model import ConfigError
 
 RELOAD_TIMEOUT = 10.0  # seconds: a reload binds a few sockets and reads a few files
 
 
 def cmd_switch(args: argparse.Namespace) -> int:
-    from evd.tools import dropin, reloadnow
+    from evd.tools import dropin, reload_answer
 
     enabled = args.command == "enable"
     try:
@@ -32,7 +32,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
         print(f"{args.service} {state}: wrote {plan.path}")
     if not args.now:
         return EX_OK
-    outcome = reloadnow.reload(plan.loaded.config, args.timeout)
+    outcome = reload_answer.reload(plan.loaded.config, args.timeout)
     if outcome.status == EX_OK:
         print(outcome.message)
     else:

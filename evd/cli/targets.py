@@ -4,8 +4,8 @@ and the key a client may read to authenticate."""
 
 from __future__ import annotations
 
-from evd.core.addresses import dialable
-from evd.core.config import Config
+from evd.config.addresses import dialable
+from evd.config.model import Config
 from evd.system.secrets import SecretError, read_secret
 
 

@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from evd.core.log import log
-from evd.core.seams import Buffer, Transport
-from evd.handlers.commands import CommandError, Result, Run, Runner
+from evd.commands.runner import CommandError, Result, Run, Runner
 from evd.handlers.service import Service
+from evd.log.logger import log
+from evd.loop.seams import Buffer, Transport
 from evd.proto.framing import Decoder, FrameError, Header, encode_parts, ok_header
 from evd.proto.rules import Rules
 from evd.proto.session import (

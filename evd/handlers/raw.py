@@ -1,10 +1,7 @@
-"""Connection handlers for the raw stream services.
+"""Connection handlers for the raw stream services (the events a handler
+gets are described in base.py).
 
-A handler (asyncio would say "protocol") gets events from its transport:
-`connection_made(transport)`, `data_received(data)`, `eof_received()` (return
-True to keep the connection open after the peer's EOF), `resume_writing()`
-(the output queue drained below `write_low`) and `connection_lost(reason)`.
-The service logic itself lives in `proto/services.py`; these classes only glue it
+The service logic itself lives in `proto/classic.py`; these classes only glue it
 to a transport.
 """
 
@@ -13,12 +10,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from evd.core.seams import Reason
-from evd.proto import services
+from evd.handlers.base import Handler
+from evd.loop.seams import Reason
+from evd.proto import classic
 
 if TYPE_CHECKING:
-    from evd.core.reactor import Timer
-    from evd.core.seams import Transport
+    from evd.loop.reactor import Timer
+    from evd.loop.seams import Transport
 
 # timefmt over TCP: the longest line we wait for.  A format is at most
 # TIMEFMT_MAX bytes; anything this long without a newline is not a client
@@ -27,40 +25,6 @@ TIMEFMT_LINE_MAX = 1024
 # Chargen blocks written per refill before yielding to other connections when
 # the kernel keeps taking everything (a fast local reader).
 CHARGEN_BURST = 16
-
-
-class Handler:
-    """Default events: ignore input, close after the peer's EOF."""
-
-    # Slots, not a __dict__: a handler per connection, 10,000 idle ones.
-    __slots__ = ("transport",)
-    echoes = False
-    transport: Transport
-
-    def connection_made(self, transport: Transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False
-
-    def resume_writing(self) -> None:
-        pass
-
-    def connection_lost(self, reason: str) -> None:
-        pass
-
-    def stalled(self, now: float, limit: float) -> bool:
-        """True if the peer has kept a request half-sent for over `limit`
-        seconds (a slowloris); checked by the daemon's periodic sweep."""
-        return False
-
-    def drain(self) -> None:
-        """The daemon is stopping.  A raw stream has no request boundary, so
-        the connection runs to its natural end (the client's EOF); whatever
-        is still open at shutdown_timeout is closed by the daemon."""
 
 
 class Echo(Handler):
@@ -87,7 +51,7 @@ class Daytime(Handler):
 
     def connection_made(self, transport: Transport) -> None:
         self.transport = transport
-        transport.write(services.daytime(time.time()))
+        transport.write(classic.daytime(time.time()))
         transport.close_when_flushed()
 
 
@@ -98,7 +62,7 @@ class Time(Handler):
 
     def connection_made(self, transport: Transport) -> None:
         self.transport = transport
-        transport.write(services.rfc868(time.time()))
+        transport.write(classic.rfc868(time.time()))
         transport.close_when_flushed()
 
 
@@ -122,7 +86,7 @@ class Chargen(Handler):
         for _ in range(CHARGEN_BURST):
             if transport.write_paused or transport.closing:
                 return
-            transport.write(services.CHARGEN_BLOCK)
+            transport.write(classic.CHARGEN_BLOCK)
         if not transport.write_paused and not transport.closing and self._timer is None:
             # The kernel took everything: come back after other connections
             # have had their turn, rather than loop here.
@@ -157,7 +121,7 @@ class Timefmt(Handler):
         *lines, self._buf = buf.split(b"\n")
         if lines:
             now = time.time()
-            replies = [(services.timefmt(line.rstrip(b"\r"), now) or b"") + b"\r\n" for line in lines]
+            replies = [(classic.timefmt(line.rstrip(b"\r"), now) or b"") + b"\r\n" for line in lines]
             self.transport.requests += len(lines)
             self.transport.write(b"".join(replies))
         if len(self._buf) > TIMEFMT_LINE_MAX:

@@ -34,14 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from evd.core.addresses import SockAddr, fold_mapped, peer_text, sockaddr_text
-from evd.core.config import ServiceConfig
-from evd.core.log import log
-from evd.core.seams import Connection, Reason
+from evd.config.addresses import SockAddr, fold_mapped, peer_text, sockaddr_text
+from evd.config.model import ServiceConfig
+from evd.log.logger import log
+from evd.loop.seams import Connection, Reason
 from evd.proto.admission import ACCESS, RATE, Admission
 
 if TYPE_CHECKING:
-    from evd.core.reactor import Reactor, Timer
+    from evd.loop.reactor import Reactor, Timer
 
 # One sequence for the whole process, so a `conn` id names one connection in
 # the logs whatever service it belongs to.

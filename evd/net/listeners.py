@@ -31,14 +31,14 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from evd.core.addresses import Address, fold_mapped, sockaddr_text
-from evd.core.log import log
-from evd.core.seams import Handler, HandlerFactory
+from evd.config.addresses import Address, fold_mapped, sockaddr_text
 from evd.handlers.service import Service
+from evd.log.logger import log
+from evd.loop.seams import Handler, HandlerFactory
 from evd.net.transport import RECV_BUFFER, RECV_VIEW, StreamSocket, StreamTransport
 
 if TYPE_CHECKING:
-    from evd.core.reactor import Reactor, Timer
+    from evd.loop.reactor import Reactor, Timer
 
 try:  # the C socket type, to wrap accepted descriptors (see c_accept)
     from _socket import socket as CSocket
@@ -321,7 +321,7 @@ class StreamListener(Listener):
         transport.start(service.opened(transport))
 
 
-# payload -> reply, or None: no reply (proto/services.py)
+# payload -> reply, or None: no reply (proto/classic.py)
 DatagramHandler = Callable[[bytes], bytes | None]
 
 

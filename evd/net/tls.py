@@ -56,13 +56,13 @@ import ssl
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
-from evd.core.seams import Buffer, Handler, Reason
-from evd.handlers.raw import Handler as Ignoring
+from evd.handlers.base import Handler as Ignoring
 from evd.handlers.service import Service
+from evd.loop.seams import Buffer, Handler, Reason
 from evd.net.transport import RECV_BUFFER, RECV_SIZE, RECV_VIEW, StreamSocket, StreamTransport
 
 if TYPE_CHECKING:
-    from evd.core.reactor import Reactor
+    from evd.loop.reactor import Reactor
 
 # Decrypted records land here (one process, one thread: free again when the
 # callback returns).  SSLObject.read without a buffer would allocate its

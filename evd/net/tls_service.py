@@ -23,14 +23,14 @@ import ssl
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from evd.core.addresses import peer_text
-from evd.core.seams import Handler
+from evd.config.addresses import peer_text
 from evd.handlers.service import Service, ThrottledLog
+from evd.loop.seams import Handler
 from evd.net.tls import TLSTransport
 from evd.net.transport import StreamSocket
 
 if TYPE_CHECKING:
-    from evd.core.reactor import Reactor
+    from evd.loop.reactor import Reactor
 
 Peer = tuple[str | None, int]
 

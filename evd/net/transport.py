@@ -48,14 +48,14 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from evd.core.addresses import peer_text
-from evd.core.log import log
-from evd.core.seams import Buffer, Handler, Reason, ServiceState
-from evd.handlers.raw import Handler as InertHandler
+from evd.config.addresses import peer_text
+from evd.handlers.base import Handler as InertHandler
+from evd.log.logger import log
+from evd.loop.seams import Buffer, Handler, Reason, ServiceState
 
 if TYPE_CHECKING:
-    from evd.core.config import Limits
-    from evd.core.reactor import Reactor
+    from evd.config.model import Limits
+    from evd.loop.reactor import Reactor
 
 # One recv per readable event; 64 KiB matches the loopback MTU and a typical
 # socket buffer, so a busy peer is drained in few calls without big copies.

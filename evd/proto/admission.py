@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evd.core.config import Limits, ServiceConfig
+from evd.config.model import Limits, ServiceConfig
 from evd.proto.access import AccessList
 
 # About 100 bytes each: 64k buckets is a few MiB at worst, and far more

@@ -19,7 +19,7 @@ import json
 import re
 from collections.abc import Mapping
 
-from evd.core.config import CommandSpec
+from evd.config.model import CommandSpec
 
 # How much of a client's string a message quotes.
 QUOTE_MAX = 64

@@ -14,7 +14,7 @@ Error codes, and the client's exit status for each (SPEC section 2):
 `bad_request` and `unknown_command` (2), `failed` (1: a reload that failed,
 workers that did not answer).
 
-The same requests go from the supervisor to its workers (server/fanout.py),
+The same requests go from the supervisor to its workers (server/control/fanout.py),
 who answer their share; `merge_*` below turn the shares into the answer a
 single process would give, with figures summed.
 """

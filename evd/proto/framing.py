@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from evd.core.seams import Buffer
+from evd.loop.seams import Buffer
 
 # The length prefix: a uint32, big-endian (network order), 4 bytes.
 _PREFIX = struct.Struct(">I")

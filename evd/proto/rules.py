@@ -20,7 +20,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from evd.core.config import CommandSpec, Config, KeySpec
+from evd.config.model import CommandSpec, Config, KeySpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from evd import __version__
-from evd.core.config import KeySpec
-from evd.core.seams import Reason
+from evd.config.model import KeySpec
+from evd.loop.seams import Reason
 from evd.proto import allowlist
 from evd.proto.allowlist import QUOTE_MAX, quote
 from evd.proto.framing import FrameError
@@ -143,7 +143,7 @@ Event = AuthOk | AuthFail | Close
 
 
 class Outcome(Protocol):
-    """What a finished command reports (handlers/commands.py's Result)."""
+    """What a finished command reports (commands/runner.py's Result)."""
 
     @property
     def exit(self) -> int | None: ...

@@ -6,7 +6,7 @@ reloads, SIGUSR1 reopens the log file.  Signal handlers only record; the work
 happens in the loop (gunicorn's arbiter, without its size).
 
 Listeners are keyed by (service, configured address).  A reload carries out
-the plan of server/reload.py: everything that can fail -- reading and
+the plan of server/reload_plan.py: everything that can fail -- reading and
 checking the file, binding what is new, opening a new log file -- comes
 first, and if anything fails nothing changes; then it closes what is gone
 and keeps the rest: the same socket, so there is no moment when a kept port
@@ -30,21 +30,21 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from evd import __version__
-from evd.core.config import LISTENING, Config
-from evd.core.log import log
-from evd.core.reactor import Reactor, Timer
-from evd.core.seams import HandlerFactory, Reason
-from evd.handlers.commands import Runner
+from evd.commands.runner import Runner
+from evd.config.model import LISTENING, Config
 from evd.handlers.framed import Context, Framed
 from evd.handlers.raw import STREAM_HANDLERS
 from evd.handlers.service import Service
+from evd.log.logger import log
+from evd.loop.reactor import Reactor, Timer
+from evd.loop.seams import HandlerFactory, Reason
 from evd.net.listeners import GUARD_PORTS, BindError, DatagramEndpoint, Listener, StreamListener
 from evd.net.tls_service import ServerTLS
+from evd.proto.classic import datagram_handler
 from evd.proto.rules import rules_for
-from evd.proto.services import datagram_handler
-from evd.server import preflight, reloading, signals, sockets
-from evd.server.figures import LagProbe
-from evd.server.reload import ListenerKey, Overrides, Plan, Result
+from evd.server import preflight, reload_steps, signals, sockets
+from evd.server.metrics.snapshot import LagProbe
+from evd.server.reload_plan import ListenerKey, Overrides, Plan, Result
 from evd.system.certificates import CertificateError, server_context
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
@@ -99,9 +99,9 @@ class Daemon:
         self._sweep_timer: Timer | None = None
         self.runner = Runner(self.reactor, config.services["command"])
         self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
-        # For the runtime control and metrics (server/runtime.py, figures.py).
+        # For the runtime control and metrics (server/control/verbs.py, metrics/snapshot.py).
         self.lag = LagProbe(self.reactor)
-        self.reloads = reloading.Reloads(self.notifier, self._event("reload"))
+        self.reloads = reload_steps.Reloads(self.notifier, self._event("reload"))
         self.closers: list[Callable[[], None]] = []  # at exit, while the loop is still there
 
     def stats(self) -> dict[str, object]:
@@ -331,7 +331,7 @@ class Daemon:
         )
 
     def _reload(self) -> Result:
-        ready = reloading.prepare(
+        ready = reload_steps.prepare(
             self.config,
             self.machine,
             self.listeners,

@@ -37,15 +37,16 @@ from collections.abc import Callable
 import daemon as python_daemon
 
 from evd import __version__
-from evd.core.config import Config, ConfigError
-from evd.core.log import log
+from evd.config.model import Config, ConfigError
+from evd.log.logger import log
 from evd.net.listeners import BindError
-from evd.server import preflight, runtime, signals, surfaces
+from evd.server import preflight, signals
+from evd.server.control import endpoints, verbs
+from evd.server.control.endpoints import SurfaceKey
 from evd.server.daemon import Daemon
-from evd.server.reload import ListenerKey, Overrides, log_settings
+from evd.server.reload_plan import ListenerKey, Overrides, log_settings
 from evd.server.sockets import Slots, bind_slots, unbind
 from evd.server.supervisor import Supervisor
-from evd.server.surfaces import SurfaceKey
 from evd.system import systemd
 from evd.system.pidfile import AlreadyRunning, Pidfile, PidfileError
 from evd.system.privileges import Credentials, PrivilegeError, drop
@@ -134,7 +135,7 @@ def prepare(config: Config, overrides: Overrides, detach: bool) -> Launch:
         raise_nofile_limit()
         slots, inherited = _listen(config)
         try:
-            bound = surfaces.bind_all(config)
+            bound = endpoints.bind_all(config)
         except BindError:
             unbind(slots)
             raise
@@ -242,8 +243,8 @@ def serve(launch: Launch, on_ready: Callable[[], None] | None = None) -> int:
     )
     bound: dict[ListenerKey, socket.socket] = {key: socks[0] for key, socks in launch.slots.items()}
     daemon.open(bound, inherited=launch.inherited)
-    local = runtime.Local(daemon)
-    served = surfaces.Surfaces(daemon.reactor, config.limits, launch.surfaces, local, local)
+    local = verbs.Local(daemon)
+    served = endpoints.Surfaces(daemon.reactor, config.limits, launch.surfaces, local, local)
     served.open()
     daemon.closers.append(served.close)
     return daemon.serve(on_ready)

@@ -1,6 +1,6 @@
 """What the configuration names on this machine, checked and read.
 
-The validator (core/validate.py) judges the file alone.  Before evd acts on
+The validator (config/validate.py) judges the file alone.  Before evd acts on
 a configuration -- `run`, `start`, a reload, and `check-config`, which must
 refuse everything `run` would -- the things it names must also be usable:
 key files readable, private, regular and not empty; each TLS service's
@@ -16,7 +16,7 @@ import hashlib
 import ssl
 from dataclasses import dataclass, field
 
-from evd.core.config import LISTENING, Config, ConfigError
+from evd.config.model import LISTENING, Config, ConfigError
 from evd.system import privileges
 from evd.system.certificates import CertificateError, server_context
 from evd.system.secrets import SecretError, read_secret

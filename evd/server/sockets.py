@@ -1,7 +1,7 @@
 """Listening sockets for a set of listeners, bound all at once or not at all.
 
 Start-up (server/launch.py) binds the whole configuration; a reload, of the
-daemon or the supervisor, binds only what the plan adds (server/reload.py).
+daemon or the supervisor, binds only what the plan adds (server/reload_plan.py).
 Either way a port in use must leave nothing half-bound behind, so
 `bind_slots` closes what it bound before raising.
 
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from evd.net.listeners import bind, bound_identity, unlink_if_ours
-from evd.server.reload import ListenerKey
+from evd.server.reload_plan import ListenerKey
 
 # {listener key: [socket per worker slot]}; a single process has one slot.
 Slots = dict[ListenerKey, list[socket.socket]]

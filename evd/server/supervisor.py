@@ -22,11 +22,11 @@ Reactor and Daemon.  Its process group is its own, so a Ctrl-C reaches only
 the supervisor, which passes signals on once.  A pipe nobody writes (the
 lifeline) reaches end-of-file when the supervisor is gone, however it died,
 and the orphaned worker shuts down.  Each worker also has a socketpair to
-the supervisor (server/link.py): ordered requests and answers, and
+the supervisor (server/control/link.py): ordered requests and answers, and
 descriptors passed along, for runtime control and metrics.
 
 The supervisor's loop serves the control socket and the metrics port for
-the whole daemon (server/fanout.py: it asks every worker over its
+the whole daemon (server/control/fanout.py: it asks every worker over its
 socketpair and sums the answers without ever waiting for one), and handles
 signals -- SIGCHLD among them, through the reactor's wakeup descriptor --
 and timers:
@@ -34,7 +34,7 @@ and timers:
 - SIGTERM/SIGINT: close our copies of the sockets, pass the signal on, wait
   for the workers up to shutdown_timeout + KILL_AFTER, then SIGKILL them.
 - SIGHUP: re-read the configuration and carry out the plan of
-  server/reload.py, the same plan a single process follows.  Invalid, or a
+  server/reload_plan.py, the same plan a single process follows.  Invalid, or a
   new listener or log file that cannot be opened: `config.reload ok=false`,
   nothing changes.  Same listeners: tell each worker over its socketpair;
   it re-reads the file and applies limits, access lists, commands and log
@@ -66,18 +66,18 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from evd.core.addresses import sockaddr_text
-from evd.core.config import Config
-from evd.core.log import log
-from evd.core.reactor import Reactor
+from evd.config.addresses import sockaddr_text
+from evd.config.model import Config
 from evd.handlers.service import number_connections
+from evd.log.logger import log
+from evd.loop.reactor import Reactor
 from evd.net.listeners import bound_identity, unlink_if_ours
-from evd.server import preflight, reloading, signals
+from evd.server import preflight, reload_steps, signals
+from evd.server.control.endpoints import SurfaceKey, Surfaces
+from evd.server.control.fanout import Fanout, WorkerEnd
 from evd.server.daemon import Daemon
-from evd.server.fanout import Fanout, WorkerEnd
-from evd.server.reload import ListenerKey, Overrides, Plan, Result
+from evd.server.reload_plan import ListenerKey, Overrides, Plan, Result
 from evd.server.sockets import Slots, bind_slots, close_sockets
-from evd.server.surfaces import SurfaceKey, Surfaces
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
 
@@ -143,10 +143,10 @@ class Supervisor:
         self.stop_signal: str | None = None
         # Read end for the workers; the write end stays here only.
         self.lifeline_r, self.lifeline_w = os.pipe()
-        # The runtime control and metrics (server/fanout.py, surfaces.py).
+        # The runtime control and metrics (server/control/fanout.py, control/endpoints.py).
         self.fanout = Fanout(self)
         self.surfaces = Surfaces(self.reactor, config.limits, surfaces or {}, self.fanout, self.fanout)
-        self.reloads = reloading.Reloads(self.notifier, "config.reload")
+        self.reloads = reload_steps.Reloads(self.notifier, "config.reload")
         self.lives: Counter[int] = Counter()  # slot -> workers started on it
 
     @property
@@ -376,7 +376,7 @@ class Supervisor:
         )
 
     def _reload(self) -> Result:
-        ready = reloading.prepare(
+        ready = reload_steps.prepare(
             self.config,
             self.machine,
             self.slots,

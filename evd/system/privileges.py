@@ -16,7 +16,7 @@ import os
 import pwd
 from collections.abc import Callable
 
-from evd.core.config import ConfigError
+from evd.config.model import ConfigError
 
 
 class PrivilegeError(Exception):

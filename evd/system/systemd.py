@@ -25,11 +25,11 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING
 
-from evd.core.addresses import Address, fold_mapped, sockaddr_text
-from evd.core.log import log
+from evd.config.addresses import Address, fold_mapped, sockaddr_text
+from evd.log.logger import log
 
 if TYPE_CHECKING:
-    from evd.core.reactor import Reactor
+    from evd.loop.reactor import Reactor
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 

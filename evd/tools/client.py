@@ -14,7 +14,7 @@ import ssl
 from types import TracebackType
 from typing import Any
 
-from evd.core.addresses import dial
+from evd.config.addresses import dial
 from evd.proto.framing import Decoder, Frame, encode
 
 DEFAULT_TIMEOUT = 10.0

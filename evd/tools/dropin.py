@@ -22,9 +22,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from evd.core import dropins, loader
-from evd.core.config import EMBEDDED_SOURCE, SERVICE_NAMES, ConfigError
-from evd.core.loader import Loaded
+from evd.config import dropins, loader
+from evd.config.loader import Loaded
+from evd.config.model import EMBEDDED_SOURCE, SERVICE_NAMES, ConfigError
 from evd.server import preflight
 
 PRIORITY = "50"  # the name's prefix: packages ship lower numbers, local overrides higher ones

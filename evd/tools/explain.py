@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from evd.core.config import ServiceConfig
-from evd.core.loader import Loaded
-from evd.core.schema import LIMITS, SERVICE_KEYS
+from evd.config.loader import Loaded
+from evd.config.model import ServiceConfig
+from evd.config.schema import LIMITS, SERVICE_KEYS
 from evd.proto.access import AccessList
 
 DEFAULT = "default"  # "from" of a value no file set

@@ -43,7 +43,7 @@ The modules, top down
 - `target`   where to connect and where from (the address, source
              addresses and ports).
 - `probes`   the server seen from /proc (CPU, RSS, process tree, a core's
-             busy time); tests/bench uses them too.
+             busy time); bench uses them too.
 - `measure`  a worker's figures, the shared timeline, the payloads.
 - `options`  what a run is asked to do, and its bounds.
 

@@ -2,7 +2,7 @@
 and the busy time of the core it is pinned to.
 
 `evd bench --server-pid` samples these at both ends of the measured window;
-tests/bench (the benchmark and the attacks) uses the same functions, so
+bench (the benchmark and the attacks) uses the same functions, so
 every published figure is read one way.  A process that exits between two
 reads simply stops counting: these are measurements, not bookkeeping.
 """

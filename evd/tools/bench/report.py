@@ -1,6 +1,6 @@
 """A run's figures: the workers' results merged, one human line, one JSON line.
 
-The JSON fields are a contract: tests/bench/run.py and scripts read them.
+The JSON fields are a contract: bench/run.py and scripts read them.
 Fields are only ever added (and `sources` appears only when asked for).
 """
 

@@ -1,0 +1,36 @@
+"""Exit statuses, and how every command reports what went wrong."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evd.config import loader
+from evd.config.model import Config, ConfigError
+
+EX_OK = 0
+EX_FAIL = 1
+EX_SERVER = 2  # the server (or daemon) answered with a refusal
+EX_NOT_RUNNING = 3  # LSB: `status` of a daemon that is not running
+EX_CONFIG = 78  # sysexits.h EX_CONFIG: what service managers expect
+
+
+def error(message: str) -> None:
+    """One human line on stderr."""
+    print(f"evd: {message}", file=sys.stderr)
+
+
+def config_errors(exc: ConfigError) -> None:
+    """Every configuration problem, one "KEY.PATH: message" per line."""
+    for line in exc.errors:
+        print(line, file=sys.stderr)
+
+
+def load_config(args: argparse.Namespace) -> Config | None:
+    """The configuration of -c/$EVD_CONFIG/the default, or None after
+    printing every error (the caller exits EX_CONFIG)."""
+    try:
+        return loader.load(args.config)
+    except ConfigError as exc:
+        config_errors(exc)
+        return None

@@ -1,0 +1,158 @@
+"""Finding and reading the configuration: the main file and its drop-ins.
+
+`-c PATH`, else `$EVD_CONFIG`, else /etc/evd/evd.toml if it exists, else
+the embedded default (evd/default.toml, identical to the repository's
+etc/evd.toml).  The main file's `include` patterns name drop-in files,
+read after it and merged into it (config/dropins.py) before the one
+validator (config/validate.py) judges the whole.  Every reader of the
+configuration -- `run`, `start`, a reload, `check-config`, `explain`,
+`enable`/`disable` -- comes through `load_all`, so they cannot disagree
+about what the files mean.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from evd.config import dropins, validate
+from evd.config import model as config_mod
+from evd.config.model import EMBEDDED_SOURCE, Config, ConfigError
+
+
+def embedded_text() -> str:
+    return resources.files("evd").joinpath("default.toml").read_text(encoding="utf-8")
+
+
+def resolve_path(path: str | None) -> str | None:
+    """-c PATH, else $EVD_CONFIG, else DEFAULT_PATH if it exists, else None
+    (embedded).  Made absolute: `evd start` detaches into cwd "/", and its
+    reloads must find the same file."""
+    if path is not None:
+        return os.path.abspath(path)
+    if os.environ.get("EVD_CONFIG"):
+        return os.path.abspath(os.environ["EVD_CONFIG"])
+    default = config_mod.DEFAULT_PATH
+    return default if os.path.exists(default) else None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A validated configuration with where it came from: the drop-in
+    files read (in order) and which file set each key."""
+
+    config: Config
+    files: tuple[str, ...] = ()
+    origins: dropins.Origins = field(default_factory=lambda: dropins.Origins(None))
+
+
+def _toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
+        raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
+
+
+def parse(text: str, source: str = EMBEDDED_SOURCE) -> Config:
+    """Validate one TOML text into a Config, or raise ConfigError listing
+    every problem.  No drop-ins: for a single document."""
+    return validate.build(_toml(text, source), source)
+
+
+def read_text(path: str) -> str:
+    """A configuration file's text, or ConfigError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: [Errno {exc.errno}] {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8: {exc}"]) from None
+
+
+def _main(path: str | None) -> tuple[str, dict[str, Any]]:
+    """(source, document) of the main file, or of the embedded default."""
+    resolved = resolve_path(path)
+    if resolved is None:
+        return EMBEDDED_SOURCE, _toml(embedded_text(), EMBEDDED_SOURCE)
+    return resolved, _toml(read_text(resolved), resolved)
+
+
+def include_of(path: str | None) -> tuple[str, tuple[str, ...]]:
+    """(source, include patterns) of the main file alone, validated as
+    `load_all` validates them; ConfigError if the main file or its
+    `include` is unusable."""
+    source, data = _main(path)
+    patterns = validate.build({"include": data["include"]}).include if "include" in data else ()
+    return source, patterns
+
+
+def _patterns(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """The main document's include patterns; none if they are invalid (the
+    validation of the whole document then reports why)."""
+    if "include" not in data:
+        return ()
+    try:
+        return validate.build({"include": data["include"]}).include
+    except ConfigError:
+        return ()
+
+
+def _dropin(path: str, replaced: Mapping[str, str]) -> dict[str, Any]:
+    """One drop-in's document (ConfigError naming the file if unusable)."""
+    data = _toml(replaced[path] if path in replaced else read_text(path), path)
+    if "include" in data:
+        raise ConfigError([f"{path}: include: only the main file may include drop-ins"])
+    return data
+
+
+def load_all(path: str | None = None, replaced: Mapping[str, str] | None = None) -> Loaded:
+    """The main file and its drop-ins, merged and validated; ConfigError
+    listing every problem, each naming its drop-in file.
+
+    `replaced` maps drop-in paths to the text to read instead of the file
+    (which need not exist yet): `evd enable` validates the configuration
+    it is about to write this way, before writing."""
+    replaced = replaced or {}
+    source, data = _main(path)
+    main = None if source == EMBEDDED_SOURCE else source
+    origins = dropins.Origins(main)
+    merged: dict[str, Any] = {}
+    if main is not None:  # the embedded default's values are the defaults: no origin
+        dropins.merge(merged, data, main, origins)
+    else:
+        merged = data
+    files = dropins.expand(_patterns(data), skip=main, extra=replaced)
+    documents, errors = [], []
+    for file in files:
+        try:
+            documents.append((file, _dropin(file, replaced)))
+        except ConfigError as exc:
+            errors += exc.errors
+    if errors:  # a file that could not be read cannot be merged: the rest would mislead
+        raise ConfigError(errors)
+    for file, document in documents:
+        dropins.merge(merged, document, file, origins)
+    try:
+        config = validate.build(merged, source)
+    except ConfigError as exc:
+        raise origins.blame_all(exc) from None
+    return Loaded(config, tuple(files), origins)
+
+
+def load(path: str | None = None) -> Config:
+    return load_all(path).config
+
+
+def reread(config: Config) -> Config:
+    """The configuration `config` was read from, read again with its
+    drop-ins globbed afresh (ConfigError if it is no longer valid).  The
+    embedded default stays the embedded default: a file appearing at
+    /etc/evd/evd.toml later does not count."""
+    if config.source == EMBEDDED_SOURCE:
+        return parse(embedded_text(), EMBEDDED_SOURCE)
+    return load(config.source)

@@ -1,1 +1,0 @@
-"""Primitives every layer uses: the reactor, the configuration, the log."""

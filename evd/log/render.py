@@ -1,0 +1,211 @@
+"""What a log event looks like: the structlog chain, and a short cut for the
+per-connection events.
+
+Every event is a dict -- `timestamp`, `level`, `event`, `pid`, then the
+caller's fields in the order given -- rendered as one JSON object, a console
+line, or a journald entry (evd/log/journal.py).  structlog's processor
+chain does that for every event; `fast_json` does the same for the events
+logged once or twice per connection (`FAST_EVENTS`) without the chain's
+generic machinery, since at level info those lines would otherwise cost as
+much as serving the connection.  tests/unit/test_logline.py proves the two give
+the same bytes.
+
+The timestamp is always ISO 8601 UTC with microseconds and a `Z`: one
+width, so the lines sort as text.  Its date-and-second part is formatted
+once a second and reused.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Mapping, MutableMapping
+from json.encoder import encode_basestring
+from typing import Any
+
+import structlog
+
+from evd.log import journal
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("json", "console", "journal")
+# Logged per connection (or per request at debug): worth a renderer of their own.
+FAST_EVENTS = frozenset({"conn.open", "conn.close", "request"})
+# Fields the chain itself sets: a caller passing one takes the chain's path,
+# so that the short cut never has to imitate how the chain overrides it.
+_CHAIN_KEYS = frozenset({"timestamp", "level", "exc_info"})
+
+EventDict = MutableMapping[str, Any]
+Processor = Callable[[Any, str, EventDict], Any]
+
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+    _heads.clear()
+
+
+# getpid() is a system call; cache it, and refresh it in forked workers.
+os.register_at_fork(after_in_child=_refresh_pid)
+
+# The clock, a module attribute so that a test can hold time still.
+clock: Callable[[], int] = time.time_ns
+_second = -1
+_prefix = ""
+
+
+def stamp() -> str:
+    """Now as `2024-05-01T12:00:00.123456Z`."""
+    global _second, _prefix
+    second, nanos = divmod(clock(), 1_000_000_000)
+    if second != _second:
+        _prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        _second = second
+    return f"{_prefix}{nanos // 1000:06d}Z"
+
+
+# One encoder, built once: json.dumps with any keyword builds a new encoder
+# per call.  Non-ASCII stays as it is (a lone surrogate too: the sink turns
+# it into a `\ud800` escape when it encodes the line, see log/sink.py).
+_encoder = json.JSONEncoder(default=repr, ensure_ascii=False)
+_encode = _encoder.encode
+
+
+def _dumps(obj: object, **_kw: object) -> str:
+    return _encode(obj)
+
+
+def add_timestamp(logger: object, method_name: str, event_dict: EventDict) -> EventDict:
+    event_dict["timestamp"] = stamp()
+    return event_dict
+
+
+def render_exc_info(logger: object, method_name: str, event_dict: EventDict) -> EventDict:
+    """`exc_info` becomes the formatted traceback text (SPEC: field exc_info)."""
+    exc = event_dict.get("exc_info")
+    if isinstance(exc, BaseException):
+        event_dict["exc_info"] = "".join(traceback.format_exception(exc)).rstrip()
+    elif exc is True:
+        event_dict["exc_info"] = traceback.format_exc().rstrip()
+    return event_dict
+
+
+def order_keys(logger: object, method_name: str, event_dict: EventDict) -> EventDict:
+    """timestamp, level, event, pid first: what an operator reads first."""
+    pop = event_dict.pop
+    return {
+        "timestamp": pop("timestamp"),
+        "level": pop("level"),
+        "event": pop("event"),
+        "pid": _pid,
+        **event_dict,
+    }
+
+
+def render_journal(logger: object, method_name: str, event_dict: EventDict) -> bytes:
+    return journal.entry(event_dict)
+
+
+def processors(fmt: str, colors: bool) -> list[Processor]:
+    chain: list[Processor] = [structlog.processors.add_log_level, add_timestamp, render_exc_info, order_keys]
+    if fmt == "json":
+        chain.append(structlog.processors.JSONRenderer(serializer=_dumps))
+    elif fmt == "journal":
+        chain.append(render_journal)
+    else:
+        chain.append(functools.partial(render_console, colors=colors))
+    return chain
+
+
+# Levels on a terminal: what needs a look stands out.
+_COLOURS = {"error": "\x1b[31;1m", "warning": "\x1b[33m", "info": "\x1b[32m", "debug": "\x1b[2m"}
+_RESET = "\x1b[0m"
+
+
+def render_console(logger: object, method_name: str, event_dict: EventDict, colors: bool = False) -> str:
+    """`TIMESTAMP LEVEL EVENT key=value ...` for a person: after the level
+    comes exactly what a journal entry's MESSAGE holds (journal.message),
+    so the console and the journal read alike.  (structlog's ConsoleRenderer
+    sorts and pads and costs several times a JSON line: this one is made
+    like the journal's, once per event.)"""
+    level = str(event_dict.get("level", ""))
+    shown = f"{_COLOURS.get(level, '')}{level:<7}{_RESET}" if colors else f"{level:<7}"
+    return f"{event_dict.get('timestamp', '')} {shown} {journal.message(event_dict)}"
+
+
+def run_chain(chain: list[Processor], level: str, event: str, fields: Mapping[str, Any]) -> Any:
+    """What structlog does between a call and the sink, for the lines the
+    log writes itself (log.dropped), whatever the level filter says."""
+    event_dict: Any = {**fields, "event": event}
+    for processor in chain:
+        event_dict = processor(None, level, event_dict)
+    return event_dict
+
+
+def fast_json(level: str, event: str, fields: dict[str, Any]) -> str:
+    """The JSON line the chain would render for `event`, built directly.
+    Only for fields without `_CHAIN_KEYS` (see `shortcut`)."""
+    if "pid" in fields:  # the chain keeps pid's place but takes the caller's value
+        return _encode({"timestamp": stamp(), "level": level, "event": event, "pid": _pid, **fields})
+    head = _heads.get((level, event))
+    if head is None:
+        head = _heads[level, event] = (
+            f'", "level": "{level}", "event": {encode_basestring(event)}, "pid": {_pid}'
+        )
+    parts = ['{"timestamp": "' + stamp() + head]
+    append = parts.append
+    for key, value in fields.items():
+        quote = _quoters.get(type(value))
+        if quote is not None:
+            text = quote(value)
+        elif type(value) is float and -_INF < value < _INF:
+            text = float.__repr__(value)
+        elif isinstance(value, str):  # a StrEnum, such as a close reason
+            text = encode_basestring(value)
+        else:  # NaN and infinities, None, bools, containers, others
+            text = _encode(value)
+        # An identifier never needs escaping in JSON (no quote, backslash
+        # or control character can be part of one).
+        append(f'"{key}": {text}' if key.isidentifier() else f"{encode_basestring(key)}: {text}")
+    return ", ".join(parts) + "}"
+
+
+# The start of a line after its timestamp, per (level, event); it holds the
+# pid, so a forked worker starts afresh.
+_heads: dict[tuple[str, str], str] = {}
+_quoters: dict[type, Callable[[Any], str]] = {str: encode_basestring, int: int.__repr__}
+
+
+_INF = float("inf")
+LogMethod = Callable[..., Any]
+
+
+def fast_journal(level: str, event: str, fields: dict[str, Any]) -> bytes:
+    """The journal entry the chain would send for `event`, without the chain."""
+    return journal.entry({"timestamp": stamp(), "level": level, "event": event, "pid": _pid, **fields})
+
+
+def shortcut(
+    level: str, chain_method: LogMethod, write: Callable[[Any], None], render: Callable[[str, str, Any], Any]
+) -> LogMethod:
+    """`log.info` (or debug): FAST_EVENTS by `render` (`fast_json` or
+    `fast_journal`), everything else through structlog's chain."""
+
+    def emit(event: str, /, **fields: Any) -> Any:
+        # Three `in` tests cost a third of a set operation on the fields.
+        if (
+            event in FAST_EVENTS
+            and "exc_info" not in fields
+            and "timestamp" not in fields
+            and "level" not in fields
+        ):
+            write(render(level, event, fields))
+            return None
+        return chain_method(event, **fields)
+
+    return emit

@@ -1,0 +1,165 @@
+"""How a line looks (evd/log/render.py): the direct renderer of the
+per-connection events gives the very bytes structlog's chain gives."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evd.log import render
+from evd.loop.seams import Reason
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_clock():
+    """Time held still, so that the chain and the short cut stamp alike."""
+    real = render.clock
+    render.clock = lambda: 1_700_000_000_123_456_789
+    yield
+    render.clock = real
+
+
+class Capture:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, line: str) -> None:
+        self.lines.append(line)
+
+    debug = info
+
+
+def through_the_chain(level: str, event: str, fields: dict) -> str:
+    capture = Capture()
+    logger = structlog.wrap_logger(
+        capture,
+        processors=render.processors("json", colors=False),
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        context_class=dict,
+    ).bind()
+    getattr(logger, level)(event, **fields)
+    (line,) = capture.lines
+    return line
+
+
+scalars = (
+    st.text() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.booleans() | st.none()
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+# Any key a caller could pass (no `event`: it is the positional argument),
+# including `pid`, and ones that are not identifiers.
+keys = st.text(min_size=1, max_size=12).filter(lambda k: k not in ("event", "timestamp", "level", "exc_info"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    event=st.sampled_from(sorted(render.FAST_EVENTS)) | st.text(),
+    fields=st.dictionaries(keys, values, max_size=8),
+    level=st.sampled_from(["debug", "info"]),
+)
+def test_the_direct_renderer_gives_the_chains_bytes(monkeypatch_clock, event, fields, level):
+    assert render.fast_json(level, event, fields) == through_the_chain(level, event, fields)
+
+
+def test_the_events_of_a_connection_in_particular(monkeypatch_clock):
+    cases = [
+        ("conn.open", {"service": "echo", "peer": "127.0.0.1:40000", "conn": 17}),
+        (
+            "conn.close",
+            {
+                "service": "echo",
+                "peer": "[::1]:40000",
+                "conn": 17,
+                "duration_ms": 0.123,
+                "bytes_in": 64,
+                "bytes_out": 64,
+                "reason": "error",
+                "error": 'recv: [Errno 104] "reset"',
+            },
+        ),
+        (
+            "request",
+            {"conn": 1, "svc": "\ud800", "id": ["x", {"y": math.inf}], "ok": True, "duration_ms": -0.0},
+        ),
+    ]
+    for event, fields in cases:
+        assert render.fast_json("info", event, fields) == through_the_chain("info", event, fields)
+
+
+def test_a_close_reason_enum_is_its_text(monkeypatch_clock):
+    """Transports close with `Reason`, a StrEnum: in a line and in a journal
+    entry it reads as its text, as the chain renders it."""
+    fields = {"service": "echo", "peer": "unix", "conn": 3, "reason": Reason.EOF}
+    line = render.fast_json("info", "conn.close", fields)
+    assert line == through_the_chain("info", "conn.close", fields)
+    assert json.loads(line)["reason"] == "eof"
+    entry = render.fast_journal("info", "conn.close", fields)
+    assert entry == through_the_journal_chain("info", "conn.close", fields)
+    assert b"\nEVD_REASON=eof\n" in entry
+
+
+def test_callers_fields_named_like_the_chains_own_take_the_chain(monkeypatch_clock):
+    written: list[str] = []
+    capture = Capture()
+    logger = structlog.wrap_logger(
+        capture,
+        processors=render.processors("json", colors=False),
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        context_class=dict,
+    ).bind()
+    emit = render.shortcut("info", logger.info, written.append, render.fast_json)
+    emit("conn.open", conn=1)
+    emit("conn.open", conn=2, level="mine", timestamp="mine")
+    emit("daemon.start", version="1")
+    assert len(written) == 1 and len(capture.lines) == 2
+    assert json.loads(capture.lines[0])["level"] == "info"
+
+
+def test_the_timestamp_has_one_width(monkeypatch):
+    for nanos in (0, 1, 999_999_999, 1_700_000_000_000_000_000, 1_700_000_000_999_999_999):
+        monkeypatch.setattr(render, "clock", lambda n=nanos: n)
+        assert STAMP.match(render.stamp()), render.stamp()
+    monkeypatch.setattr(render, "clock", lambda: 1_700_000_000_000_001_000)
+    assert render.stamp() == "2023-11-14T22:13:20.000001Z"
+
+
+def test_a_second_boundary_is_seen(monkeypatch):
+    monkeypatch.setattr(render, "clock", lambda: 1_700_000_000_999_999_000)
+    assert render.stamp() == "2023-11-14T22:13:20.999999Z"
+    monkeypatch.setattr(render, "clock", lambda: 1_700_000_001_000_000_000)
+    assert render.stamp() == "2023-11-14T22:13:21.000000Z"
+
+
+def through_the_journal_chain(level: str, event: str, fields: dict) -> bytes:
+    capture = Capture()
+    logger = structlog.wrap_logger(
+        capture,
+        processors=render.processors("journal", colors=False),
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        context_class=dict,
+    ).bind()
+    getattr(logger, level)(event, **fields)
+    (entry,) = capture.lines
+    return entry
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    event=st.sampled_from(sorted(render.FAST_EVENTS)) | st.text(),
+    fields=st.dictionaries(keys, values, max_size=8),
+    level=st.sampled_from(["debug", "info"]),
+)
+def test_the_direct_journal_entry_is_the_chains(monkeypatch_clock, event, fields, level):
+    assert render.fast_journal(level, event, fields) == through_the_journal_chain(level, event, fields)

@@ -1,7 +1,9 @@
 """The interfaces between layers, as `typing.Protocol`s.
 
 A transport (net/) owns a connection's bytes; a handler (handlers/) owns
-their meaning; a service's running state (handlers/service.py) is what both
+their meaning; under the transport, a byte stream is where the bytes come
+from and go to (the socket itself, or TLS records over it); a service's
+running state (handlers/service.py) is what transport and handler both
 count into.  Each side sees the other only through the protocol written
 here, so a handler can be tested with any object that walks like a
 transport, and the layers never import each other upwards.
@@ -37,6 +39,32 @@ class Reason(enum.StrEnum):
     AUTH = "auth"  # framed: too many wrong MACs
     LINE_TOO_LONG = "line_too_long"  # timefmt: a line past its limit
     KILLED = "killed"  # `evd ctl kill`
+
+
+class ByteStream(Protocol):
+    """The byte seam: what a stream transport (net/transport.py) reads and
+    writes.  A connected socket is one as it is; TLS (net/tls_records.py)
+    is one over a socket.  Everything else -- the output queue, flow
+    control, half-close, the error ladder, the close path -- is the
+    transport's, once, for both.
+
+    The contract is the non-blocking socket's:
+    - `recv_into(buffer)`: how many bytes were put at the start of
+      `buffer`; 0 at the end of the stream; BlockingIOError when there is
+      nothing now.
+    - `send(data)` / `sendmsg(chunks)`: how many bytes were taken from the
+      front (0 or BlockingIOError: none; what was not taken is offered
+      again, first, by the next call).
+    - A failure raises OSError: the syscall's errno, or errno None for a
+      failure of the layer itself, whose text says what it was
+      ("tls: bad_record_mac").
+    """
+
+    def fileno(self) -> int: ...
+    def recv_into(self, buffer: bytearray, /) -> int: ...
+    def send(self, data: Buffer, /) -> int: ...
+    def sendmsg(self, buffers: Sequence[Buffer], /) -> int: ...
+    def close(self) -> None: ...
 
 
 class Transport(Protocol):

@@ -1,7 +1,11 @@
-"""Stream transports: one connected TCP or UNIX socket and its buffers.
+"""Stream transports: one connected byte stream and its buffers.
 
 The transport owns the bytes; the protocol (a connection handler) owns their
-meaning.  The split is CPython's asyncio selector transport, minus futures:
+meaning.  The split is CPython's asyncio selector transport, minus futures.
+Under the transport is the byte seam (loop/seams.py `ByteStream`): a plain
+TCP or UNIX connection's stream is its socket itself, so plain bytes pay
+nothing for the seam; a TLS connection's is its records (net/tls_records.py),
+which keep the socket's contract.  So all that follows exists once, for both:
 
 - Reading: the socket is watched for readability only while the protocol
   can take more.  Each readable event is one `recv_into` a buffer shared by
@@ -11,14 +15,16 @@ meaning.  The split is CPython's asyncio selector transport, minus futures:
   and glibc's consolidation of small free chunks on each such large request
   showed in the echo path's profile.  An echo connection
   (`protocol.echoes`) skips the copy and the protocol: it sends straight
-  from the shared buffer and copies only what the kernel does not take.
+  from the shared buffer and copies only what the stream does not take.
   The two readers stay two functions, as in asyncio: they are the hot path.
-- Writing: `write` and `writelines` try the kernel at once; only what it
+- Writing: `write` and `writelines` try the stream at once; only what it
   did not take is queued (a deque of memoryviews, so a partial send copies
   nothing) and only then is the socket watched for writability.  A queue
-  of many small chunks (pipelined replies) leaves in one `sendmsg`.  Every
-  write goes through `_send`, the one place that calls the kernel and
-  counts what it took.
+  of many small chunks (pipelined replies) leaves in one `sendmsg`.  Three
+  places call the stream's send, each with the same ladder and each
+  counting what it took: `write` (one buffer, the common case: no tuple),
+  `_send` (several: `writelines` and the queue's `_flush`) and the echo
+  reader (inline: its one call per request that could be saved).
 - Flow control: above `write_high` queued bytes the transport stops reading
   the peer (an echo client that never reads cannot make evd buffer without
   bound) and tells the protocol it is `write_paused`; below `write_low` it
@@ -26,19 +32,19 @@ meaning.  The split is CPython's asyncio selector transport, minus futures:
 - Half-close: on the peer's EOF the protocol decides (`eof_received` returns
   True to keep the connection); otherwise queued output is flushed and the
   connection closes.
-- Errors: one ladder everywhere -- would-block: try later; OS error: this
-  connection is finished; anything else raised by the protocol: a bug, logged
-  with its traceback, and this connection (only) is closed.
+- Errors: one ladder everywhere -- would-block: try later; OS error (or the
+  stream's own failure, a TLS alert): this connection is finished; anything
+  else raised by the protocol: a bug, logged with its traceback, and this
+  connection (only) is closed.
 - Closing: `close` is the single exit; it runs once (`connection_lost`
   exactly once), drops the descriptor's callbacks from the reactor (no
-  epoll_ctl: closing the socket takes it out of epoll), closes the socket,
+  epoll_ctl: closing the socket takes it out of epoll), closes the stream,
   tells the service (`service.closed`: the admission slot and the counters)
   and logs `conn.close`.
 
-A transport that layers something over the socket (TLS, net/tls.py) keeps
-all of the above and replaces the kernel calls: the two readers (bytes in)
-and `_send` (bytes out), plus what its handshake adds before and its
-close_notify at the end.
+What TLS adds around this (net/tls.py) is its lifecycle, not its bytes: a
+handshake before the handler is told, `tls.fail` instead of
+`conn.open`/`conn.close` when that fails, and a close_notify at the end.
 """
 
 from __future__ import annotations
@@ -46,12 +52,12 @@ from __future__ import annotations
 import errno
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from evd.config.addresses import peer_text
 from evd.handlers.base import Handler as InertHandler
 from evd.log.logger import log
-from evd.loop.seams import Buffer, Handler, Reason, ServiceState
+from evd.loop.seams import Buffer, ByteStream, Handler, Reason, ServiceState
 
 if TYPE_CHECKING:
     from evd.config.model import Limits
@@ -68,8 +74,9 @@ RECV_VIEW = memoryview(RECV_BUFFER)
 SENDMSG_CHUNKS = 64
 
 # The output queue of a connection with nothing waiting: an empty deque is
-# ~600 bytes, most of an idle connection's memory, so one is made only when
-# the kernel does not take a write at once, and dropped once it drains.
+# ~600 bytes (CPython allocates its first 64-slot block with it), most of an
+# idle connection's memory, so one is made only when the stream does not
+# take a write at once, and dropped once it drains.
 _NO_QUEUE = ()
 
 # Errors that mean "the peer is gone", as opposed to something to report.
@@ -80,15 +87,9 @@ PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.
 _GONE: Handler = InertHandler()
 
 
-class StreamSocket(Protocol):
-    """What a transport needs of its socket: socket.socket, or the C-level
-    socket the listener accepts into."""
-
-    def fileno(self) -> int: ...
-    def recv_into(self, buffer: bytearray, /) -> int: ...
-    def send(self, data: Buffer, /) -> int: ...
-    def sendmsg(self, buffers: Sequence[Buffer], /) -> int: ...
-    def close(self) -> None: ...
+# What a listener accepts: socket.socket, or the C-level socket it accepts
+# into; as it is, the byte stream of a plain connection.
+StreamSocket = ByteStream
 
 
 def _noop() -> None:
@@ -128,14 +129,14 @@ class StreamTransport:
     def __init__(
         self,
         reactor: Reactor,
-        sock: StreamSocket,
+        sock: ByteStream,
         protocol: Handler,
         service: ServiceState,
         host: str | None,
         port: int = 0,
     ):
         self.reactor = reactor
-        self.sock = sock
+        self.sock = sock  # the byte stream: the socket, or TLS records over it
         self.fd = sock.fileno()
         self.protocol = protocol
         self.service = service
@@ -164,6 +165,9 @@ class StreamTransport:
 
     # The subject CN of a verified TLS client certificate (net/tls.py).
     client_cn: str | None = None
+    # conn.open was said, so conn.close is said too (a TLS connection whose
+    # handshake failed says `tls.fail` instead, net/tls.py).
+    announced = True
 
     @property
     def proto(self) -> str:
@@ -230,7 +234,7 @@ class StreamTransport:
         if self._out:  # earlier output waits: queue behind it
             self._enqueue((RECV_VIEW[:n].tobytes(),))
             return
-        # The send is inline rather than through _send: this is the echo
+        # The send is inline rather than through `write`: this is the echo
         # path's one call per request that could be saved.
         try:
             sent = self.sock.send(RECV_VIEW[:n])
@@ -278,7 +282,7 @@ class StreamTransport:
     # -- writing ------------------------------------------------------------
 
     def _send(self, chunks: Sequence[Buffer]) -> int | None:
-        """Hand `chunks` to the kernel in one call and count what it took:
+        """Hand `chunks` to the stream in one call and count what it took:
         that many bytes (0 when it would block), or None when the send
         failed and the connection is closed."""
         try:
@@ -297,27 +301,22 @@ class StreamTransport:
         if self._out:
             self._enqueue((data,))
             return
-        sent = self._send_one(data)
-        if sent is not None and sent != len(data):
-            self._enqueue((memoryview(data)[sent:],))
-
-    def _send_one(self, data: Buffer) -> int | None:
-        """`_send` of one buffer, for the common write (a framed batch is
-        one): the same ladder without a tuple and a length test per call.
-        A transport with its own `_send` (TLS) routes this through it."""
+        # `_send`'s ladder for one buffer, inline: the common write (a framed
+        # batch is one) pays no tuple, length test or extra call.
         try:
             sent = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
-            return 0
+            sent = 0
         except OSError as exc:
             self._os_error("send", exc)
-            return None
+            return
         self.bytes_out += sent
-        return sent
+        if sent != len(data):
+            self._enqueue((memoryview(data)[sent:],))
 
     def writelines(self, chunks: Sequence[Buffer]) -> None:
         """Several chunks in one sendmsg when nothing is queued; what the
-        kernel does not take is queued as with `write`."""
+        stream does not take is queued as with `write`."""
         if self._closing:
             return
         if self._out or len(chunks) > SENDMSG_CHUNKS:
@@ -336,7 +335,7 @@ class StreamTransport:
             sent -= len(chunk)
 
     def _enqueue(self, chunks: Sequence[Buffer]) -> None:
-        """Queue what the kernel did not take now: watch for writability,
+        """Queue what the stream did not take now: watch for writability,
         and stop reading the peer above write_high."""
         chunks = [c for c in chunks if c]  # an empty chunk would stall _flush
         out = self._out
@@ -369,7 +368,7 @@ class StreamTransport:
         return self._out_size
 
     def _flush(self) -> None:
-        """Send as much of the queue as the kernel takes now."""
+        """Send as much of the queue as the stream takes now."""
         out = self._out
         while isinstance(out, deque) and out:
             sent = self._send(out if len(out) <= SENDMSG_CHUNKS else [out[i] for i in range(SENDMSG_CHUNKS)])
@@ -441,11 +440,10 @@ class StreamTransport:
         # counting, and the cyclic GC has nothing to find on the connect path.
         self.protocol = _GONE
         self._reader = _noop
-        self._log_close(reason, extra)
+        if self.announced:
+            self._log_close(reason, extra)
 
     def _log_close(self, reason: Reason, extra: dict[str, object]) -> None:
-        """`conn.close` (a TLS connection whose handshake failed says
-        `tls.fail` instead)."""
         if log.info_on:
             log.info(
                 "conn.close",
@@ -464,6 +462,8 @@ class StreamTransport:
     def _os_error(self, syscall: str, exc: OSError) -> None:
         if exc.errno in PEER_GONE:
             self.close(Reason.RESET)
+        elif exc.errno is None:  # the stream's own failure: its text says what
+            self.close(Reason.ERROR, error=str(exc))
         else:
             self.close(Reason.ERROR, error=f"{syscall}: [Errno {exc.errno}] {exc.strerror}")
 

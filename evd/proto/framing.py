@@ -15,9 +15,13 @@ Every length in a frame comes from the peer.  If the decoder waited for the
 whole header before looking at H, a four-byte prefix claiming 4 GiB would make
 us buffer whatever the peer cares to send.  So H is checked the moment its
 four bytes arrive, and `len` the moment the header is parsed, before a single
-body byte is awaited.  With the transport calling `next_frame` after every
-`feed`, a connection never holds more than one recv chunk plus one legal
-frame (4 + max_header + max_body bytes).
+body byte is awaited.  The decoder's user (the framed handler,
+handlers/framed.py; the control connection, server/control/connection.py)
+feeds it one recv's bytes and takes every whole frame before the next; when
+it stops taking them (its output is above write_high, or a control request
+is being carried out) it stops its transport reading too.  So a connection
+never holds more than one recv chunk plus one legal frame (4 + max_header +
+max_body bytes).
 
 A violation is the remote's fault: `FrameError` (code "bad_frame") names the
 exact problem so the server can send it back in its one error frame before

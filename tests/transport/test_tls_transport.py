@@ -17,7 +17,7 @@ from support.pki import Pki
 from support.transport import LogRecorder, Loop, Peer, Recorder, chargen_cycle, counting_pattern, make_service
 
 import evd.handlers.service as service_mod
-import evd.net.tls as tls_mod
+import evd.net.tls_records as tls_records
 import evd.net.transport as transport_mod
 from evd.handlers import raw as handlers
 from evd.loop.seams import Reason
@@ -135,7 +135,7 @@ def records(request, monkeypatch):
     """Run a test on the C-level record object (records_of's private
     `_sslobj`) and on its public fallback, the SSLObject itself."""
     if request.param == "public":
-        monkeypatch.setattr(tls_mod, "records_of", lambda obj: obj)
+        monkeypatch.setattr(tls_records, "records_of", lambda obj: obj)
     return request.param
 
 
@@ -172,7 +172,7 @@ def handshake(loop, t: TLSTransport, client: TLSClient):
     client.start_reading()
     client.handshake_step()
     client.sock.sendall(client.ciphertext())
-    loop.run_until(lambda: (client.done and t._opened) or t.closed or client.error, what="handshake")
+    loop.run_until(lambda: (client.done and t.announced) or t.closed or client.error, what="handshake")
 
 
 # --- the handshake ---------------------------------------------------------------
@@ -200,12 +200,12 @@ def test_handler_hears_of_the_connection_only_after_the_handshake(loop, tls_conn
 
 def test_records_of_reaches_the_c_level_object(loop, tls_conn):
     t, _client, _ = tls_conn(handlers.Echo())
-    assert t._records is t._obj._sslobj  # what SSLObject.read and .write call
+    assert t.records.records is t.records.obj._sslobj  # what SSLObject.read and .write call
 
 
 def test_echo_with_every_ciphertext_byte_arriving_alone(loop, tls_conn, records):
     t, client, _ = tls_conn(handlers.Echo())
-    assert (t._records is t._obj) == (records == "public")
+    assert (t.records.records is t.records.obj) == (records == "public")
     handshake(loop, t, client)
     client.obj.write(b"first record ")
     client.obj.write(b"second record")
@@ -243,11 +243,11 @@ def test_a_request_that_came_with_the_clients_finished_is_delivered(loop, tls_co
     loop.run_until(lambda: client.done, what="client side of the handshake")
     # The server has not read the client's Finished yet (TLS 1.3): send the
     # first request behind it, in the same recv.
-    assert not t._opened
+    assert not t.announced
     client.obj.write(b"early")
     client.sock.sendall(client.ciphertext())
     t._reader()  # the client's Finished and the request, in one recv
-    assert t._opened
+    assert t.announced
     if echo:
         loop.run_until(lambda: bytes(client.received) == b"early", what="the echo")
     else:
@@ -358,7 +358,7 @@ def test_a_client_that_never_reads_is_held_at_write_high(loop, tls_conn):
     # bytes each), and the handler is not asked for more.
     block = len(chargen_cycle()) * (65536 // len(chargen_cycle()))
     assert t.buffered <= 64 * KiB + block
-    assert len(t._cipher) <= t.buffered * 1.01 + 1024
+    assert len(t.records.cipher) <= t.buffered * 1.01 + 1024
     sent_before = t.bytes_out
     loop.run_for(0.1)
     assert t.bytes_out == sent_before
@@ -384,7 +384,7 @@ def test_echo_to_a_client_that_reads_late_loses_and_repeats_nothing(loop, tls_co
         sent = client.sock.send(wire[pos : pos + 32 * KiB])
         pos += sent
         t._reader()
-    assert t._cipher and t.buffered > 0
+    assert t.records.cipher and t.buffered > 0
     client.start_reading()
     Peer(loop.reactor, client.sock).send(wire[pos:])  # the rest, as the server takes it
     loop.run_until(lambda: len(client.received) >= len(data), what="every byte back")
@@ -403,10 +403,10 @@ def test_ciphertext_the_kernel_takes_in_part_is_sent_once(loop, tls_conn, record
         t.write(data[pos : pos + size])
         pos += size
     t.writelines([data[pos : pos + 5], memoryview(data)[pos + 5 :]])
-    assert t.buffered > 0 and t._cipher
+    assert t.buffered > 0 and t.records.cipher
     loop.run_until(lambda: len(client.received) >= len(data), what="all of it")
     assert bytes(client.received) == data
-    assert t.bytes_out == len(data) and t.buffered == 0 and not t._cipher
+    assert t.bytes_out == len(data) and t.buffered == 0 and not t.records.cipher
 
 
 def test_close_when_flushed_waits_for_the_ciphertext(loop, tls_conn):

@@ -56,7 +56,7 @@ LAYERS = {
     # net/ -- sockets: listening and connected
     "net.listeners": 20, "net.tls_service": 20,
     "net.tls": 21,
-    "net.transport": 22,
+    "net.transport": 22, "net.tls_records": 22,
     # handlers/ -- what a connection means, and a service's running state
     "handlers.framed": 30,
     "handlers.raw": 31, "handlers.service": 31,

@@ -477,3 +477,23 @@ def test_a_tampered_record_closes_with_a_tls_error(loop, tls_conn, log):
     ((_, closed),) = log.named("conn.close")
     assert closed["reason"] == "error" and closed["error"].startswith("tls: ")
     assert not handler.data
+
+
+def test_a_record_then_a_tampered_one_in_one_recv(loop, tls_conn, log):
+    """The stream answers the good record first; its failure, met in the
+    same recv, closes the connection on the loop's next turn although the
+    socket has nothing more to read."""
+    handler = Recorder()
+    t, client, _ = tls_conn(handler)
+    handshake(loop, t, client)
+    client.obj.write(b"good")
+    good = client.ciphertext()
+    client.obj.write(b"bad")
+    bad = bytearray(client.ciphertext())
+    bad[-1] ^= 1
+    client.sock.sendall(good + bytes(bad))
+    t._reader()
+    assert bytes(handler.data) == b"good" and not t.closed
+    loop.run_until(lambda: t.closed, what="the close")
+    ((_, closed),) = log.named("conn.close")
+    assert closed["reason"] == "error" and closed["error"].startswith("tls: ")

@@ -2,7 +2,7 @@
 
 Which command a request may run, with which arguments, is decided before it
 gets here (proto/allowlist.py, called by the framed session).  The Runner
-holds every running command of one daemon (`command_run.Run` runs one),
+holds every running command of one daemon (`process.Run` runs one),
 refuses more than `max_concurrent` (`busy`), counts runs by
 outcome for metrics, reaps what could not be waited for, and at daemon exit
 kills everything in a bounded time.
@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections import Counter
 
+from evd.commands.child import Child, Launch
 from evd.commands.process import ENV, CommandError, Done, Result, Run
 from evd.config.model import ServiceConfig
 from evd.loop.reactor import Reactor, Timer
@@ -44,7 +45,7 @@ class Runner:
         self.reactor = reactor
         self.running: set[Run] = set()
         # Answered runs whose leftovers were SIGTERMed: SIGKILL due.
-        self.lingering: set[Run] = set()
+        self.lingering: set[Child] = set()
         # Main processes that ended after their answer, or never got a pidfd.
         self.unreaped: list[subprocess.Popen[bytes]] = []
         self._reap_timer: Timer | None = None
@@ -72,7 +73,7 @@ class Runner:
         run = Run(
             self,
             name,
-            argv,
+            Launch(tuple(argv), ENV),
             stdin,
             done,
             timeout=config.timeout,
@@ -84,17 +85,17 @@ class Runner:
         self.total += 1
         return run
 
-    # -- what a Run asks of its owner (command_run.Owner) -------------------------
+    # -- what a Run asks of its owner (process.Owner, child.Owner) -------------------------
 
     def answered(self, run: Run) -> None:
         self.running.discard(run)
         self.outcomes[(run.name, run.outcome())] += 1
 
-    def linger(self, run: Run, lingering: bool) -> None:
+    def linger(self, child: Child, lingering: bool) -> None:
         if lingering:
-            self.lingering.add(run)
+            self.lingering.add(child)
         else:
-            self.lingering.discard(run)
+            self.lingering.discard(child)
 
     def reap_later(self, proc: subprocess.Popen[bytes]) -> None:
         """Collect a SIGKILLed main process without waiting for it."""
@@ -127,8 +128,8 @@ class Runner:
                 waiting.pop(fd).reaped()
         for run in runs:
             run.end_now()
-        for run in list(self.lingering):
-            run.kill_rest()
+        for child in list(self.lingering):
+            child.kill_rest()
         for proc in self.unreaped:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -20,6 +20,7 @@ from typing import ClassVar
 import pytest
 from support.daemon import ROOT, need
 
+import evd.commands.child as child_mod
 import evd.commands.process as run_mod
 from evd.commands.runner import CommandError, Runner
 from evd.loop.reactor import Reactor
@@ -91,7 +92,7 @@ def log(monkeypatch):
 
 def grace(monkeypatch, seconds):
     """A shorter SIGTERM-to-SIGKILL grace, to keep a test fast."""
-    monkeypatch.setattr(run_mod, "KILL_GRACE", seconds)
+    monkeypatch.setattr(child_mod, "KILL_GRACE", seconds)
 
 
 @pytest.fixture

@@ -76,13 +76,24 @@ class ServiceConfig:
     dispatch: tuple[str, ...] = ()  # framed only
     key_file: str = ""  # framed only
     auth_required: tuple[str, ...] = ()  # framed only
-    timeout: float = 10.0  # command only
+    timeout: float = 10.0  # command and programs (programs: 0 by default, none)
     max_output: int = 1048576  # command only
     max_concurrent: int = 8  # command only
+    exec: tuple[str, ...] = ()  # a program service's argv (SPEC section 14)
+    env: tuple[tuple[str, str], ...] = ()  # programs: added to the minimal environment
+    cwd: str = "/"  # programs
+    user: str = ""  # programs: run as (evd must be root)
+    group: str = ""  # programs
 
     @property
     def addresses(self) -> tuple[Address, ...]:
         return self.tcp + self.udp + self.unix + self.tls
+
+    @property
+    def listens(self) -> bool:
+        """A service with listeners of its own: a raw service, the framed
+        port, or a program service."""
+        return self.name in LISTENING or bool(self.exec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +155,8 @@ class Config:
     daemon: DaemonConfig
     log: LogConfig
     limits: Limits
-    services: Mapping[str, ServiceConfig]  # every name of SERVICE_NAMES, in that order
+    # Every name of SERVICE_NAMES, in that order, then the program services.
+    services: Mapping[str, ServiceConfig]
     commands: Mapping[str, CommandSpec]
     source: str  # the path read, or EMBEDDED_SOURCE
     control: ControlConfig = ControlConfig()
@@ -160,7 +172,7 @@ class Config:
         return [
             (svc.name, address)
             for svc in self.services.values()
-            if svc.enabled and svc.name in LISTENING
+            if svc.enabled and svc.listens
             for address in svc.addresses
         ]
 

@@ -109,6 +109,26 @@ def _argv(v: tuple[str, ...]) -> str | None:
     return None if v and all(v) else "must be a non-empty array of non-empty strings"
 
 
+def _program(v: tuple[str, ...]) -> str | None:
+    """An exec argv: the program by absolute path (no PATH search: what
+    runs is what check-config looked at), then its arguments."""
+    return _argv(v) or (None if os.path.isabs(v[0]) else f'"{v[0]}" must be an absolute path')
+
+
+# Names evd sets for every program: the env table cannot hide them.
+PROGRAM_VARIABLES = ("REMOTE_ADDR", "REMOTE_PORT", "EVD_SERVICE", "EVD_CONN")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _env(v: tuple[tuple[str, str], ...]) -> str | None:
+    for name, _ in v:
+        if not ENV_NAME.fullmatch(name):
+            return f'"{name}" is not an environment variable name'
+        if name in PROGRAM_VARIABLES:
+            return f"{name} is set by evd for each connection"
+    return None
+
+
 def _regex(v: str) -> str | None:
     try:
         re.compile(v)
@@ -190,6 +210,26 @@ _RAW: Schema = {
     **_ACCESS,
     **LIMITS,
 }
+# Per program or command: where and as whom it runs (SPEC section 14).
+_RUN_AS: Schema = {
+    "env": ("env", _env),
+    "cwd": ("str", _abs_path),
+    "user": ("str", None),
+    "group": ("str", None),
+}
+# A program service: a stream service whose connections go to `exec`.
+PROGRAM: Schema = {
+    **_ENABLED,
+    "tcp": ("tcp", None),
+    "unix": ("unix", None),
+    **_TLS,
+    **_ACCESS,
+    "exec": ("strs", _program),
+    **_RUN_AS,
+    "timeout": ("float", _SECONDS),
+    **LIMITS,
+}
+PROGRAM_DEFAULTS = {"timeout": 0.0}  # 0: no limit, as inetd
 SERVICE_KEYS: Mapping[str, Schema] = {name: _RAW for name in RAW_SERVICES} | {
     "framed": {
         **_ENABLED,
@@ -218,6 +258,7 @@ KEY: Schema = {
 }
 
 REQUIRED_WHY = {"argv": " (the program and its fixed arguments)"}
+PROGRAM_KEY = "exec"  # what makes a [services.NAME] that is not built in a program service
 
 # Defaults that are not a single dataclass default: they differ per service.
 OFF_BY_DEFAULT = ("discard", "chargen")  # chargen over UDP is an amplifier; discard is rarely wanted

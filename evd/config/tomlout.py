@@ -41,6 +41,8 @@ def value(v: object) -> str:
         return repr(v)  # repr(float) always has "." or an exponent: valid TOML
     if isinstance(v, tuple):
         return "[" + ", ".join(value(item) for item in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{key(k)} = {value(item)}" for k, item in v.items()) + "}"
     return _toml_str(str(v))  # strings, Address, networks
 
 
@@ -71,7 +73,11 @@ def _fields(obj: Any) -> dict[str, object]:
 
 def service_items(svc: ServiceConfig) -> dict[str, object]:
     """A service's keys in schema order, limits included (in force for it)."""
-    return {k: getattr(svc.limits if k in schema.LIMITS else svc, k) for k in schema.SERVICE_KEYS[svc.name]}
+    keys = schema.SERVICE_KEYS.get(svc.name, schema.PROGRAM)
+    items = {k: getattr(svc.limits if k in schema.LIMITS else svc, k) for k in keys}
+    if "env" in items:  # pairs, written as an inline table
+        items["env"] = dict(svc.env)
+    return items
 
 
 def dump(config: Config, origins: Origins | None = None, files: Sequence[str] = ()) -> str:

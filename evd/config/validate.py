@@ -22,7 +22,6 @@ from evd.config.model import (
     ALL_COMMANDS,
     DEFAULT_KEY,
     EMBEDDED_SOURCE,
-    LISTENING,
     SERVICE_NAMES,
     CommandSpec,
     Config,
@@ -48,6 +47,9 @@ from evd.config.schema import (
     METRICS,
     NAME,
     OFF_BY_DEFAULT,
+    PROGRAM,
+    PROGRAM_DEFAULTS,
+    PROGRAM_KEY,
     REQUIRED_WHY,
     SECTIONS,
     SERVICE_KEYS,
@@ -101,8 +103,24 @@ def _item(kind: str, raw: str) -> Value:
     return raw
 
 
+def _env_table(raw: object, path: str, errors: list[str]) -> Value | None:
+    """A table of strings -> ((name, value), ...), in the file's order."""
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: expected a table of strings, got {type_name(raw)}")
+        return None
+    items, before = [], len(errors)
+    for name, element in raw.items():
+        try:
+            items.append((name, _scalar("str", element)))
+        except ValueError as exc:
+            errors.append(f"{path}.{name}: {exc}")
+    return tuple(items) if len(errors) == before else None
+
+
 def convert(kind: str, raw: object, path: str, errors: list[str]) -> Value | None:
     """The converted value, or None after recording every error under `path`."""
+    if kind == "env":
+        return _env_table(raw, path, errors)
     if kind in _EXPECTED:
         try:
             return _scalar(kind, raw)
@@ -159,6 +177,8 @@ def _misplaced(name: str, raw: Mapping[str, object]) -> dict[str, str]:
     """Keys that deserve a better message than "unknown key": key -> message."""
     if name == "framed" and "udp" in raw:
         return {"udp": "framed is TCP/UNIX only"}
+    if name not in SERVICE_NAMES and "udp" in raw:
+        return {"udp": "a program service is stream-only (tcp, unix, tls): a program's stdin is a connection"}
     if name in ("command", "stats"):
         return {
             key: f"{name} has no listeners of its own; it is reached through services.framed"
@@ -184,7 +204,8 @@ def _service(name: str, raw: object, limits: Limits, errors: list[str]) -> Servi
     misplaced = _misplaced(name, raw)
     errors.extend(f"{path}.{key}: {message}" for key, message in misplaced.items())
     raw = {k: v for k, v in raw.items() if k not in misplaced}
-    values = take(raw, SERVICE_KEYS[name], path, errors)
+    program = name not in SERVICE_NAMES
+    values = take(raw, PROGRAM if program else SERVICE_KEYS[name], path, errors)
     overrides = {k: values.pop(k) for k in LIMITS if k in values}
     effective = replace(limits, **overrides)
     if {"write_low", "write_high"} & overrides.keys():
@@ -195,6 +216,8 @@ def _service(name: str, raw: object, limits: Limits, errors: list[str]) -> Servi
     }
     if name == "framed":
         defaults |= FRAMED_DEFAULTS
+    if program:
+        defaults |= PROGRAM_DEFAULTS
     enabled = values.pop("enabled", name not in OFF_BY_DEFAULT)
     svc = ServiceConfig(name=name, enabled=enabled, limits=effective, **(defaults | values))
     _check_tls(svc, path, errors)
@@ -203,10 +226,21 @@ def _service(name: str, raw: object, limits: Limits, errors: list[str]) -> Servi
 
 def _services(raw: object, limits: Limits, errors: list[str]) -> dict[str, ServiceConfig]:
     raw = table(raw, "services", errors)
-    for name in raw:
-        if name not in SERVICE_NAMES:
-            errors.append(f"services.{name}: unknown service (known: {', '.join(SERVICE_NAMES)})")
-    return {name: _service(name, raw.get(name), limits, errors) for name in SERVICE_NAMES}
+    programs = []
+    for name, entry in raw.items():
+        if name in SERVICE_NAMES:
+            continue
+        if not isinstance(entry, dict) or PROGRAM_KEY not in entry:
+            errors.append(
+                f"services.{name}: unknown service (known: {', '.join(SERVICE_NAMES)}; "
+                f"a program service needs {PROGRAM_KEY} = [\"/path/to/program\", ...])"
+            )
+        elif not NAME.fullmatch(name):
+            errors.append(f"services.{name}: bad service name (letters, digits, '.', '_', '-'; at most 64)")
+        else:
+            programs.append(name)
+    names = [*SERVICE_NAMES, *programs]
+    return {name: _service(name, raw.get(name), limits, errors) for name in names}
 
 
 def _named_tables(
@@ -284,7 +318,7 @@ def _check_listeners(
     ones bind nothing), the control socket and the metrics port."""
     wanted: list[tuple[str, Address]] = []
     for svc in services.values():
-        if svc.enabled and svc.name in LISTENING:
+        if svc.enabled and svc.listens:
             for proto in _ADDRESS_KINDS:
                 listed = getattr(svc, proto)
                 wanted += [(f"services.{svc.name}.{proto}[{i}]", a) for i, a in enumerate(listed)]

@@ -72,7 +72,9 @@ class Transport(Protocol):
 
     reactor: Reactor
     conn_id: int
+    fd: int  # the socket's descriptor; -1 once handed off
     host: str | None  # the peer's IP address; None for a UNIX peer
+    port: int  # the peer's port; 0 for a UNIX peer
     requests: int
     write_paused: bool  # above write_high: stop producing until resume_writing
     eof: bool  # the peer half-closed
@@ -81,6 +83,8 @@ class Transport(Protocol):
 
     @property
     def peer(self) -> str: ...
+    @property
+    def proto(self) -> str: ...
     @property
     def closing(self) -> bool: ...
     @property
@@ -92,6 +96,7 @@ class Transport(Protocol):
     def writelines(self, chunks: Sequence[Buffer]) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
+    def hand_off(self) -> None: ...  # the socket is a child's now (program services)
     def close_when_flushed(self, reason: Reason = Reason.DONE) -> None: ...
     def close(self, reason: Reason = Reason.DONE, **extra: object) -> None: ...
 

@@ -271,6 +271,23 @@ class StreamTransport:
             self._reading = True
             self.reactor.add_reader(self.fd, self._reader)
 
+    def hand_off(self) -> None:
+        """The socket now belongs to a child process (a program service,
+        handlers/program.py): stop watching it and close evd's descriptor.
+        The connection stays open -- counted, listed -- until `close`,
+        which then touches no descriptor (its number may be another
+        connection's by then)."""
+        self._reading = False
+        # Unregistered, not forgotten: closing our descriptor does not take
+        # it out of epoll while the child holds the same socket.
+        self.reactor.remove_reader(self.fd)
+        self.reactor.remove_writer(self.fd)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.fd = -1
+
     def pause_reading(self) -> None:
         """The protocol has enough to chew on (a running command, say)."""
         self._stop_reading()
@@ -352,6 +369,8 @@ class StreamTransport:
         """Seconds without traffic either way, as seen by the daemon's
         periodic sweep: it compares the byte counters with their value at the
         previous sweep, so reads and writes pay nothing for idle tracking."""
+        if self.fd < 0:  # handed off: its traffic is the child's, unseen
+            return 0.0
         moved = self.bytes_in + self.bytes_out
         if moved != self._moved:
             self._moved = moved
@@ -423,7 +442,8 @@ class StreamTransport:
         self.closed = True
         self._closing = True
         self.close_reason = reason
-        self.reactor.forget(self.fd)
+        if self.fd >= 0:  # -1: handed off to a child
+            self.reactor.forget(self.fd)
         self._reading = False
         self._out = _NO_QUEUE
         try:

@@ -31,8 +31,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 from evd import __version__
 from evd.commands.runner import Runner
-from evd.config.model import LISTENING, Config
+from evd.config.model import Config
 from evd.handlers.framed import Context, Framed
+from evd.handlers.program import Program, Programs
 from evd.handlers.raw import STREAM_HANDLERS
 from evd.handlers.service import Service
 from evd.log.logger import log
@@ -99,6 +100,8 @@ class Daemon:
         self._sweep_timer: Timer | None = None
         self.runner = Runner(self.reactor, config.services["command"])
         self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
+        # Program services' children share the runner's reaping and kill-on-exit.
+        self.programs = Programs(self.runner, self.machine.identities)
         # For the runtime control and metrics (server/control/verbs.py, metrics/snapshot.py).
         self.lag = LagProbe(self.reactor)
         self.reloads = reload_steps.Reloads(self.notifier, self._event("reload"))
@@ -133,7 +136,7 @@ class Daemon:
         (those of `inherited` came from systemd: their paths are not ours)."""
         self.inherited.update(inherited)
         for svc in self.config.services.values():
-            if svc.enabled and svc.name in LISTENING:
+            if svc.enabled and svc.listens:
                 self.services[svc.name] = Service(svc, self.reactor)
         self._update_tls(self.machine)
         for key, sock in bound.items():
@@ -164,6 +167,9 @@ class Daemon:
         if name == "framed":
             service, context = self.services[name], self.context
             return lambda: Framed(service, context)
+        if self.config.services[name].exec:
+            service, programs = self.services[name], self.programs
+            return lambda: Program(service, programs)
         factory: HandlerFactory = STREAM_HANDLERS[name]
         return factory
 
@@ -351,7 +357,7 @@ class Daemon:
         for key in todo.removed:
             self.listeners.pop(key).close()
         for svc in new.services.values():
-            if svc.name not in LISTENING:
+            if not svc.listens:
                 continue
             current = self.services.get(svc.name)
             if current is None:
@@ -363,6 +369,7 @@ class Daemon:
         for key, socks in bound.items():
             self.open_listener(key, socks[0])
         self.config, self.machine = new, machine
+        self.programs.identities = machine.identities
         self.runner.config = new.services["command"]
         self._update_context()
         self._update_guard_ports()

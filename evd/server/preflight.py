@@ -5,7 +5,9 @@ a configuration -- `run`, `start`, a reload, and `check-config`, which must
 refuse everything `run` would -- the things it names must also be usable:
 key files readable, private, regular and not empty; each TLS service's
 certificate, key and client CA loaded into the server context it will use
-(system/certificates.py); the user and group known.  `check` does all of
+(system/certificates.py); the user and group known; each program service's
+program an executable file, and the identity it runs as known (and evd
+root to switch to it).  `check` does all of
 it, collects every problem as "KEY.PATH: message" (one ConfigError, exit
 78), and returns what it read, so the daemon uses exactly what was checked.
 """
@@ -13,10 +15,12 @@ it, collects every problem as "KEY.PATH: message" (one ConfigError, exit
 from __future__ import annotations
 
 import hashlib
+import os
 import ssl
+import stat
 from dataclasses import dataclass, field
 
-from evd.config.model import LISTENING, Config, ConfigError
+from evd.config.model import Config, ConfigError, ServiceConfig
 from evd.system import privileges
 from evd.system.certificates import CertificateError, server_context
 from evd.system.secrets import SecretError, read_secret
@@ -33,6 +37,8 @@ class Machine:
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)
     certificates: dict[str, bytes] = field(default_factory=dict)
     credentials: privileges.Credentials | None = None
+    # Program services: (uid, gid) to run as; None for either: evd's own.
+    identities: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
 
 
 def _key_path(config: Config, name: str) -> str:
@@ -64,13 +70,16 @@ def check(config: Config) -> Machine:
             except SecretError as exc:
                 errors.append(f"{_key_path(config, name)}: {exc}")
     for svc in config.services.values():
-        if svc.enabled and svc.tls and svc.name in LISTENING:
+        if svc.enabled and svc.tls and svc.listens:
             try:
                 machine.tls[svc.name] = server_context(svc.tls_cert, svc.tls_key, svc.tls_client_ca)
             except CertificateError as exc:
                 errors.append(f"services.{svc.name}.{exc.key}: {exc}")
             else:
                 machine.certificates[svc.name] = _digest(svc.tls_cert, svc.tls_key, svc.tls_client_ca)
+    for svc in config.services.values():
+        if svc.enabled and svc.exec:
+            errors += _program(svc, config, machine)
     try:
         machine.credentials = privileges.resolve(config.daemon.user, config.daemon.group)
     except ConfigError as exc:
@@ -78,3 +87,33 @@ def check(config: Config) -> Machine:
     if errors:
         raise ConfigError(errors)
     return machine
+
+
+def _program(svc: ServiceConfig, config: Config, machine: Machine) -> list[str]:
+    """A program service's program (an executable regular file) and the
+    identity it runs as; the problems found."""
+    path = f"services.{svc.name}"
+    program = svc.exec[0]
+    errors = []
+    try:
+        st = os.stat(program)
+    except OSError as exc:
+        errors.append(f'{path}.exec: "{program}": {exc.strerror}')
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            errors.append(f'{path}.exec: "{program}" is not a file')
+        elif not os.access(program, os.X_OK):
+            errors.append(f'{path}.exec: "{program}" is not executable')
+    if not svc.user and not svc.group:
+        return errors
+    try:
+        identity = privileges.resolve(svc.user, svc.group, path)
+    except ConfigError as exc:
+        return errors + exc.errors
+    assert identity is not None
+    if os.geteuid() != 0 or config.daemon.user:
+        who = "runs as daemon.user" if config.daemon.user else f"runs as uid {os.geteuid()}"
+        key = "user" if svc.user else "group"
+        errors.append(f"{path}.{key}: evd must run as root to start a program as another user ({who})")
+    machine.identities[svc.name] = (identity.uid if svc.user else None, identity.gid)
+    return errors

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 
 from evd.config.addresses import Address
-from evd.config.model import LISTENING, Config, Limits, ServiceConfig
+from evd.config.model import Config, Limits, ServiceConfig
 
 # (service name, configured address): how listeners are known across reloads.
 ListenerKey = tuple[str, Address]
@@ -131,7 +131,7 @@ def changes(
     changed = [
         name
         for name in new.services
-        if name in LISTENING
+        if new.services[name].listens
         and (
             _differs(old.services.get(name), new.services[name])
             or (name in before and name in after and before[name] != after[name])

@@ -33,9 +33,10 @@ class Credentials:
         return f"Credentials({self.user!r}, uid={self.uid}, gid={self.gid}, groups={self.groups})"
 
 
-def resolve(user: str, group: str) -> Credentials | None:
-    """The target identity for `daemon.user`/`daemon.group`, or None to stay
-    as we are.  Raises ConfigError for unknown names."""
+def resolve(user: str, group: str, where: str = "daemon") -> Credentials | None:
+    """The target identity for `daemon.user`/`daemon.group` (or those keys
+    of `where`), or None to stay as we are.  Raises ConfigError for unknown
+    names."""
     if not user and not group:
         return None
     errors: list[str] = []
@@ -45,12 +46,12 @@ def resolve(user: str, group: str) -> Credentials | None:
             entry = pwd.getpwnam(user)
             uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
         except KeyError:
-            errors.append(f'daemon.user: no such user "{user}"')
+            errors.append(f'{where}.user: no such user "{user}"')
     if group:
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
-            errors.append(f'daemon.group: no such group "{group}"')
+            errors.append(f'{where}.group: no such group "{group}"')
     if errors:
         raise ConfigError(errors)
     # The user's own supplementary groups, as login would give them.

@@ -59,11 +59,12 @@ LAYERS = {
     "net.transport": 22, "net.tls_records": 22,
     # handlers/ -- what a connection means, and a service's running state
     "handlers.framed": 30,
-    "handlers.raw": 31, "handlers.service": 31,
+    "handlers.raw": 31, "handlers.program": 31, "handlers.service": 31,
     "handlers.base": 32,
     # commands/ -- running programs: the runner and one child's life
     "commands.runner": 35,
     "commands.process": 36,
+    "commands.child": 37,
     # proto/ -- sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
     "proto.rules": 41,

@@ -170,7 +170,7 @@ def test_unknown_sections_services_and_keys():
         "extra: unknown section",
         "daemon.home: unknown key",
         "services.ssh: unknown service (known: echo, discard, chargen, daytime, time, timefmt, "
-        "framed, command, stats)",
+        'framed, command, stats; a program service needs exec = ["/path/to/program", ...])',
         "services.echo.port: unknown key",
         "services.stats.rate: unknown key",
     ]
@@ -645,3 +645,39 @@ def test_resolve_path_makes_a_relative_path_absolute(tmp_path, monkeypatch):
     assert loader.resolve_path("evd.toml") == str(tmp_path / "evd.toml")
     monkeypatch.setenv("EVD_CONFIG", "conf/evd.toml")
     assert loader.resolve_path(None) == str(tmp_path / "conf/evd.toml")
+
+
+# --- program services (SPEC section 14) ----------------------------------------
+
+PROGRAM = '[services.cat]\nexec = ["/bin/cat", "-u"]\ntcp = ["127.0.0.1:0"]\n'
+
+
+def test_a_program_service_and_its_defaults():
+    svc = parse(PROGRAM).services["cat"]
+    assert svc.exec == ("/bin/cat", "-u") and svc.listens and svc.enabled
+    assert (svc.cwd, svc.user, svc.group, svc.env) == ("/", "", "", ())
+    assert svc.timeout == 0.0  # SPEC 14: 0 = none, the default
+    assert list(parse(PROGRAM).services)[-1] == "cat"  # after the built-in ones
+
+
+def test_a_program_service_round_trips_with_its_env():
+    c = parse(PROGRAM + 'env = { A = "1", B_2 = "two words" }\ncwd = "/tmp"\ntimeout = 5\n')
+    assert c.services["cat"].env == (("A", "1"), ("B_2", "two words"))
+    assert round_trip(c) == c
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ('exec = ["cat"]', 'services.x.exec: "cat" must be an absolute path'),
+        ("exec = []", "services.x.exec: must be a non-empty array of non-empty strings"),
+        ('exec = ["/bin/cat"]\nenv = { REMOTE_ADDR = "x" }', "services.x.env: REMOTE_ADDR is set by evd"),
+        ('exec = ["/bin/cat"]\nenv = { "1A" = "x" }', 'services.x.env: "1A" is not an environment variable'),
+        ('exec = ["/bin/cat"]\nenv = { A = 1 }', "services.x.env.A: expected a string, got integer"),
+        ('exec = ["/bin/cat"]\ncwd = "tmp"', "services.x.cwd: must be an absolute path"),
+        ('exec = ["/bin/cat"]\nudp = ["127.0.0.1:0"]', "services.x.udp: a program service is stream-only"),
+        ('tcp = ["127.0.0.1:0"]', "services.x: unknown service"),
+    ],
+)
+def test_program_service_mistakes(extra, error):
+    assert one_error(f"[services.x]\n{extra}\n").startswith(error)

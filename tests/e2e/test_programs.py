@@ -1,0 +1,290 @@
+"""End to end: program services (SPEC section 14) in the real `evd run`, with
+real programs (/bin/cat, env, shell scripts) and real clients (nc, socat,
+Python sockets).  Expected values come from SPEC 14, not from evd's code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support.daemon import ROOT, WAIT, need, process_gone, recv_all
+
+BUILT_IN_OFF = "".join(
+    f"[services.{name}]\nenabled = false\n"
+    for name in ("echo", "discard", "chargen", "daytime", "time", "timefmt", "framed")
+)
+# SPEC 14: the whole environment of a program, before its service's `env`.
+MINIMAL_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def program_config(programs: str, limits: str = "", daemon: str = "") -> str:
+    """evd with only `programs` (TOML of [services.NAME] tables) on."""
+    return (
+        '[daemon]\npidfile = "{tmp}/evd.pid"\nshutdown_timeout = 2.0\n'
+        + daemon
+        + '\n[log]\nlevel = "info"\nformat = "json"\n'
+        + f"\n[limits]\nmax_connections = 5000\nper_source = 5000\nrate = 0.0\n{limits}\n"
+        + BUILT_IN_OFF
+        + programs
+    )
+
+
+def service(name: str, argv: list[str], extra: str = "", unix: bool = False) -> str:
+    listeners = 'tcp = ["127.0.0.1:0"]\n' + ('unix = ["{tmp}/%s.sock"]\n' % name if unix else "")
+    quoted = ", ".join(f'"{a}"' for a in argv)
+    return f"\n[services.{name}]\nexec = [{quoted}]\n{listeners}{extra}\n"
+
+
+def script(tmp: Path, name: str, body: str) -> str:
+    path = tmp / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def exchange(address, data: bytes) -> bytes:
+    """Send `data`, half-close, read until evd (the program) closes."""
+    with socket.create_connection(address, timeout=WAIT) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def test_cat_is_an_echo_driven_by_nc(start_evd):
+    nc = need("nc")
+    evd = start_evd(program_config(service("cat", ["/bin/cat"])))
+    host, port = evd.addr("cat")
+    out = subprocess.run(
+        [nc, "-N", host, str(port)], input=b"hello, program\n", capture_output=True, timeout=WAIT
+    )
+    assert out.stdout == b"hello, program\n"
+    opened = evd.wait_for("conn.open", service="cat")
+    start = evd.wait_for("exec.start", conn=opened["conn"])
+    assert start["argv"] == ["/bin/cat"] and start["service"] == "cat" and start["peer"] == opened["peer"]
+    end = evd.wait_for("exec.end", conn=opened["conn"])
+    assert (end["exit"], end["signal"], end["timed_out"], end["stderr_tail"]) == (0, None, False, "")
+    assert end["exec_pid"] == start["exec_pid"]
+    evd.wait_for("conn.close", conn=opened["conn"])
+    order = [e["event"] for e in evd.events if e.get("conn") == opened["conn"]]
+    assert order == ["conn.open", "exec.start", "exec.end", "conn.close"]
+
+
+def test_a_unix_client_through_socat(start_evd):
+    socat = need("socat")
+    evd = start_evd(program_config(service("cat", ["/bin/cat"], unix=True)))
+    path = evd.addresses[("cat", "unix")]
+    out = subprocess.run(
+        [socat, "-t", "5", "-", f"UNIX-CONNECT:{path}"], input=b"over unix\n", capture_output=True, timeout=WAIT
+    )
+    assert out.stdout == b"over unix\n"
+    end = evd.wait_for("exec.end", service="cat")
+    assert end["exit"] == 0 and end["peer"] == "unix"
+
+
+def test_environment_is_minimal_plus_the_client_and_env(start_evd):
+    config = program_config(service("env", ["/usr/bin/env"], 'env = {{ GREETING = "hi there" }}\n'))
+    evd = start_evd(config, env={"EVD_TEST_SECRET": "must-not-leak"})
+    with socket.create_connection(evd.addr("env"), timeout=WAIT) as sock:
+        client_port = sock.getsockname()[1]
+        out = recv_all(sock).decode()
+    env = dict(line.split("=", 1) for line in out.splitlines())
+    conn = evd.wait_for("conn.open", service="env")["conn"]
+    assert env == MINIMAL_ENV | {
+        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_PORT": str(client_port),
+        "EVD_SERVICE": "env",
+        "EVD_CONN": str(conn),
+        "GREETING": "hi there",
+    }
+
+
+def test_a_script_reads_a_line_and_answers_in_its_cwd(start_evd, tmp_path):
+    path = script(tmp_path, "greet.sh", 'read name\necho "hello $name from $(pwd)"\necho done >&2\n')
+    evd = start_evd(program_config(service("greet", [path], 'cwd = "/tmp"\n')))
+    assert exchange(evd.addr("greet"), b"world\n") == b"hello world from /tmp\n"
+    end = evd.wait_for("exec.end", service="greet")
+    assert end["exit"] == 0 and end["stderr_tail"] == "done\n"
+
+
+def test_a_program_that_ignores_sigterm_is_killed_after_the_timeout(start_evd, tmp_path):
+    path = script(tmp_path, "stubborn.sh", "trap '' TERM\nwhile :; do sleep 0.05; done\n")
+    evd = start_evd(program_config(service("stubborn", [path], "timeout = 0.3\n")))
+    with socket.create_connection(evd.addr("stubborn"), timeout=WAIT) as sock:
+        assert recv_all(sock) == b""  # closed by evd: the child is gone
+    end = evd.wait_for("exec.end", service="stubborn")
+    assert end["timed_out"] is True and end["signal"] == 9 and end["exit"] is None
+    # SPEC 14: SIGTERM at the timeout, SIGKILL 1 s later.
+    assert end["duration_ms"] >= 1300
+    assert process_gone(end["exec_pid"])
+
+
+def test_a_program_that_exits_at_once_closes_the_connection(start_evd):
+    evd = start_evd(program_config(service("quick", ["/bin/sh", "-c", "exit 3"])))
+    with socket.create_connection(evd.addr("quick"), timeout=WAIT) as sock:
+        assert recv_all(sock) == b""
+    end = evd.wait_for("exec.end", service="quick")
+    assert (end["exit"], end["signal"], end["timed_out"]) == (3, None, False)
+    assert evd.wait_for("conn.close", conn=end["conn"])["reason"] == "done"
+
+
+def test_a_program_gone_after_start_is_an_error_and_a_closed_connection(start_evd, tmp_path):
+    path = script(tmp_path, "vanishing.sh", "echo never\n")
+    evd = start_evd(program_config(service("vanishing", [path])))
+    os.unlink(path)
+    with socket.create_connection(evd.addr("vanishing"), timeout=WAIT) as sock:
+        assert recv_all(sock) == b""
+    end = evd.wait_for("exec.end", service="vanishing")
+    assert end["exec_pid"] is None and path in end["error"]
+    assert "exec.start" not in [e["event"] for e in evd.events]
+    assert evd.wait_for("conn.close", conn=end["conn"])["reason"] == "error"
+    # ... and the next one too: nothing was lost or left behind.
+    with socket.create_connection(evd.addr("vanishing"), timeout=WAIT) as sock:
+        assert recv_all(sock) == b""
+
+
+def check_config(tmp_path: Path, config: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "check.toml"
+    path.write_text(config.format(tmp=tmp_path))
+    return subprocess.run(
+        [sys.executable, "-m", "evd", "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("program", "problem"),
+    [
+        ("cat", '"cat" must be an absolute path'),
+        ("{tmp}", "is not a file"),
+        ("{tmp}/plain.txt", "is not executable"),
+        ("{tmp}/missing", "No such file or directory"),
+    ],
+)
+def test_check_config_refuses_a_program_it_could_not_run(tmp_path, program, problem):
+    (tmp_path / "plain.txt").write_text("not a program\n")
+    out = check_config(tmp_path, program_config(service("bad", [program])))
+    assert out.returncode == 78
+    assert "services.bad.exec" in out.stderr and problem in out.stderr
+
+
+def test_check_config_accepts_a_program_and_refuses_unknown_names(tmp_path):
+    assert check_config(tmp_path, program_config(service("ok", ["/bin/cat"]))).returncode == 0
+    out = check_config(tmp_path, program_config("[services.nothing]\ntcp = []\n"))
+    assert out.returncode == 78 and "services.nothing: unknown service" in out.stderr
+    out = check_config(tmp_path, program_config(service("ok", ["/bin/cat"], 'udp = ["127.0.0.1:0"]\n')))
+    assert out.returncode == 78 and "services.ok.udp" in out.stderr
+
+
+def test_a_program_connection_counts_for_max_connections_until_it_ends(start_evd):
+    evd = start_evd(program_config(service("cat", ["/bin/cat"], "max_connections = 1\n")))
+    first = socket.create_connection(evd.addr("cat"), timeout=WAIT)
+    try:
+        first.sendall(b"one\n")
+        assert first.recv(100) == b"one\n"  # the child runs: its slot is taken
+        with socket.create_connection(evd.addr("cat"), timeout=WAIT) as second:
+            assert recv_all(second) == b""
+        assert evd.wait_for("conn.reject", service="cat")["reason"] == "max_connections"
+    finally:
+        first.close()
+    evd.wait_for("conn.close", service="cat")
+    assert exchange(evd.addr("cat"), b"two\n") == b"two\n"  # the slot came back
+
+
+def test_stderr_floods_cost_only_the_last_kib(start_evd, tmp_path):
+    path = script(tmp_path, "flood.sh", "head -c 200000000 /dev/zero | tr '\\0' x >&2\necho END >&2\n")
+    evd = start_evd(program_config(service("flood", [path])))
+    with socket.create_connection(evd.addr("flood"), timeout=WAIT) as sock:
+        assert recv_all(sock) == b""
+    end = evd.wait_for("exec.end", service="flood", timeout=60)
+    tail = end["stderr_tail"]
+    assert len(tail) == 1024 and tail.endswith("xxxxEND\n") and set(tail[:-4]) == {"x"}
+
+
+def grandchild(evd, name: str) -> tuple[socket.socket, int]:
+    """Connect to a program that starts `sleep` in the background and exits:
+    the socket, and the sleep's pid (the program writes it)."""
+    sock = socket.create_connection(evd.addr(name), timeout=WAIT)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(100)
+        assert chunk, "closed before the pid"
+        line += chunk
+    return sock, int(line)
+
+
+LEAVES_A_GRANDCHILD = ["/bin/sh", "-c", "sleep 300 & echo $!; exit 0"]
+
+
+def test_a_grandchild_is_ended_with_its_group_at_the_timeout(start_evd):
+    evd = start_evd(program_config(service("parent", LEAVES_A_GRANDCHILD, "timeout = 0.5\n")))
+    sock, pid = grandchild(evd, "parent")
+    with sock:
+        end = evd.wait_for("exec.end", service="parent")
+        assert end["timed_out"] is True and end["exit"] == 0
+        assert process_gone(pid), "the grandchild outlived the timeout"
+        assert recv_all(sock) == b""
+
+
+def test_a_grandchild_is_ended_with_its_group_at_shutdown(start_evd):
+    evd = start_evd(program_config(service("parent", LEAVES_A_GRANDCHILD)))
+    sock, pid = grandchild(evd, "parent")
+    with sock:
+        started = time.monotonic()
+        assert evd.stop() == 0
+        # SPEC 14: shutdown_timeout (2 s here), then the group is killed.
+        assert time.monotonic() - started >= 1.5
+        assert process_gone(pid), "the grandchild outlived evd"
+        end = evd.wait_for("exec.end", service="parent")
+        assert end["signal"] is None and end["exit"] == 0  # the program had exited itself
+
+
+def zombies_of(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] == "Z" and int(fields[1]) == pid:
+            found.append(int(name))
+    return found
+
+
+def test_500_connections_at_once_all_answered_nothing_left(start_evd):
+    evd = start_evd(program_config(service("cat", ["/bin/cat"])))
+    fds = Path(f"/proc/{evd.proc.pid}/fd")
+    # One connection first: evd's lazily opened descriptors are open now.
+    assert exchange(evd.addr("cat"), b"warm\n") == b"warm\n"
+    evd.wait_for("conn.close", service="cat")
+    before = len(os.listdir(fds))
+    socks = [socket.create_connection(evd.addr("cat"), timeout=WAIT) for _ in range(500)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.sendall(b"%d\n" % i)
+        for i, sock in enumerate(socks):
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"%d\n" % i
+    finally:
+        for sock in socks:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while True:
+        closed = sum(1 for e in evd.drain_events() if e.get("event") == "conn.close")
+        if closed == 501 or time.monotonic() > deadline:
+            break
+        evd.wait_for_since(len(evd.events), "conn.close", timeout=30)
+    assert closed == 501
+    assert len(os.listdir(fds)) == before
+    assert zombies_of(evd.proc.pid) == []

@@ -233,7 +233,7 @@ def _services(raw: object, limits: Limits, errors: list[str]) -> dict[str, Servi
         if not isinstance(entry, dict) or PROGRAM_KEY not in entry:
             errors.append(
                 f"services.{name}: unknown service (known: {', '.join(SERVICE_NAMES)}; "
-                f"a program service needs {PROGRAM_KEY} = [\"/path/to/program\", ...])"
+                f'a program service needs {PROGRAM_KEY} = ["/path/to/program", ...])'
             )
         elif not NAME.fullmatch(name):
             errors.append(f"services.{name}: bad service name (letters, digits, '.', '_', '-'; at most 64)")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from support.daemon import ROOT, WAIT, need, process_gone, recv_all
+from support.pki import Pki
+from test_tls import converse
 
 BUILT_IN_OFF = "".join(
     f"[services.{name}]\nenabled = false\n"
@@ -36,7 +38,8 @@ def program_config(programs: str, limits: str = "", daemon: str = "") -> str:
 
 
 def service(name: str, argv: list[str], extra: str = "", unix: bool = False) -> str:
-    listeners = 'tcp = ["127.0.0.1:0"]\n' + ('unix = ["{tmp}/%s.sock"]\n' % name if unix else "")
+    unix_line = 'unix = ["{tmp}/' + name + '.sock"]\n'
+    listeners = 'tcp = ["127.0.0.1:0"]\n' + (unix_line if unix else "")
     quoted = ", ".join(f'"{a}"' for a in argv)
     return f"\n[services.{name}]\nexec = [{quoted}]\n{listeners}{extra}\n"
 
@@ -79,9 +82,8 @@ def test_a_unix_client_through_socat(start_evd):
     socat = need("socat")
     evd = start_evd(program_config(service("cat", ["/bin/cat"], unix=True)))
     path = evd.addresses[("cat", "unix")]
-    out = subprocess.run(
-        [socat, "-t", "5", "-", f"UNIX-CONNECT:{path}"], input=b"over unix\n", capture_output=True, timeout=WAIT
-    )
+    argv = [socat, "-t", "5", "-", f"UNIX-CONNECT:{path}"]
+    out = subprocess.run(argv, input=b"over unix\n", capture_output=True, timeout=WAIT)
     assert out.stdout == b"over unix\n"
     end = evd.wait_for("exec.end", service="cat")
     assert end["exit"] == 0 and end["peer"] == "unix"
@@ -288,3 +290,59 @@ def test_500_connections_at_once_all_answered_nothing_left(start_evd):
     assert closed == 501
     assert len(os.listdir(fds)) == before
     assert zombies_of(evd.proc.pid) == []
+
+
+# --- TLS: evd relays ------------------------------------------------------------------
+
+
+def tls_service(name: str, argv: list[str], extra: str = "") -> str:
+    return service(name, argv, 'tls = ["127.0.0.1:0"]\ntls_cert = "{tmp}/server.pem"\n' + extra).replace(
+        'tls_cert = "{tmp}/server.pem"\n', 'tls_cert = "{tmp}/server.pem"\ntls_key = "{tmp}/server.key"\n'
+    )
+
+
+@pytest.fixture
+def pki(tmp_path):
+    pki = Pki(tmp_path)
+    pki.server()
+    return pki
+
+
+def test_cat_over_tls_with_openssl_s_client(start_evd, pki):
+    evd = start_evd(program_config(tls_service("cat", ["/bin/cat"])))
+    host, port = evd.addr("cat", "tls")
+    s_client = [need("openssl"), "s_client", "-connect", f"{host}:{port}", "-CAfile", str(pki.cafile)]
+    s_client += ["-verify_return_error", "-quiet", "-no_ign_eof"]
+    assert converse(s_client, b"through the relay\n") == b"through the relay\n"
+    end = evd.wait_for("exec.end", service="cat")
+    assert end["exit"] == 0
+    close = evd.wait_for("conn.close", conn=end["conn"])
+    assert close["bytes_in"] == close["bytes_out"] == len(b"through the relay\n")
+
+
+def test_tls_relay_answers_after_the_clients_eof_and_keeps_stderr(start_evd, pki, tmp_path):
+    path = script(tmp_path, "count.sh", 'wc -c\necho "$REMOTE_ADDR" >&2\n')
+    evd = start_evd(program_config(tls_service("count", [path])))
+    sock = socket.create_connection(evd.addr("count", "tls"), timeout=WAIT)
+    with pki.client_context().wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"x" * 300_000)  # more than a pipe holds: the relay waits for the child
+        socket.socket.shutdown(tls, socket.SHUT_WR)  # a FIN, no close_notify: the relay sees EOF
+        answer = b""
+        while chunk := tls.recv(100):
+            answer += chunk
+    assert answer.strip() == b"300000"
+    end = evd.wait_for("exec.end", service="count")
+    assert end["exit"] == 0 and end["stderr_tail"] == "127.0.0.1\n"
+
+
+def test_tls_relay_bounds_what_a_child_writes_to_a_client_that_does_not_read(start_evd, pki):
+    evd = start_evd(program_config(tls_service("yes", ["/usr/bin/yes"], "timeout = 1\n")))
+    sock = socket.create_connection(evd.addr("yes", "tls"), timeout=WAIT)
+    with pki.client_context().wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        assert tls.recv(10).startswith(b"y\n")
+        end = evd.wait_for("exec.end", service="yes")  # the timeout ends it; evd held on meanwhile
+    assert end["timed_out"] is True
+    close = evd.wait_for("conn.close", conn=end["conn"])
+    # Written to a client that read 10 bytes: what the socket buffers hold
+    # plus write_high (256 KiB), not what `yes` made in 1 s.
+    assert close["bytes_out"] < 16 * 1024 * 1024

@@ -19,6 +19,19 @@ def _time(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _peer(text: str) -> str:
+    """`--peer`, checked here so that a bad one is a usage error (exit 2)
+    like every other option; show.peer_matcher reads it."""
+    import ipaddress
+
+    if text != "unix":
+        try:
+            ipaddress.ip_network(text.strip("[]"), strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an IP address, a CIDR or 'unix'") from None
+    return text
+
+
 def _top(text: str) -> int:
     n = int(text)
     if n < 0:
@@ -39,6 +52,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
         return EX_FAIL
     for problem in errors:
         error(f"{problem} (what was read before counts)")
+    if args.json and summary.overlong:  # the text report says it in its first line
+        error(f"{summary.overlong} lines over {reading.MAX_LINE >> 20} MiB were skipped")
     result = summary.to_json(args.top)
     try:
         if args.json:
@@ -120,7 +135,9 @@ def register(
     show.add_argument(
         "--event", action="append", metavar="GLOB", help="event name pattern, e.g. 'conn.*' (repeatable)"
     )
-    show.add_argument("--peer", metavar="IP", help="client IP or CIDR (IPv6 without brackets), or 'unix'")
+    show.add_argument(
+        "--peer", type=_peer, metavar="IP", help="client IP or CIDR (IPv6 without brackets), or 'unix'"
+    )
     show.add_argument(
         "--level", choices=[lvl for lvl in LEVEL_RANK if lvl != "exception"], help="this level and above"
     )

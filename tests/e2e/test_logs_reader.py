@@ -205,7 +205,7 @@ def test_show_filters(real_log):
     assert shown("--since", middle) == expected(lambda e: e["timestamp"] >= middle)
     assert shown("--until", middle) == expected(lambda e: e["timestamp"] < middle)
     out = evd_logs("show", "--peer", "nonsense", str(real_log))
-    assert out.returncode == 1 and b"--peer" in out.stderr
+    assert out.returncode == 2 and b"--peer" in out.stderr
 
 
 def test_show_renders_for_a_person(real_log):

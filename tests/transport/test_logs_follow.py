@@ -128,3 +128,22 @@ def test_the_fallback_is_chosen_without_inotify(monkeypatch):
 def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(follow.InputError):
         follow.Followed(str(tmp_path / "nope.log"), follow.PollWatcher())
+
+
+def test_an_over_long_line_is_let_go_while_following(tmp_path, watcher):
+    """A writer that never ends its line (a run of NUL bytes after a crash):
+    what is kept of it stays bounded, and it is skipped as one line."""
+    from evd.tools.logs.reading import MAX_LINE, OVERLONG
+
+    path = tmp_path / "evd.log"
+    path.write_bytes(b"a\n")
+    followed = follow.Followed(str(path), watcher)
+    assert lines_of(followed) == [b"a"]
+    with open(path, "ab") as f:
+        for _ in range(3):
+            f.write(b"\0" * MAX_LINE)
+            assert lines_of(followed) == []
+            assert len(followed.carry.carry) <= MAX_LINE
+        f.write(b"\nb\n")
+    assert lines_of(followed) == [OVERLONG, b"b"]
+    followed.close()

@@ -33,7 +33,7 @@ import struct
 import time
 from collections.abc import Iterator
 
-from evd.tools.logs.reading import BLOCK, InputError
+from evd.tools.logs.reading import BLOCK, InputError, Lines
 
 BACKSTOP = 1.0  # seconds: longest wait with inotify, for filesystems that send no events
 POLL = 0.5  # seconds between looks without inotify: a line shows at most this late
@@ -160,9 +160,9 @@ class Followed:
         except OSError as exc:
             raise InputError(f"{path}: {exc.strerror or exc}") from None
         self.identity = _identity(os.fstat(self.file.fileno()))
-        self.carry = b""
+        self.carry = Lines()  # the unfinished last line, bounded
         self.old: io.FileIO | None = None  # the file before a rotation, still read
-        self.old_carry = b""
+        self.old_carry = Lines()
         watch.watch(path)
 
     def read(self) -> Iterator[list[bytes]]:
@@ -170,19 +170,15 @@ class Followed:
         old file's rest first, then the current file's."""
         while True:
             if self.old is not None:
-                for lines, rest in _drain(self.old, self.old_carry):
-                    self.old_carry = rest
-                    yield lines
+                yield from _drain(self.old, self.old_carry)
             wrote = False
-            for lines, rest in _drain(self.file, self.carry):
-                self.carry = rest
+            for lines in _drain(self.file, self.carry):
                 wrote = True
                 yield lines
             if wrote and self.old is not None:
                 # evd writes the new file now, so the old one is complete
                 # once read again: what it got before those new bytes.
-                for lines, _ in _drain(self.old, self.old_carry):
-                    yield lines
+                yield from _drain(self.old, self.old_carry)
                 self._retire_old()
             if not self._look_at_path():
                 return
@@ -190,7 +186,7 @@ class Followed:
     def _retire_old(self) -> None:
         if self.old is not None:
             self.old.close()  # an unfinished line at the end of a finished file is not a line
-        self.old, self.old_carry = None, b""
+        self.old, self.old_carry = None, Lines()
 
     def _look_at_path(self) -> bool:
         """Has the path changed file (then read again at once)?"""
@@ -201,7 +197,7 @@ class Followed:
         if _identity(st) == self.identity:
             if st.st_size < self.file.tell():
                 self.file.seek(0)  # truncated in place (copytruncate)
-                self.carry = b""
+                self.carry = Lines()
                 return True
             return False
         try:
@@ -210,7 +206,7 @@ class Followed:
             return False
         self._retire_old()
         self.old, self.old_carry = self.file, self.carry
-        self.file, self.carry = new, b""
+        self.file, self.carry = new, Lines()
         self.identity = _identity(os.fstat(new.fileno()))
         self.watcher.watch(self.path)
         return True
@@ -224,12 +220,11 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _drain(file: io.FileIO, carry: bytes) -> Iterator[tuple[list[bytes], bytes]]:
-    """(complete lines, the unfinished rest) per block read, to EOF."""
+def _drain(file: io.FileIO, carry: Lines) -> Iterator[list[bytes]]:
+    """The complete lines per block read, to EOF; `carry` keeps the
+    unfinished rest."""
     while True:
         data = file.read(BLOCK)
         if not data:
             return
-        lines = (carry + data).split(b"\n")
-        carry = lines.pop()
-        yield lines, carry
+        yield carry.cut(data)

@@ -64,6 +64,8 @@ class SummaryJson(TypedDict):
 class Extras(TypedDict):
     """What the text report shows beyond the JSON object."""
 
+    overlong: int  # of the skipped lines, those longer than reading.MAX_LINE
+
     unix_connections: dict[str, int]
     tls_failures: dict[str, int]
     command_keys: dict[str, dict[str, int]]

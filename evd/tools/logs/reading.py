@@ -25,6 +25,18 @@ BLOCK = 1 << 18
 
 STDIN = "-"
 
+# The longest line kept.  evd's own lines are a few hundred bytes (a
+# traceback a few KiB); past this a line is not one of them, and what was
+# kept of it is let go at once: a crash-damaged log (a run of NUL bytes
+# with no newline) or a foreign 100 MB line then costs one pass and this
+# much memory, where keeping it cost memory in proportion and time in the
+# square of its length (every block re-copied what came before).
+MAX_LINE = 1 << 20
+# What stands in the lines for an over-long one: a line never contains a
+# newline, so no real line is equal to it.  Not JSON: every reader counts
+# it as skipped, and can tell it (`line is OVERLONG`) to say why.
+OVERLONG = b"\n(over-long line)"
+
 
 class InputError(Exception):
     """A file that cannot be read: `evd logs` exits 1 (SPEC section 2)."""
@@ -112,7 +124,7 @@ def line_starts(path: str, parts: int) -> list[int]:
     with open(path, "rb") as f:
         for i in range(1, parts):
             f.seek(max(i * size // parts, cuts[-1]))
-            f.readline()  # to the end of the line the cut fell in
+            _past_newline(f)  # to the end of the line the cut fell in
             if f.tell() >= size:
                 break
             if f.tell() > cuts[-1]:
@@ -120,21 +132,62 @@ def line_starts(path: str, parts: int) -> list[int]:
     return cuts + [size]
 
 
+def _past_newline(f: BinaryIO) -> None:
+    """Move `f` just past the next newline (or to its end), a block at a
+    time: readline would hold a whole over-long line in memory."""
+    while block := f.read(BLOCK):
+        end = block.find(b"\n")
+        if end >= 0:
+            f.seek(end + 1 - len(block), os.SEEK_CUR)
+            return
+
+
+class Lines:
+    """Cuts blocks of bytes into lines.  The unfinished line at the end of
+    a block is carried into the next one, up to MAX_LINE bytes; a line
+    longer than that comes out as OVERLONG, and nothing of it is kept."""
+
+    def __init__(self) -> None:
+        self.carry = b""
+        self.overlong = False  # dropping the rest of an over-long line
+
+    def cut(self, data: bytes) -> list[bytes]:
+        """The lines that `data` completes."""
+        lines = data.split(b"\n")  # only the new bytes: no byte is split twice
+        rest = lines.pop()
+        if lines:
+            if self.overlong:
+                lines[0] = OVERLONG
+            elif self.carry:
+                first = self.carry + lines[0]
+                lines[0] = first if len(first) <= MAX_LINE else OVERLONG
+            self.carry, self.overlong = b"", False
+        if self.overlong:
+            return lines
+        if len(self.carry) + len(rest) > MAX_LINE:
+            self.carry, self.overlong = b"", True
+        elif rest:
+            self.carry += rest  # at most MAX_LINE: a few copies of a bounded line
+        return lines
+
+    def rest(self) -> bytes:
+        """The unfinished last line (b"" if none): what a file ends with
+        when its writer has not finished the line (yet)."""
+        return OVERLONG if self.overlong else self.carry
+
+
 def _split(read: Callable[[int], bytes], name: str) -> Iterator[tuple[list[bytes], bytes]]:
-    carry = b""
+    cutter = Lines()
     try:
         while True:
             data = read(BLOCK)
             if not data:
                 break
-            if carry:
-                data = carry + data
-            lines = data.split(b"\n")
-            carry = lines.pop()
+            lines = cutter.cut(data)
             if lines:
                 yield lines, b""
     except (OSError, EOFError, zlib.error) as exc:
         # A truncated or corrupt .gz, an I/O error: what was read counts,
         # and the caller reports the file as unreadable.
         raise InputError(f"{name}: {exc}") from None
-    yield [], carry
+    yield [], cutter.rest()

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from evd.tools.logs.jsonform import CommandJson, Extras, PeerJson, ServiceJson, SummaryJson
+from evd.tools.logs.reading import MAX_LINE
 
 MISSING = "-"
 
@@ -163,7 +164,10 @@ def _commands(commands: dict[str, CommandJson], extras: Extras) -> list[str]:
 def render(result: SummaryJson, extras: Extras, top: int) -> str:
     head = f"{count(result['lines'])} log lines"
     if result["skipped"]:
-        head += f" (and {count(result['skipped'])} other lines, skipped)"
+        head += f" (and {count(result['skipped'])} other lines, skipped"
+        if extras["overlong"]:
+            head += f", {count(extras['overlong'])} of them over {MAX_LINE >> 20} MiB"
+        head += ")"
     if result["first"] is not None and result["last"] is not None:
         head += f", {result['first']} to {result['last']} ({span(result['first'], result['last'])})"
     out = [head]

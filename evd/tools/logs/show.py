@@ -87,6 +87,7 @@ class Selector:
         self.rank = LEVEL_RANK[options.level] if options.level else None
         self.since, self.until = options.since, options.until
         self.skipped = 0
+        self.overlong = 0  # of the skipped, those over reading.MAX_LINE
 
     def select(self, line: bytes) -> Event | None:
         """The event of a selected line, else None (counting non-events)."""
@@ -100,6 +101,7 @@ class Selector:
             key = None
         if key is None:
             self.skipped += 1
+            self.overlong += line is reading.OVERLONG
             return None
         if (self.since and key < self.since) or (self.until and key >= self.until):
             return None
@@ -232,8 +234,10 @@ def run(options: Options) -> int:
         stdout_gone()
     except KeyboardInterrupt:
         printer.release()
-    if printer.selector.skipped:
-        print(f"evd: {printer.selector.skipped} lines were not evd events (skipped)", file=sys.stderr)
+    skipped, overlong = printer.selector.skipped, printer.selector.overlong
+    if skipped:
+        longest = f", {overlong} of them over {reading.MAX_LINE >> 20} MiB" if overlong else ""
+        print(f"evd: {skipped} lines were not evd events (skipped{longest})", file=sys.stderr)
     return status
 
 

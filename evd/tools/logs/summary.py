@@ -32,8 +32,9 @@ from collections.abc import Iterable
 
 import orjson
 
-from evd.tools.logs.events import line_service, peer_ip, ts_key
+from evd.tools.logs.events import ZEROS, is_key, line_service, peer_ip, ts_key
 from evd.tools.logs.jsonform import Extras, PeerJson, SummaryJson
+from evd.tools.logs.reading import OVERLONG
 from evd.tools.logs.stats import CommandStats, ServiceStats, add, by_count, exit_key, merge_counts
 
 PREFIX = b'{"timestamp": "'
@@ -45,6 +46,8 @@ CLOSE_AT_42 = b'", "level": "info", "event": "conn.close"'
 # Sort after every timestamp key: "no line yet", "no upper bound".
 NO_KEY = "\uffff"
 NO_KEY_B = b"\xff"
+# A timestamp's fraction, its digits made 0 (events.ZEROS).
+FRACTION = b".000000Z"
 
 Json = dict[str, object]
 
@@ -72,6 +75,8 @@ class Summary:
         self.reloads = {"ok": 0, "failed": 0}
         self.starts = 0
         self.stops = 0
+        self.second = b""  # see feed
+        self.overlong = 0  # of the skipped lines, those over reading.MAX_LINE
 
     def _service(self, name: str) -> ServiceStats:
         stats = self.services.get(name)
@@ -80,10 +85,13 @@ class Summary:
         return stats
 
     def _peer(self, peer: str) -> list[int] | None:
-        """The counters of a peer's IP; None for UNIX clients (no IP)."""
+        """The counters of a peer's IP; None for UNIX clients (no IP);
+        ValueError for a port without an address (":5")."""
         ip = peer_ip(peer)
         if ip == peer:  # "unix", or no port to strip: not an IP
             return None
+        if not ip:
+            raise ValueError(peer)
         row = self.peers.get(ip)
         if row is None:
             row = self.peers[ip] = [0, 0, 0]
@@ -98,10 +106,20 @@ class Summary:
         since_b, until_b = self.since_b, self.until_b
         raw_first, raw_last, count, skipped = self.raw_first, self.raw_last, self.lines, self.skipped
         services, peers, general = self.services, self.peers, self._general
+        # The second of the last timestamp checked whole (is_key): the
+        # lines of one second, hundreds in a busy log, then only compare
+        # their first 19 bytes with it and check their fraction's shape.
+        second = self.second
         for line in lines:
             head = line[42:83]
             if head == CLOSE_AT_42 and line[:15] == PREFIX:
                 ts = line[15:42]
+                if ts[:19] != second or ts[19:].translate(ZEROS) != FRACTION:
+                    if not is_key(ts):  # not evd's spelling: what the general path says
+                        verdict = general(line)
+                        skipped += verdict is None
+                        continue
+                    second = ts[:19]
                 if timed and not since_b <= ts < until_b:
                     continue
                 # Inline, because this is half of a busy log; the general
@@ -112,10 +130,16 @@ class Summary:
                     duration = event["duration_ms"]
                     bytes_in = event["bytes_in"]
                     bytes_out = event["bytes_out"]
-                    host, sep, _ = event["peer"].rpartition(":")
+                    peer = event["peer"]
+                    host, sep, _ = peer.rpartition(":")
                     reason = event["reason"]
                     if type(bytes_in) is not int or type(bytes_out) is not int:
                         raise TypeError
+                    if not host or host[0] == "[" or ":" in host:  # not IPv4:port: the general rule
+                        host = peer_ip(peer)
+                        if not host:  # ":5", "[]:5": a port without an address
+                            raise ValueError
+                        sep = "" if host == peer else ":"  # "unix" or an IP
                     if service is not None and svc != service:
                         continue
                     stats = services.get(svc)
@@ -131,8 +155,6 @@ class Summary:
                 stats.bytes_in += bytes_in
                 stats.bytes_out += bytes_out
                 if sep:
-                    if host[0] == "[":
-                        host = host[1:-1]
                     row = peers.get(host)
                     if row is None:
                         peers[host] = [1, 0, 0]
@@ -143,6 +165,12 @@ class Summary:
             elif head == OPEN_AT_42 and service is None and line[:15] == PREFIX:
                 # Its timestamp and its count are all a conn.open adds.
                 ts = line[15:42]
+                if ts[:19] != second or ts[19:].translate(ZEROS) != FRACTION:
+                    if not is_key(ts):
+                        verdict = general(line)
+                        skipped += verdict is None
+                        continue
+                    second = ts[:19]
                 if timed and not since_b <= ts < until_b:
                     continue
             else:
@@ -158,6 +186,7 @@ class Summary:
                 raw_last = ts
             count += 1
         self.raw_first, self.raw_last, self.lines, self.skipped = raw_first, raw_last, count, skipped
+        self.second = second
 
     def _general(self, line: bytes) -> bool | None:
         """Any line but evd's own conn.open and conn.close (and those when
@@ -170,6 +199,7 @@ class Summary:
             if type(stamp) is not str or type(name) is not str:
                 raise TypeError
         except (ValueError, KeyError, TypeError):
+            self.overlong += line is OVERLONG
             return False if not line.strip() else None
         key = ts_key(stamp)
         if key is None:
@@ -204,14 +234,14 @@ class Summary:
         ):
             return False
         try:
+            row = self._peer(peer)  # before anything is counted: it may refuse the line
             stats = self._service(svc)  # type: ignore[arg-type]
-        except TypeError:  # unhashable
+        except (TypeError, ValueError):  # unhashable; ":5"
             return False
         stats.durations.append(duration)
         add(stats.reasons, reason)
         stats.bytes_in += bytes_in
         stats.bytes_out += bytes_out
-        row = self._peer(peer)
         if row is not None:
             row[0] += 1
         else:  # "unix": no address, no port
@@ -230,6 +260,7 @@ class Summary:
         """Add what `other` (the same selection, other lines) counted."""
         self.lines += other.lines
         self.skipped += other.skipped
+        self.overlong += other.overlong
         self.first, self.last = min(self.first, other.first), max(self.last, other.last)
         self.raw_first = min(self.raw_first, other.raw_first)
         self.raw_last = max(self.raw_last, other.raw_last)
@@ -256,6 +287,7 @@ class Summary:
             orjson.loads(line)
         except ValueError:
             self.skipped += 1
+            self.overlong += line is OVERLONG
             return
         self.feed((line,))
 
@@ -278,7 +310,7 @@ class Summary:
                 self.starts += 1
             elif name == "daemon.stop":
                 self.stops += 1
-        except (KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError, ValueError):
             return False
         return True
 
@@ -289,6 +321,8 @@ class Summary:
         reason = event["reason"]
         if type(count) is not int or type(reason) is not str:
             raise TypeError
+        # The peer first: a line it refuses must leave nothing behind.
+        row = self._peer(event["peer"]) if name == "conn.reject" else None  # type: ignore[arg-type]
         stats = self._service(event["service"])  # type: ignore[arg-type]
         if name == "udp.drop":
             add(stats.udp_drops, reason, count)
@@ -297,7 +331,6 @@ class Summary:
             stats.tls_failures += count
             return
         add(stats.rejected, reason, count)
-        row = self._peer(event["peer"])  # type: ignore[arg-type]
         if row is not None:
             row[1] += count
 
@@ -346,6 +379,7 @@ class Summary:
 
     def extras(self) -> Extras:
         return {
+            "overlong": self.overlong,
             "unix_connections": {
                 str(k): v.unix_connections for k, v in self.services.items() if v.unix_connections
             },

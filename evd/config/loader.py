@@ -12,7 +12,9 @@ about what the files mean.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +24,10 @@ from typing import Any
 from evd.config import dropins, validate
 from evd.config import model as config_mod
 from evd.config.model import EMBEDDED_SOURCE, Config, ConfigError
+
+# The largest configuration file read: the shipped one is 13 KiB, a drop-in
+# a few lines; a file of more is a mistake (a log named by a glob).
+MAX_FILE = 1 << 20
 
 
 def embedded_text() -> str:
@@ -64,14 +70,44 @@ def parse(text: str, source: str = EMBEDDED_SOURCE) -> Config:
 
 
 def read_text(path: str) -> str:
-    """A configuration file's text, or ConfigError naming the file."""
+    """A configuration file's text, or ConfigError naming the file.
+
+    A running daemon reads its files on SIGHUP, inside its loop, so what
+    the operator points it at must fail at once rather than hang or eat
+    memory (as key and certificate files do, system/secrets.py): opened
+    with O_NONBLOCK (a FIFO would block the open until a writer comes),
+    checked to be a regular file on the open descriptor (not /dev/zero,
+    which never ends), and read up to MAX_FILE bytes."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: [Errno {exc.errno}] {exc.strerror}"]) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # said as open() without O_RDONLY's leniency says it
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise ConfigError([f"{path}: not a regular file"])
+        data = _read_at_most(fd, MAX_FILE + 1)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: [Errno {exc.errno}] {exc.strerror}"]) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE:
+        raise ConfigError([f"{path}: larger than {MAX_FILE >> 20} MiB: not a configuration file"])
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8: {exc}"]) from None
+
+
+def _read_at_most(fd: int, size: int) -> bytes:
+    """Up to `size` bytes of a regular file, to its end."""
+    parts, left = [], size
+    while left > 0 and (chunk := os.read(fd, left)):
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 def _main(path: str | None) -> tuple[str, dict[str, Any]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the reference pages are generated from evd's own parser and schema
+sys.path.insert(0, str(Path(__file__).resolve().parent / "_ext"))
 
 import evd  # noqa: E402
 
@@ -20,7 +21,7 @@ copyright = "evd maintainers"
 release = evd.__version__
 version = release
 
-extensions = ["myst_parser"]
+extensions = ["myst_parser", "evdref"]
 source_suffix = {".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build", ".venv"]
@@ -30,3 +31,10 @@ myst_heading_anchors = 3
 
 html_theme = "alabaster"
 html_title = f"evd {release}"
+
+# `sphinx-build -b man` writes the two reference pages as manual pages too;
+# an installed evd prints the same pages itself (`evd man`).
+man_pages = [
+    ("reference/cli", "evd", "small network services on one event loop", [author], 8),
+    ("reference/configuration", "evd.toml", "the configuration of evd", [author], 5),
+]

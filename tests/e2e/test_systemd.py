@@ -234,7 +234,7 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
         pytest.skip(f"systemd-analyze cannot run here: {probe.stderr.strip()}")
     for unit in ("evd.service", "evd.socket"):
         text = (ROOT / "systemd" / unit).read_text()
-        (tmp_path / unit).write_text(text.replace("/usr/local/bin/evd run", evd_executable()))
+        (tmp_path / unit).write_text(text.replace("/usr/bin/evd run", evd_executable()))
     out = subprocess.run(
         [analyze, "verify", "--man=no", str(tmp_path / "evd.socket"), str(tmp_path / "evd.service")],
         capture_output=True,
@@ -254,6 +254,7 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
         "RuntimeDirectory=evd",
         "LogsDirectory=evd",
         "KillMode=mixed",
-        "ExecStart=/usr/local/bin/evd run --log-format journal",
+        "ExecStart=/usr/bin/evd run --log-format journal",
+        "Documentation=man:evd(8) man:evd.toml(5)",
     ):
         assert f"\n{setting}\n" in service, setting

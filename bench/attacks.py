@@ -1,4 +1,4 @@
-"""Attacks and faults against a real evd, with the figures for README.md.
+"""Attacks and faults against a real evd, with the figures for docs/performance/index.md.
 
     python3 bench/attacks.py [--seconds 5]
 

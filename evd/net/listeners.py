@@ -231,7 +231,7 @@ class StreamListener(Listener):
         # socket.accept() converts family and type to enums for every
         # connection, and socket.socket adds Python-level __init__ and
         # close() wrappers: the C-level accept and socket type skip both,
-        # a measurable share of the connect path (figures in README).
+        # a measurable share of the connect path (figures in docs/performance).
         self._c_accept = c_accept(sock)
         self._backoff_timer: Timer | None = None
         self._last_backoff_log = -1.0

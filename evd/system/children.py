@@ -16,7 +16,7 @@ it cannot shed:
 
 What none of these find is a process that left the session, lost its
 parent before the scan and holds none of the pipes: a proper daemon.  Only a
-cgroup holds that one (under systemd, evd's unit: see README).
+cgroup holds that one (under systemd, evd's unit: see docs/guide/tls.md).
 
 The parent-death signal (PR_SET_PDEATHSIG) makes the kernel SIGKILL the
 command's main process when evd dies, even of SIGKILL; not its children (a

@@ -643,7 +643,7 @@ def test_a_command_whose_client_has_gone_is_killed(tmp_path, start_evd):
 
 
 def test_rotating_a_key_with_a_reload(tmp_path, start_evd):
-    # The README's rotation, step by step: add the new key, reload, move the
+    # The guide's key rotation (docs/guide/tls.md), step by step: add the new key, reload, move the
     # clients over, remove the old key, reload.
     write_keys(tmp_path, ["ops"])
     old_only = BASE_CONFIG + '\n[keys.ops]\nfile = "{tmp}/ops.key"\n'

@@ -598,7 +598,7 @@ def test_commands_die_with_a_daemon_killed_by_sigkill(mode):
         assert ready, "the daemon did not start its command"
         command = int(daemon.stdout.readline())
         # setpriv sets the signal after its own exec and then execs the
-        # command: the window between is not covered (README).
+        # command: the window between is not covered (docs/design/architecture.md).
         assert wait_exec(command, b"sleep"), "the command did not start"
         daemon.kill()
         daemon.wait(LIMIT)

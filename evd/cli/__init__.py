@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from evd import __version__
-from evd.cli import bench, call, configure, ctl, lifecycle, logs, manual, switch
+from evd.cli import bench, call, completion, configure, ctl, lifecycle, logs, manual, switch
 from evd.config.model import DEFAULT_PATH
 
 # Every subcommand group, in the order `evd --help` lists them.
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.register(sub, common)
-    # Written from the parser itself, so they come last and see every command.
+    # Written from the parser itself, so they come last (they walk the whole
+    # parser when they run, so every command is in them).
+    completion.register(sub, common, parser)
     manual.register(sub, parser)
     return parser
 

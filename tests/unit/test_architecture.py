@@ -20,7 +20,7 @@ LAYERS = {
     # cli/ -- the command line: one module per group of subcommands
     "__main__": 0, "cli": 1,
     "cli.lifecycle": 2, "cli.configure": 2, "cli.switch": 2, "cli.call": 2, "cli.bench": 2, "cli.logs": 2,
-    "cli.ctl": 2, "cli.manual": 2,
+    "cli.ctl": 2, "cli.manual": 2, "cli.completion": 2,
     "cli.targets": 3, "cli.failures": 3,
     # tools/ -- what the command line does outside the daemon: clients of a
     # running daemon and offline readers (the daemon never imports them)

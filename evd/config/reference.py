@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from evd.config import loader, schema, tomlout
-from evd.config.model import RAW_SERVICES, CommandSpec, Config, KeySpec
+from evd.config.model import RAW_SERVICES, CommandSpec, Config, KeySpec, ServiceConfig
 
 # The meaning of keys that etc/evd.toml shows only inside a commented-out
 # example, by table path as `meanings()` spells it.
@@ -36,6 +36,17 @@ NOTES = {
     "keys.NAME.commands": 'The commands this key may run ("*" = all).',
     "services.NAME.enabled": "Whether the service runs: false closes its listeners and refuses it "
     "on the framed port.",
+    # Program services (SPEC section 14): a [services.NAME] of your own.
+    "services.PROGRAM.exec": "The program and its arguments, the program by absolute path (no PATH "
+    "search): it is started for every accepted connection, with the connection as its stdin and stdout.",
+    "services.PROGRAM.env": "A table of variables added to the program's minimal environment "
+    "(PATH=/usr/bin:/bin, LANG=C.UTF-8, REMOTE_ADDR, REMOTE_PORT, EVD_SERVICE, EVD_CONN; those cannot "
+    "be replaced).",
+    "services.PROGRAM.cwd": "The program's working directory.",
+    "services.PROGRAM.user": 'Run the program as this user ("" = as evd; evd must then run as root).',
+    "services.PROGRAM.group": 'Run the program with this group ("" = the user\'s primary group).',
+    "services.PROGRAM.timeout": "Seconds of wall time before the program's process group gets SIGTERM "
+    "(SIGKILL 1 s later); 0 = no limit, as inetd.",
 }
 _ENABLED_MEANING = NOTES["services.NAME.enabled"]
 
@@ -45,6 +56,7 @@ KINDS = {
     "int": "integer",
     "float": "number",
     "str": "string",
+    "env": "table of strings",
     "strs": "array of strings",
     "nets": "array of CIDRs",
     "tcp": "array of addresses (HOST:PORT)",
@@ -175,6 +187,32 @@ def _services(config: Config, found: Mapping[str, list[str]], names: tuple[str, 
     )
 
 
+def _programs(found: Mapping[str, list[str]]) -> Table:
+    """`[services.NAME]` with `exec`: a program service, NAME of your own."""
+    defaults = {f.name: f.default for f in fields(ServiceConfig)}
+    defaults |= {"enabled": True, **schema.PROGRAM_DEFAULTS}
+
+    def meaning(key: str) -> str:
+        own = NOTES.get(f"services.PROGRAM.{key}") or NOTES.get(f"services.NAME.{key}")
+        return own or " ".join(_first(found, [f"services.{n}.{key}" for n in RAW_SERVICES]))
+
+    about = (
+        "A table whose NAME is not a built-in service and that has exec is a program service "
+        "(inetd's nowait services): every accepted stream connection starts the program. "
+        "Any key of [limits] may also be set here, for this service alone.",
+    )
+    return Table(
+        "[services.NAME] with exec (program services)",
+        about,
+        _keys(
+            schema.PROGRAM,
+            meaning,
+            lambda k: "(required)" if k == "exec" else tomlout.value(defaults[k]),
+            skip=frozenset(schema.LIMITS),
+        ),
+    )
+
+
 def _named(
     found: Mapping[str, list[str]], section: str, table_schema: schema.Schema, spec: Any, about: str
 ) -> Table:
@@ -206,6 +244,7 @@ def tables() -> list[Table]:
         *(_section(config, found, name, table_schema) for name, table_schema in sections),
         _services(config, found, RAW_SERVICES),
         *(_services(config, found, (name,)) for name in ("framed", "command", "stats")),
+        _programs(found),
         _named(
             found,
             "commands",

@@ -17,10 +17,11 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Mapping
 
 from evd.commands.child import Child, Launch
 from evd.commands.process import ENV, CommandError, Done, Result, Run
-from evd.config.model import ServiceConfig
+from evd.config.model import CommandSpec, ServiceConfig
 from evd.loop.reactor import Reactor, Timer
 from evd.system import children
 from evd.system.children import Deathsig
@@ -54,6 +55,12 @@ class Runner:
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.deathsig = _deathsig() if deathsig is None else deathsig
         self.config = service_config
+        # The allow-list's entries, for their own settings (SPEC section 14),
+        # and the identities preflight resolved ("commands.NAME" -> uid, gid);
+        # the daemon sets both, and a reload replaces them.
+        self.commands: Mapping[str, CommandSpec] = {}
+        self.identities: Mapping[str, tuple[int | None, int | None]] = {}
+        self.by_name: Counter[str] = Counter()  # running, per command
 
     def start(
         self,
@@ -66,29 +73,44 @@ class Runner:
         peer: str | None = None,
     ) -> Run:
         """Run argv; `done(result)` is called from the loop when it ends,
-        unless the run was abandoned."""
-        if len(self.running) >= self.config.max_concurrent:
-            raise CommandError("busy", f"{len(self.running)} commands running (max_concurrent)")
+        unless the run was abandoned.  The command's own settings apply
+        where its entry has them, the command service's elsewhere."""
         config = self.config
+        if len(self.running) >= config.max_concurrent:
+            raise CommandError("busy", f"{len(self.running)} commands running (max_concurrent)")
+        spec = self.commands.get(name)
+        if spec is not None and spec.max_concurrent is not None and self.by_name[name] >= spec.max_concurrent:
+            raise CommandError("busy", f"{self.by_name[name]} {name} commands running (its max_concurrent)")
         run = Run(
             self,
             name,
-            Launch(tuple(argv), ENV),
+            self._launch(spec, argv),
             stdin,
             done,
-            timeout=config.timeout,
+            timeout=config.timeout if spec is None or spec.timeout is None else spec.timeout,
             max_output=config.max_output,
             key=key,
             peer=peer,
         )
         self.running.add(run)
+        self.by_name[name] += 1
         self.total += 1
         return run
+
+    def _launch(self, spec: CommandSpec | None, argv: list[str]) -> Launch:
+        if spec is None:  # today's behaviour
+            return Launch(tuple(argv), ENV)
+        uid, gid = self.identities.get(f"commands.{spec.name}", (None, None))
+        return Launch(tuple(argv), ENV | dict(spec.env), spec.cwd, uid, gid)
 
     # -- what a Run asks of its owner (process.Owner, child.Owner) -------------------------
 
     def answered(self, run: Run) -> None:
-        self.running.discard(run)
+        if run in self.running:
+            self.running.discard(run)
+            self.by_name[run.name] -= 1
+            if not self.by_name[run.name]:
+                del self.by_name[run.name]
         self.outcomes[(run.name, run.outcome())] += 1
 
     def linger(self, child: Child, lingering: bool) -> None:

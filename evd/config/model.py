@@ -102,6 +102,13 @@ class CommandSpec:
     argv: tuple[str, ...]
     args: bool = False
     arg_pattern: str = DEFAULT_ARG_PATTERN
+    # Its own settings (SPEC section 14); None: [services.command]'s.
+    timeout: float | None = None
+    max_concurrent: int | None = None  # within the service's
+    cwd: str = "/"
+    env: tuple[tuple[str, str], ...] = ()  # added to the minimal environment
+    user: str = ""
+    group: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,7 +250,14 @@ SERVICE_KEYS: Mapping[str, Schema] = {name: _RAW for name in RAW_SERVICES} | {
     },
     "stats": _ENABLED,
 }
-COMMAND: Schema = {"argv": ("strs", _argv), "args": ("bool", None), "arg_pattern": ("str", _regex)}
+COMMAND: Schema = {
+    "argv": ("strs", _argv),
+    "args": ("bool", None),
+    "arg_pattern": ("str", _regex),
+    "timeout": ("float", _SECONDS),
+    "max_concurrent": ("int", _between(1, COMMANDS_MAX)),
+    **_RUN_AS,
+}
 KEY: Schema = {
     "file": ("str", _abs_path_or_empty),
     "client_cn": ("str", None),

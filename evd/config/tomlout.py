@@ -16,7 +16,7 @@ from typing import Any
 
 from evd.config import schema
 from evd.config.dropins import Origins
-from evd.config.model import Config, ServiceConfig
+from evd.config.model import CommandSpec, Config, ServiceConfig
 
 
 def _toml_str(s: str) -> str:
@@ -80,6 +80,14 @@ def service_items(svc: ServiceConfig) -> dict[str, object]:
     return items
 
 
+def command_items(spec: CommandSpec) -> dict[str, object]:
+    """A command's keys in schema order; those left to [services.command]
+    (None) are not written, so they still fall back when read again."""
+    items = {k: getattr(spec, k) for k in schema.COMMAND}
+    items["env"] = dict(spec.env)
+    return {k: v for k, v in items.items() if v is not None}
+
+
 def dump(config: Config, origins: Origins | None = None, files: Sequence[str] = ()) -> str:
     """The effective configuration as TOML: every key, defaults spelled
     out; with `origins`, each key's file as a comment, after a header
@@ -101,12 +109,7 @@ def dump(config: Config, origins: Origins | None = None, files: Sequence[str] = 
     ]
     parts += [_section(f"services.{s.name}", service_items(s), origins) for s in config.services.values()]
     parts += [
-        _section(
-            f"commands.{key(c.name)}",
-            {"argv": c.argv, "args": c.args, "arg_pattern": c.arg_pattern},
-            origins,
-            f"commands.{c.name}",
-        )
+        _section(f"commands.{key(c.name)}", command_items(c), origins, f"commands.{c.name}")
         for c in config.commands.values()
     ]
     if not config.commands:

@@ -60,7 +60,7 @@ STDIN_HIGH = 65536
 class Programs:
     """What every program connection of a daemon shares: the owner of the
     children (commands.Runner: reaping, leftovers, the parent-death
-    signal) and, per service, the identity preflight resolved."""
+    signal) and, by "services.NAME", the identity preflight resolved."""
 
     def __init__(self, owner: Owner, identities: Mapping[str, tuple[int | None, int | None]]):
         self.owner = owner
@@ -126,7 +126,7 @@ class Program(Handler):
         relay = transport.proto == "tls"
         sock = transport.fd
         argv = list(config.exec)
-        uid, gid = self.programs.identities.get(config.name, (None, None))
+        uid, gid = self.programs.identities.get(f"services.{config.name}", (None, None))
         launch = Launch(config.exec, self._environment(transport), config.cwd, uid, gid)
         try:
             # Not found: said here, before a setpriv prefix would hide it.

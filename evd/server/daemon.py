@@ -99,6 +99,7 @@ class Daemon:
         self.sweep_every = SWEEP_SLOWEST
         self._sweep_timer: Timer | None = None
         self.runner = Runner(self.reactor, config.services["command"])
+        self.runner.commands, self.runner.identities = config.commands, self.machine.identities
         self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
         # Program services' children share the runner's reaping and kill-on-exit.
         self.programs = Programs(self.runner, self.machine.identities)
@@ -371,6 +372,7 @@ class Daemon:
         self.config, self.machine = new, machine
         self.programs.identities = machine.identities
         self.runner.config = new.services["command"]
+        self.runner.commands, self.runner.identities = new.commands, machine.identities
         self._update_context()
         self._update_guard_ports()
         self._schedule_sweep()

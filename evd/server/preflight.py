@@ -37,7 +37,8 @@ class Machine:
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)
     certificates: dict[str, bytes] = field(default_factory=dict)
     credentials: privileges.Credentials | None = None
-    # Program services: (uid, gid) to run as; None for either: evd's own.
+    # Programs and commands by key path ("services.NAME", "commands.NAME"):
+    # (uid, gid) to run as; None for either: evd's own.
     identities: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
 
 
@@ -80,6 +81,9 @@ def check(config: Config) -> Machine:
     for svc in config.services.values():
         if svc.enabled and svc.exec:
             errors += _program(svc, config, machine)
+    if config.services["command"].enabled:
+        for command in config.commands.values():
+            errors += _identity(f"commands.{command.name}", command.user, command.group, config, machine)
     try:
         machine.credentials = privileges.resolve(config.daemon.user, config.daemon.group)
     except ConfigError as exc:
@@ -104,16 +108,22 @@ def _program(svc: ServiceConfig, config: Config, machine: Machine) -> list[str]:
             errors.append(f'{path}.exec: "{program}" is not a file')
         elif not os.access(program, os.X_OK):
             errors.append(f'{path}.exec: "{program}" is not executable')
-    if not svc.user and not svc.group:
-        return errors
+    return errors + _identity(path, svc.user, svc.group, config, machine)
+
+
+def _identity(path: str, user: str, group: str, config: Config, machine: Machine) -> list[str]:
+    """The (uid, gid) a program or command at `path` runs as, into
+    `machine.identities`; the problems found (unknown names, evd not root)."""
+    if not user and not group:
+        return []
     try:
-        identity = privileges.resolve(svc.user, svc.group, path)
+        identity = privileges.resolve(user, group, path)
     except ConfigError as exc:
-        return errors + exc.errors
+        return exc.errors
     assert identity is not None
+    machine.identities[path] = (identity.uid if user else None, identity.gid)
     if os.geteuid() != 0 or config.daemon.user:
         who = "runs as daemon.user" if config.daemon.user else f"runs as uid {os.geteuid()}"
-        key = "user" if svc.user else "group"
-        errors.append(f"{path}.{key}: evd must run as root to start a program as another user ({who})")
-    machine.identities[svc.name] = (identity.uid if svc.user else None, identity.gid)
-    return errors
+        key = "user" if user else "group"
+        return [f"{path}.{key}: evd must run as root to start a program as another user ({who})"]
+    return []

@@ -346,3 +346,22 @@ def test_tls_relay_bounds_what_a_child_writes_to_a_client_that_does_not_read(sta
     # Written to a client that read 10 bytes: what the socket buffers hold
     # plus write_high (256 KiB), not what `yes` made in 1 s.
     assert close["bytes_out"] < 16 * 1024 * 1024
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a program as another user needs root")
+def test_a_program_runs_as_its_user_and_group(start_evd):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    evd = start_evd(program_config(service("who", ["/usr/bin/id"], 'user = "nobody"\n')))
+    with socket.create_connection(evd.addr("who"), timeout=WAIT) as sock:
+        out = recv_all(sock).decode()
+    assert out.startswith(f"uid={nobody.pw_uid}(nobody) gid={nobody.pw_gid}(")
+    assert "groups=" in out and ",0(root)" not in out and "=0(root)" not in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is of a daemon dropping root")
+def test_check_config_refuses_a_program_user_when_evd_drops_root(tmp_path):
+    config = program_config(service("who", ["/usr/bin/id"], 'user = "nobody"\n'), daemon='user = "nobody"\n')
+    out = check_config(tmp_path, config)
+    assert out.returncode == 78 and "services.who.user: evd must run as root" in out.stderr

@@ -7,6 +7,7 @@ from the module's constants.
 from __future__ import annotations
 
 import os
+import pwd
 import select
 import selectors
 import signal
@@ -23,6 +24,7 @@ from support.daemon import ROOT, need
 import evd.commands.child as child_mod
 import evd.commands.process as run_mod
 from evd.commands.runner import CommandError, Runner
+from evd.config.model import CommandSpec
 from evd.loop.reactor import Reactor
 from evd.system import children
 
@@ -779,3 +781,55 @@ def test_kill_all_is_a_shutdown_counted_as_signal(h, log):
     assert [a.signal for a in answers] == [signal.SIGKILL]
     assert dict(log.events)["command.end"]["reason"] == "shutdown"
     assert r.outcomes == Counter({("sleep", "signal"): 1})
+
+
+# --- commands with their own settings (SPEC section 14) ----------------------------
+
+
+def with_specs(runner, **specs):
+    runner.commands = {name: CommandSpec(name, ("unused",), **kw) for name, kw in specs.items()}
+    return runner
+
+
+def test_a_command_has_its_own_timeout_cwd_and_env(h):
+    r = with_specs(
+        h.runner(service(timeout=5.0)),
+        quick=dict(timeout=0.2),
+        where=dict(cwd="/tmp", env=(("GREETING", "hi"),)),
+    )
+    _, res = h.execute(r, ["sleep", "10"], name="quick")
+    assert res.timed_out is True and res.signal == 15
+    _, res = h.execute(r, ["sh", "-c", 'pwd; echo "$GREETING"; echo "$PATH"'], name="where")
+    assert bytes(res.stdout) == b"/tmp\nhi\n/usr/local/bin:/usr/bin:/bin\n"
+
+
+def test_unset_settings_fall_back_to_the_command_service(h):
+    r = with_specs(h.runner(service(timeout=0.2)), plain={})
+    _, res = h.execute(r, ["sh", "-c", "pwd; env | grep -v ^PWD= | sort; sleep 10"], name="plain")
+    assert res.timed_out is True
+    assert bytes(res.stdout).decode().splitlines() == ["/", *sorted(SPEC_ENV)]
+
+
+def test_a_command_has_its_own_cap_within_the_services(h):
+    r = with_specs(h.runner(service(max_concurrent=3)), one=dict(max_concurrent=1))
+    done = []
+    r.start("one", ["sleep", "10"], b"", done.append)
+    with pytest.raises(CommandError) as info:
+        r.start("one", ["sleep", "10"], b"", done.append)
+    assert info.value.code == "busy" and "one" in str(info.value)
+    r.start("other", ["sleep", "10"], b"", done.append)  # the service has room
+    r.start("other", ["sleep", "10"], b"", done.append)
+    with pytest.raises(CommandError):
+        r.start("other", ["echo"], b"", done.append)  # the service's cap
+    r.kill_all()
+    assert len(done) == 3 and r.by_name == Counter()
+    r.start("one", ["true"], b"", done.append)  # its slot came back
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root")
+def test_a_command_runs_as_its_user(h):
+    r = with_specs(h.runner(), who=dict(user="nobody"))
+    nobody = pwd.getpwnam("nobody")
+    r.identities = {"commands.who": (nobody.pw_uid, nobody.pw_gid)}
+    _, res = h.execute(r, ["id", "-u"], name="who")
+    assert bytes(res.stdout) == f"{nobody.pw_uid}\n".encode()

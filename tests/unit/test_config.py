@@ -407,14 +407,14 @@ def test_a_commands_table_replaces_the_defaults():
 def test_command_errors():
     errors = errors_of(
         '[commands."bad name"]\nargv = ["x"]\n[commands.a]\nargs = "yes"\n'
-        '[commands.b]\nargv = ["ls", ""]\narg_pattern = "(["\n[commands.c]\nargv = ["x"]\nenv = 1\n'
+        '[commands.b]\nargv = ["ls", ""]\narg_pattern = "(["\n[commands.c]\nargv = ["x"]\ncolour = 1\n'
     )
     assert errors[0].startswith("commands.bad name: bad command name")
     assert errors[1] == "commands.a.args: expected a boolean, got string"
     assert errors[2].startswith("commands.a.argv: missing")
     assert errors[3] == "commands.b.argv: must be a non-empty array of non-empty strings"
     assert errors[4].startswith("commands.b.arg_pattern: bad regular expression: ")
-    assert errors[5] == "commands.c.env: unknown key"
+    assert errors[5] == "commands.c.colour: unknown key"
     assert len(errors) == 6
 
 
@@ -681,3 +681,29 @@ def test_a_program_service_round_trips_with_its_env():
 )
 def test_program_service_mistakes(extra, error):
     assert one_error(f"[services.x]\n{extra}\n").startswith(error)
+
+
+def test_commands_take_their_own_settings_and_fall_back_when_unset():
+    c = parse(
+        '[commands.job]\nargv = ["/bin/true"]\ntimeout = 60\nmax_concurrent = 2\ncwd = "/srv"\n'
+        'env = { MODE = "batch" }\nuser = "nobody"\n[commands.plain]\nargv = ["/bin/true"]\n'
+    )
+    job, plain = c.commands["job"], c.commands["plain"]
+    assert (job.timeout, job.max_concurrent, job.cwd, job.env, job.user) == (
+        60.0,
+        2,
+        "/srv",
+        (("MODE", "batch"),),
+        "nobody",
+    )
+    unset = (plain.timeout, plain.max_concurrent, plain.cwd, plain.env, plain.user)
+    assert unset == (None, None, "/", (), "")
+    assert round_trip(c) == c
+    assert "timeout" not in tomlout.command_items(plain)  # unset stays unset
+
+
+def test_command_setting_mistakes():
+    base = '[commands.job]\nargv = ["/bin/true"]\n'
+    assert one_error(base + "max_concurrent = 0\n") == "commands.job.max_concurrent: must be at least 1"
+    assert one_error(base + 'cwd = "srv"\n') == "commands.job.cwd: must be an absolute path"
+    assert one_error(base + 'env = { EVD_CONN = "1" }\n').startswith("commands.job.env: EVD_CONN")

@@ -4,11 +4,17 @@ command) and program services (`handlers/program.py`: a connection's
 program, SPEC section 14).
 
 A child leads its own session and process group, runs with a given
-environment and working directory (as another user when asked), and gets a
-parent-death signal (`evd.system.children.Deathsig`).  subprocess starts it
-with vfork, not fork -- a fork of a big Python process copies its page
-tables -- whenever no preexec_fn and no user switch is needed: what makes a
-program started per connection cheap.
+environment and working directory (as another user when asked), and, if
+its owner asks (commands do), gets a parent-death signal
+(`evd.system.children.Deathsig`).  It is started without copying evd:
+`os.posix_spawn` (glibc: clone with CLONE_VM|CLONE_VFORK, then exec) when
+nothing has to happen in between that it cannot do -- no parent-death
+signal, no user switch, the working directory evd's own -- else subprocess,
+which vforks too unless a preexec_fn or a user switch forces a fork.
+posix_spawn skips subprocess's Python-level set-up and its descriptor
+sweep: every descriptor evd opens is close-on-exec (Python's default, PEP
+446; systemd's sockets are made so on adoption), so only the three a child
+is given survive the exec.  Figures: docs/performance/programs.md.
 
 The reactor watches everything about it: its exit (a pidfd, readable when
 the main process is gone) and the pipes evd reads (stdout and/or stderr,
@@ -80,13 +86,45 @@ class Launch:
     gid: int | None = None
 
 
+class Process(Protocol):
+    """A started child as subprocess.Popen describes it (or `Spawned`)."""
+
+    pid: int
+    returncode: int | None
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+    stderr: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+
+class Spawned:
+    """A child started by os.posix_spawn, with Popen's few attributes that
+    evd uses: `poll` reaps it without waiting."""
+
+    def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None, stderr: IO[bytes] | None):
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its status is lost
+                return None
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)  # -N: killed by signal N
+        return self.returncode
+
+
 class Owner(Protocol):
     """What a child needs from whoever started it (commands.Runner)."""
 
     reactor: Reactor
     deathsig: Deathsig
 
-    def reap_later(self, proc: subprocess.Popen[bytes]) -> None:
+    def reap_later(self, proc: Process) -> None:
         """Collect a SIGKILLed process without waiting for it."""
 
     def linger(self, child: Child, lingering: bool) -> None:
@@ -109,12 +147,12 @@ def why(exc: BaseException) -> str:
     return "not runnable"
 
 
-def spawn(
-    launch: Launch, deathsig: Deathsig, *, stdin: int, stdout: int, stderr: int = PIPE
-) -> subprocess.Popen[bytes]:
+def spawn(launch: Launch, deathsig: Deathsig, *, stdin: int, stdout: int, stderr: int = PIPE) -> Process:
     """Start `launch` in its own session with the given stdin/stdout/stderr
     (PIPE or a descriptor); SpawnError if it cannot start."""
     try:
+        if _plain(launch, deathsig):
+            return _posix_spawn(launch, (stdin, stdout, stderr))
         return subprocess.Popen(
             [*deathsig.prefix, *launch.argv],
             stdin=stdin,
@@ -136,6 +174,61 @@ def spawn(
         raise SpawnError(why(exc)) from None
 
 
+def _plain(launch: Launch, deathsig: Deathsig) -> bool:
+    """Nothing to do between fork and exec that posix_spawn cannot: no
+    parent-death signal, no user switch, no chdir, no PATH search (which
+    posix_spawnp would make in evd's PATH, not the child's)."""
+    return (
+        deathsig.mode == "none"
+        and launch.uid is None
+        and launch.gid is None
+        and os.path.isabs(launch.argv[0])
+        and launch.cwd == os.getcwd()
+    )
+
+
+# What subprocess's restore_signals resets: Python ignores SIGPIPE and
+# SIGXFSZ, and an ignored signal stays ignored across exec.
+RESTORED = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _posix_spawn(launch: Launch, given: tuple[int, int, int]) -> Spawned:
+    """posix_spawn with descriptors 0, 1, 2 from `given` (PIPE: a new pipe,
+    whose other end is returned as Popen would)."""
+    actions: list[tuple[int, int, int]] = []
+    theirs: list[int] = []
+    ours: list[IO[bytes] | None] = []
+    try:
+        for target, spec in enumerate(given):
+            if spec == PIPE:
+                r, w = os.pipe()
+                child, parent = (r, w) if target == 0 else (w, r)
+                theirs.append(child)
+                ours.append(open(parent, "wb" if target == 0 else "rb", buffering=0))
+                spec = child
+            else:
+                ours.append(None)
+            actions.append((os.POSIX_SPAWN_DUP2, spec, target))
+        pid = os.posix_spawn(
+            launch.argv[0],
+            launch.argv,
+            dict(launch.env),
+            file_actions=actions,
+            setsid=True,
+            setsigmask=(),
+            setsigdef=RESTORED,
+        )
+    except BaseException:
+        for pipe in ours:
+            if pipe is not None:
+                pipe.close()
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+    return Spawned(pid, *ours)
+
+
 def _preexec(deathsig: Deathsig) -> Callable[[], None]:
     preexec, parent = deathsig.preexec, os.getpid()
     assert preexec is not None
@@ -144,6 +237,10 @@ def _preexec(deathsig: Deathsig) -> Callable[[], None]:
 
 class Child:
     """A running child: watched, ended, finished once (`_finished`)."""
+
+    # Commands get the parent-death signal (they are evd's work); a
+    # program service's child does not (handlers/program.py says why).
+    parent_death = True
 
     def __init__(self, owner: Owner, launch: Launch, *, stdin: int, stdout: int, timeout: float):
         self.owner = owner
@@ -159,7 +256,8 @@ class Child:
         self._timeout: Timer | None = None
         self._kill_timer: Timer | None = None  # SIGKILL due, after a SIGTERM
         self._give_up_timer: Timer | None = None
-        self.proc = spawn(launch, owner.deathsig, stdin=stdin, stdout=stdout)
+        deathsig = owner.deathsig if self.parent_death else children.NONE
+        self.proc = spawn(launch, deathsig, stdin=stdin, stdout=stdout)
         self.pid = self.proc.pid
         try:
             self._watch(timeout)

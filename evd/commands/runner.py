@@ -14,12 +14,11 @@ import functools
 import os
 import select
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Mapping
 
-from evd.commands.child import Child, Launch
+from evd.commands.child import Child, Launch, Process
 from evd.commands.process import ENV, CommandError, Done, Result, Run
 from evd.config.model import CommandSpec, ServiceConfig
 from evd.loop.reactor import Reactor, Timer
@@ -48,7 +47,7 @@ class Runner:
         # Answered runs whose leftovers were SIGTERMed: SIGKILL due.
         self.lingering: set[Child] = set()
         # Main processes that ended after their answer, or never got a pidfd.
-        self.unreaped: list[subprocess.Popen[bytes]] = []
+        self.unreaped: list[Process] = []
         self._reap_timer: Timer | None = None
         self.total = 0
         # (command name, outcome) -> runs; monotonic over reloads.
@@ -119,7 +118,7 @@ class Runner:
         else:
             self.lingering.discard(child)
 
-    def reap_later(self, proc: subprocess.Popen[bytes]) -> None:
+    def reap_later(self, proc: Process) -> None:
         """Collect a SIGKILLed main process without waiting for it."""
         if proc.poll() is None:
             self.unreaped.append(proc)

@@ -68,7 +68,16 @@ class Programs:
 
 
 class ProgramChild(Child):
-    """A connection's program: stderr kept as a tail, stdout relayed."""
+    """A connection's program: stderr kept as a tail, stdout relayed.
+
+    No parent-death signal: the program serves its client on its own
+    socket, as inetd's and systemd's Accept=yes services do, and if evd is
+    killed it goes on until that client is done (a TLS relay's child sees
+    its pipes close).  Under systemd the unit's cgroup still ends it at
+    stop.  What that saves is an exec per connection (setpriv), half of
+    what starting a program costs."""
+
+    parent_death = False
 
     def __init__(self, handler: Program, launch: Launch, *, relay: bool, sock: int, timeout: float):
         self.handler = handler

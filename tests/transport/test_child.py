@@ -1,0 +1,77 @@
+"""Starting a child (evd/commands/child.py `spawn`): posix_spawn where it
+can, subprocess where it must, and the same child either way -- its own
+session, exactly its environment, default signal dispositions, its status
+(SPEC sections 5 and 14)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from evd.commands.child import PIPE, Launch, Spawned, SpawnError, spawn
+from evd.system import children
+
+ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+SCRIPT = 'echo "$$ $(pwd)"; env | grep -v "^PWD=" | sort; grep ^SigIgn: /proc/$$/status; read line; exit 7'
+
+
+def run(launch: Launch, deathsig=children.NONE):
+    proc = spawn(launch, deathsig, stdin=PIPE, stdout=PIPE)
+    proc.stdin.write(b"\n")
+    proc.stdin.close()
+    out = b""
+    while chunk := proc.stdout.read(65536):
+        out += chunk
+    proc.stdout.close()
+    proc.stderr.close()
+    while proc.poll() is None:
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    return proc, out.decode().splitlines()
+
+
+@pytest.mark.parametrize("cwd", ["here", "/"])
+def test_the_same_child_by_posix_spawn_or_subprocess(cwd):
+    launch = Launch(("/bin/sh", "-c", SCRIPT), ENV, os.getcwd() if cwd == "here" else "/")
+    proc, lines = run(launch)
+    # posix_spawn only where nothing must happen between fork and exec.
+    assert isinstance(proc, Spawned) == (launch.cwd == os.getcwd() != "/")
+    pid, where = lines[0].split()
+    assert int(pid) == proc.pid and where == launch.cwd
+    assert lines[1:3] == ["LANG=C.UTF-8", "PATH=/usr/bin:/bin"]
+    ignored = int(lines[3].split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)), "SIGPIPE must not stay ignored"
+    assert proc.returncode == 7
+
+
+def test_own_session_and_status_of_a_signal():
+    proc = spawn(Launch(("/bin/sleep", "10"), ENV, os.getcwd()), children.NONE, stdin=PIPE, stdout=PIPE)
+    try:
+        assert isinstance(proc, Spawned) or os.getcwd() == "/"
+        assert os.getsid(proc.pid) == proc.pid and os.getpgid(proc.pid) == proc.pid
+        os.kill(proc.pid, signal.SIGTERM)
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        assert proc.poll() == -signal.SIGTERM
+    finally:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+
+
+def test_only_the_given_descriptors_reach_the_child(tmp_path):
+    kept = os.open(tmp_path, os.O_RDONLY)  # close-on-exec, as every descriptor evd opens
+    try:
+        _proc, lines = run(Launch(("/bin/sh", "-c", "ls /proc/$$/fd; read x"), ENV, os.getcwd()))
+    finally:
+        os.close(kept)
+    assert sorted(int(fd) for fd in lines if fd.isdigit() and int(fd) < 10) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("program", ["/nonexistent/program", "/etc/hostname"])
+def test_a_program_that_cannot_start_is_a_spawn_error(program):
+    if not Path(program).exists() and program != "/nonexistent/program":
+        pytest.skip(f"{program} is absent")
+    with pytest.raises(SpawnError):
+        spawn(Launch((program,), ENV, os.getcwd()), children.NONE, stdin=subprocess.DEVNULL, stdout=PIPE)

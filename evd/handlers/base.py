@@ -24,6 +24,12 @@ class Handler:
     # Slots, not a __dict__: a handler per connection, 10,000 idle ones.
     __slots__ = ("transport",)
     echoes = False
+
+    @property
+    def exec_pid(self) -> int | None:
+        """A program service's running child (handlers/program.py)."""
+        return None
+
     transport: Transport
 
     def connection_made(self, transport: Transport) -> None:

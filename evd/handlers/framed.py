@@ -96,6 +96,7 @@ class Framed:
         "_batch_size",
     )
     echoes = False
+    exec_pid = None  # no program behind a framed connection
     transport: Transport
     session: Session
 

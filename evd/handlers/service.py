@@ -132,6 +132,7 @@ class ConnectionView:
     idle_s: float
     bytes_in: int
     bytes_out: int
+    exec_pid: int | None = None  # a program service's child (SPEC section 14)
 
 
 class Service:
@@ -251,6 +252,7 @@ class Service:
                 idle_s=round(conn.idle_for(now), 3),
                 bytes_in=conn.bytes_in,
                 bytes_out=conn.bytes_out,
+                exec_pid=conn.protocol.exec_pid,
             )
             for conn in sorted(self.connections, key=lambda c: c.conn_id)
         ]

@@ -109,6 +109,9 @@ class Handler(Protocol):
     # data_received (RFC 862's echo, the hot path).
     echoes: bool
 
+    @property
+    def exec_pid(self) -> int | None: ...  # a program service's running child, for `evd ctl conns`
+
     def connection_made(self, transport: Transport) -> None: ...
     def data_received(self, data: bytes) -> None: ...
     def eof_received(self) -> bool: ...  # True: keep the connection open

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.ctl import ask
 from support.daemon import ROOT, WAIT, need, process_gone, recv_all
 from support.pki import Pki
 from test_tls import converse
@@ -365,3 +366,25 @@ def test_check_config_refuses_a_program_user_when_evd_drops_root(tmp_path):
     config = program_config(service("who", ["/usr/bin/id"], 'user = "nobody"\n'), daemon='user = "nobody"\n')
     out = check_config(tmp_path, config)
     assert out.returncode == 78 and "services.who.user: evd must run as root" in out.stderr
+
+
+# --- evd ctl: conns with exec_pid, kill ends the group ------------------------------
+
+
+def test_ctl_lists_a_program_connection_with_its_pid_and_kill_ends_its_group(start_evd):
+    config = program_config(service("parent", ["/bin/sh", "-c", "sleep 300 & echo $!; exec cat"]))
+    evd = start_evd(config + '\n[control]\nunix = "{tmp}/ctl.sock"\n')
+    sock, grandchild_pid = grandchild(evd, "parent")
+    with sock:
+        start = evd.wait_for("exec.start", service="parent")
+        answer = ask(evd, "conns")
+        assert answer.ok, answer
+        (row,) = answer.body["conns"]
+        assert row["conn"] == start["conn"] and row["exec_pid"] == start["exec_pid"]
+        assert ask(evd, "kill", str(start["conn"])).ok
+        end = evd.wait_for("exec.end", conn=start["conn"])
+        assert end["signal"] == 9
+        assert evd.wait_for("conn.close", conn=start["conn"])["reason"] == "killed"
+        assert process_gone(start["exec_pid"]) and process_gone(grandchild_pid)
+        assert recv_all(sock) == b""
+    assert ask(evd, "conns").body["conns"] == []

@@ -151,7 +151,7 @@ def spawn(launch: Launch, deathsig: Deathsig, *, stdin: int, stdout: int, stderr
     """Start `launch` in its own session with the given stdin/stdout/stderr
     (PIPE or a descriptor); SpawnError if it cannot start."""
     try:
-        if _plain(launch, deathsig):
+        if plain(launch, deathsig):
             return _posix_spawn(launch, (stdin, stdout, stderr))
         return subprocess.Popen(
             [*deathsig.prefix, *launch.argv],
@@ -174,7 +174,7 @@ def spawn(launch: Launch, deathsig: Deathsig, *, stdin: int, stdout: int, stderr
         raise SpawnError(why(exc)) from None
 
 
-def _plain(launch: Launch, deathsig: Deathsig) -> bool:
+def plain(launch: Launch, deathsig: Deathsig = children.NONE) -> bool:
     """Nothing to do between fork and exec that posix_spawn cannot: no
     parent-death signal, no user switch, no chdir, no PATH search (which
     posix_spawnp would make in evd's PATH, not the child's)."""
@@ -242,7 +242,18 @@ class Child:
     # program service's child does not (handlers/program.py says why).
     parent_death = True
 
-    def __init__(self, owner: Owner, launch: Launch, *, stdin: int, stdout: int, timeout: float):
+    def __init__(
+        self,
+        owner: Owner,
+        launch: Launch,
+        *,
+        stdin: int,
+        stdout: int,
+        timeout: float,
+        proc: Process | None = None,
+    ):
+        """Start `launch`, or watch `proc`, already started for it (by
+        commands/spawner.py, off the loop)."""
         self.owner = owner
         self.reactor = owner.reactor
         self.argv = list(launch.argv)
@@ -256,8 +267,10 @@ class Child:
         self._timeout: Timer | None = None
         self._kill_timer: Timer | None = None  # SIGKILL due, after a SIGTERM
         self._give_up_timer: Timer | None = None
-        deathsig = owner.deathsig if self.parent_death else children.NONE
-        self.proc = spawn(launch, deathsig, stdin=stdin, stdout=stdout)
+        if proc is None:
+            deathsig = owner.deathsig if self.parent_death else children.NONE
+            proc = spawn(launch, deathsig, stdin=stdin, stdout=stdout)
+        self.proc = proc
         self.pid = self.proc.pid
         try:
             self._watch(timeout)

@@ -36,11 +36,14 @@ shutdown_timeout, a TLS error) has its group SIGKILLed at once, and
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import signal
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
-from evd.commands.child import PIPE, Child, Launch, Owner, SpawnError
+from evd.commands.child import PIPE, Child, Launch, Owner, Process, Spawned, SpawnError, killpg, plain
+from evd.commands.spawner import Spawner
 from evd.handlers.base import Handler
 from evd.log.logger import log
 from evd.loop.seams import Reason
@@ -55,16 +58,26 @@ STDERR_TAIL = 1024
 # TLS relay: what may wait for the child's stdin before the client is no
 # longer read (a pipe holds 64 KiB more).
 STDIN_HIGH = 65536
+# TLS relay: what a client may send while its program is being started
+# (a few milliseconds); past it, the client is not read until it is.
+PENDING_MAX = 1048576
 
 
 class Programs:
     """What every program connection of a daemon shares: the owner of the
-    children (commands.Runner: reaping, leftovers, the parent-death
-    signal) and, by "services.NAME", the identity preflight resolved."""
+    children (commands.Runner: reaping, leftovers), the spawner that starts
+    them off the loop, and, by "services.NAME", the identity preflight
+    resolved."""
 
-    def __init__(self, owner: Owner, identities: Mapping[str, tuple[int | None, int | None]]):
+    def __init__(
+        self,
+        owner: Owner,
+        identities: Mapping[str, tuple[int | None, int | None]],
+        spawner: Spawner | None = None,
+    ):
         self.owner = owner
         self.identities = identities
+        self.spawner = spawner
 
 
 class ProgramChild(Child):
@@ -79,12 +92,21 @@ class ProgramChild(Child):
 
     parent_death = False
 
-    def __init__(self, handler: Program, launch: Launch, *, relay: bool, sock: int, timeout: float):
+    def __init__(
+        self,
+        handler: Program,
+        launch: Launch,
+        *,
+        relay: bool,
+        sock: int,
+        timeout: float,
+        proc: Process | None,
+    ):
         self.handler = handler
         self.tail = bytearray()
         self.stdout_fd = -1
         io = PIPE if relay else sock
-        super().__init__(handler.programs.owner, launch, stdin=io, stdout=io, timeout=timeout)
+        super().__init__(handler.programs.owner, launch, stdin=io, stdout=io, timeout=timeout, proc=proc)
         if relay and self.proc.stdout is not None:
             self.stdout_fd = self.proc.stdout.fileno()
 
@@ -113,12 +135,24 @@ class ProgramChild(Child):
 
 
 class Program(Handler):
-    __slots__ = ("service", "programs", "child", "_stdin", "_stdin_fd", "_stdin_eof")
+    __slots__ = (
+        "service",
+        "programs",
+        "child",
+        "launch",
+        "_relay",
+        "_pending",
+        "_stdin",
+        "_stdin_fd",
+        "_stdin_eof",
+    )
 
     def __init__(self, service: ServiceState, programs: Programs):
         self.service = service
         self.programs = programs
         self.child: ProgramChild | None = None
+        self._relay = False
+        self._pending = False  # the spawner is starting the program
         self._stdin = bytearray()  # TLS: for the child, not taken yet
         self._stdin_fd = -1
         self._stdin_eof = False
@@ -132,37 +166,111 @@ class Program(Handler):
     def connection_made(self, transport: Transport) -> None:
         self.transport = transport
         config = self.service.config
-        relay = transport.proto == "tls"
-        sock = transport.fd
-        argv = list(config.exec)
+        self._relay = relay = transport.proto == "tls"
         uid, gid = self.programs.identities.get(f"services.{config.name}", (None, None))
-        launch = Launch(config.exec, self._environment(transport), config.cwd, uid, gid)
+        self.launch = launch = Launch(config.exec, self._environment(transport), config.cwd, uid, gid)
+        if not relay:  # the socket is the child's: evd must not read it meanwhile
+            transport.pause_reading()
         try:
             # Not found: said here, before a setpriv prefix would hide it.
-            if not os.access(argv[0], os.X_OK):
+            if not os.access(launch.argv[0], os.X_OK):
                 raise SpawnError("not found or not executable")
             if not relay:
-                os.set_blocking(sock, True)  # the child's stdin: read as any file
-            self.child = ProgramChild(self, launch, relay=relay, sock=sock, timeout=config.timeout)
+                os.set_blocking(transport.fd, True)  # the child's stdin: read as any file
+            spawner = self.programs.spawner
+            if spawner is not None and plain(launch):
+                self._spawn(spawner)
+                return
+            child = ProgramChild(
+                self, launch, relay=relay, sock=transport.fd, timeout=config.timeout, proc=None
+            )
         except (SpawnError, OSError) as exc:
-            self._log_end(None, error=f"cannot run {argv[0]}: {exc}")
-            transport.close(Reason.ERROR)
+            self._cannot_start(exc)
             return
-        child = self.child
+        self._started(child)
+
+    def _spawn(self, spawner: Spawner) -> None:
+        """Start the program off the loop (commands/spawner.py); the pipes
+        are made here, the child's ends closed once the spawner has its
+        own copies."""
+        ours, theirs = [], []
+        try:
+            err_r, err_w = os.pipe()
+            ours.append(err_r)
+            theirs.append(err_w)
+            if self._relay:
+                in_r, in_w = os.pipe()
+                out_r, out_w = os.pipe()
+                ours += [in_w, out_r]
+                theirs += [in_r, out_w]
+                stdio = (in_r, out_w, err_w)
+            else:
+                stdio = (self.transport.fd, self.transport.fd, err_w)
+            spawner.start(
+                self.launch.argv, dict(self.launch.env), stdio, functools.partial(self._spawned, ours)
+            )
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        self._pending = True
+
+    def _spawned(self, ours: list[int], result: int | OSError) -> None:
+        """The spawner is done: watch the child, or say why there is none."""
+        self._pending = False
+        transport = self.transport
+        if isinstance(result, OSError) or transport.closed:
+            for fd in ours:
+                os.close(fd)
+            if not isinstance(result, OSError):  # killed or shut down meanwhile
+                killpg(result, signal.SIGKILL)
+                self.programs.owner.reap_later(Spawned(result, None, None, None))
+            elif not transport.closed:
+                self._cannot_start(result)
+            return
+        if self._relay:
+            proc = Spawned(result, _file(ours[1], "wb"), _file(ours[2], "rb"), _file(ours[0], "rb"))
+        else:
+            proc = Spawned(result, None, None, _file(ours[0], "rb"))
+        timeout = self.service.config.timeout
+        try:
+            child = ProgramChild(self, self.launch, relay=self._relay, sock=-1, timeout=timeout, proc=proc)
+        except SpawnError as exc:
+            self._cannot_start(exc)
+            return
+        self._started(child)
+
+    def _cannot_start(self, exc: BaseException) -> None:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        self._log_end(None, error=f"cannot run {self.launch.argv[0]}: {why}")
+        self.transport.close(Reason.ERROR)
+
+    def _started(self, child: ProgramChild) -> None:
+        self.child = child
+        transport = self.transport
         log.info(
             "exec.start",
-            service=config.name,
+            service=self.service.name,
             conn=transport.conn_id,
-            argv=argv,
+            argv=list(self.launch.argv),
             exec_pid=child.pid,
             peer=transport.peer,
         )
-        if relay:
-            assert child.proc.stdin is not None
-            self._stdin_fd = child.proc.stdin.fileno()
-            os.set_blocking(self._stdin_fd, False)
-        else:
+        if not self._relay:
             transport.hand_off()  # the child has it; evd keeps nothing
+            return
+        assert child.proc.stdin is not None
+        self._stdin_fd = child.proc.stdin.fileno()
+        os.set_blocking(self._stdin_fd, False)
+        if self._stdin:  # what came with the handshake
+            self._write_stdin()
+        elif self._stdin_eof:
+            self._close_stdin()
+        else:
+            transport.resume_reading()
 
     def _environment(self, transport: Transport) -> dict[str, str]:
         config = self.service.config
@@ -178,6 +286,11 @@ class Program(Handler):
     # -- TLS: the relay ------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._pending:  # the program is being started: kept for it
+            self._stdin += data
+            if len(self._stdin) > PENDING_MAX:
+                self.transport.pause_reading()
+            return
         if self._stdin_fd < 0:
             return  # the child's stdin is closed: what it will not read is dropped
         self._stdin += data
@@ -218,7 +331,7 @@ class Program(Handler):
         """The client is done sending: so is the child's stdin, once what
         waits is written.  The connection stays open for its answer."""
         self._stdin_eof = True
-        if not self._stdin:
+        if not self._stdin and not self._pending:
             self._close_stdin()
         return True
 
@@ -252,7 +365,7 @@ class Program(Handler):
         fields: dict[str, object] = {
             "service": self.service.name,
             "conn": transport.conn_id,
-            "argv": list(self.service.config.exec),
+            "argv": list(self.launch.argv),
             "peer": transport.peer,
         }
         if child is None:
@@ -268,3 +381,7 @@ class Program(Handler):
             duration_ms=child.duration_ms(),
             stderr_tail=child.tail.decode("utf-8", "replace"),
         )
+
+
+def _file(fd: int, mode: str) -> IO[bytes]:
+    return open(fd, mode, buffering=0)  # closed with the child's other descriptors

@@ -170,7 +170,7 @@ class TLSRecords:
         try:
             n = self.sock.recv_into(CIPHER_BUFFER)
         except (BlockingIOError, InterruptedError):
-            if not incoming.pending:
+            if not incoming.pending and not self.obj.pending():
                 raise
             n = -1
         if n > 0:
@@ -200,6 +200,12 @@ class TLSRecords:
                 end = CLOSE_NOTIFY
                 break
             got += n
+            if got == len(buffer):
+                # Full: a read of 0 more would look like close_notify.  What
+                # is left (in the BIO, or decrypted inside OpenSSL) may have
+                # no readable socket to bring it: read again at once.
+                self.ended_after_data()
+                break
             if not incoming.pending:  # spares the SSLWantReadError's cost
                 self.partial = False
                 break

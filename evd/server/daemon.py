@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from evd import __version__
 from evd.commands.runner import Runner
+from evd.commands.spawner import Spawner
 from evd.config.model import Config
 from evd.handlers.framed import Context, Framed
 from evd.handlers.program import Program, Programs
@@ -102,7 +103,7 @@ class Daemon:
         self.runner.commands, self.runner.identities = config.commands, self.machine.identities
         self.context = Context(self.runner, self.stats, rules_for(config, self.machine.secrets))
         # Program services' children share the runner's reaping and kill-on-exit.
-        self.programs = Programs(self.runner, self.machine.identities)
+        self.programs = Programs(self.runner, self.machine.identities, Spawner(self.reactor))
         # For the runtime control and metrics (server/control/verbs.py, metrics/snapshot.py).
         self.lag = LagProbe(self.reactor)
         self.reloads = reload_steps.Reloads(self.notifier, self._event("reload"))

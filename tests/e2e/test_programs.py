@@ -60,14 +60,23 @@ def exchange(address, data: bytes) -> bytes:
         return recv_all(sock)
 
 
-def test_cat_is_an_echo_driven_by_nc(start_evd):
+# evd's working directory in these tests: a program whose cwd it is starts
+# through the spawner, off the loop (commands/spawner.py); one elsewhere
+# through subprocess (commands/child.py).  Both must serve alike.
+WAYS = {"spawner": f'cwd = "{ROOT}"\n', "subprocess": 'cwd = "/"\n'}
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_cat_is_an_echo_driven_by_nc(start_evd, way):
     nc = need("nc")
-    evd = start_evd(program_config(service("cat", ["/bin/cat"])))
+    evd = start_evd(program_config(service("cat", ["/bin/cat"], WAYS[way])))
     host, port = evd.addr("cat")
     out = subprocess.run(
         [nc, "-N", host, str(port)], input=b"hello, program\n", capture_output=True, timeout=WAIT
     )
     assert out.stdout == b"hello, program\n"
+    threads = len(os.listdir(f"/proc/{evd.proc.pid}/task"))
+    assert (threads > 1) == (way == "spawner"), threads  # the spawner's workers, only when used
     opened = evd.wait_for("conn.open", service="cat")
     start = evd.wait_for("exec.start", conn=opened["conn"])
     assert start["argv"] == ["/bin/cat"] and start["service"] == "cat" and start["peer"] == opened["peer"]
@@ -127,8 +136,9 @@ def test_a_program_that_ignores_sigterm_is_killed_after_the_timeout(start_evd, t
     assert process_gone(end["exec_pid"])
 
 
-def test_a_program_that_exits_at_once_closes_the_connection(start_evd):
-    evd = start_evd(program_config(service("quick", ["/bin/sh", "-c", "exit 3"])))
+@pytest.mark.parametrize("way", WAYS)
+def test_a_program_that_exits_at_once_closes_the_connection(start_evd, way):
+    evd = start_evd(program_config(service("quick", ["/bin/sh", "-c", "exit 3"], WAYS[way])))
     with socket.create_connection(evd.addr("quick"), timeout=WAIT) as sock:
         assert recv_all(sock) == b""
     end = evd.wait_for("exec.end", service="quick")
@@ -136,9 +146,10 @@ def test_a_program_that_exits_at_once_closes_the_connection(start_evd):
     assert evd.wait_for("conn.close", conn=end["conn"])["reason"] == "done"
 
 
-def test_a_program_gone_after_start_is_an_error_and_a_closed_connection(start_evd, tmp_path):
+@pytest.mark.parametrize("way", WAYS)
+def test_a_program_gone_after_start_is_an_error_and_a_closed_connection(start_evd, tmp_path, way):
     path = script(tmp_path, "vanishing.sh", "echo never\n")
-    evd = start_evd(program_config(service("vanishing", [path])))
+    evd = start_evd(program_config(service("vanishing", [path], WAYS[way])))
     os.unlink(path)
     with socket.create_connection(evd.addr("vanishing"), timeout=WAIT) as sock:
         assert recv_all(sock) == b""
@@ -265,8 +276,9 @@ def zombies_of(pid: int) -> list[int]:
     return found
 
 
-def test_500_connections_at_once_all_answered_nothing_left(start_evd):
-    evd = start_evd(program_config(service("cat", ["/bin/cat"])))
+@pytest.mark.parametrize("way", WAYS)
+def test_500_connections_at_once_all_answered_nothing_left(start_evd, way):
+    evd = start_evd(program_config(service("cat", ["/bin/cat"], WAYS[way])))
     fds = Path(f"/proc/{evd.proc.pid}/fd")
     # One connection first: evd's lazily opened descriptors are open now.
     assert exchange(evd.addr("cat"), b"warm\n") == b"warm\n"
@@ -309,8 +321,9 @@ def pki(tmp_path):
     return pki
 
 
-def test_cat_over_tls_with_openssl_s_client(start_evd, pki):
-    evd = start_evd(program_config(tls_service("cat", ["/bin/cat"])))
+@pytest.mark.parametrize("way", WAYS)
+def test_cat_over_tls_with_openssl_s_client(start_evd, pki, way):
+    evd = start_evd(program_config(tls_service("cat", ["/bin/cat"], WAYS[way])))
     host, port = evd.addr("cat", "tls")
     s_client = [need("openssl"), "s_client", "-connect", f"{host}:{port}", "-CAfile", str(pki.cafile)]
     s_client += ["-verify_return_error", "-quiet", "-no_ign_eof"]
@@ -321,13 +334,15 @@ def test_cat_over_tls_with_openssl_s_client(start_evd, pki):
     assert close["bytes_in"] == close["bytes_out"] == len(b"through the relay\n")
 
 
-def test_tls_relay_answers_after_the_clients_eof_and_keeps_stderr(start_evd, pki, tmp_path):
-    path = script(tmp_path, "count.sh", 'wc -c\necho "$REMOTE_ADDR" >&2\n')
-    evd = start_evd(program_config(tls_service("count", [path])))
+@pytest.mark.parametrize("way", WAYS)
+def test_tls_relay_carries_more_than_a_pipe_holds_and_keeps_stderr(start_evd, pki, tmp_path, way):
+    # The program reads what it wants (a client's EOF is s_client's test):
+    # 300 kB is more than a pipe holds, so the relay waits for the child.
+    path = script(tmp_path, "count.sh", 'head -c 300000 | wc -c\necho "$REMOTE_ADDR" >&2\n')
+    evd = start_evd(program_config(tls_service("count", [path], WAYS[way])))
     sock = socket.create_connection(evd.addr("count", "tls"), timeout=WAIT)
     with pki.client_context().wrap_socket(sock, server_hostname="127.0.0.1") as tls:
-        tls.sendall(b"x" * 300_000)  # more than a pipe holds: the relay waits for the child
-        socket.socket.shutdown(tls, socket.SHUT_WR)  # a FIN, no close_notify: the relay sees EOF
+        tls.sendall(b"x" * 300_000)
         answer = b""
         while chunk := tls.recv(100):
             answer += chunk

@@ -64,7 +64,7 @@ LAYERS = {
     # commands/ -- running programs: the runner and one child's life
     "commands.runner": 35,
     "commands.process": 36,
-    "commands.child": 37,
+    "commands.child": 37, "commands.spawner": 37,
     # proto/ -- sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
     "proto.rules": 41,

@@ -47,6 +47,15 @@ NOTES = {
     "services.PROGRAM.group": 'Run the program with this group ("" = the user\'s primary group).',
     "services.PROGRAM.timeout": "Seconds of wall time before the program's process group gets SIGTERM "
     "(SIGKILL 1 s later); 0 = no limit, as inetd.",
+    # Commands with their own settings (SPEC section 14); unset: [services.command]'s.
+    "commands.NAME.timeout": "Seconds before this command's process group is killed; 0 = no limit.",
+    "commands.NAME.max_concurrent": "Runs of this command at once, within [services.command] "
+    "max_concurrent; beyond it requests get busy.",
+    "commands.NAME.cwd": "The command's working directory.",
+    "commands.NAME.env": "A table of variables added to the command's minimal environment "
+    "(PATH=/usr/local/bin:/usr/bin:/bin, LANG=C.UTF-8).",
+    "commands.NAME.user": 'Run the command as this user ("" = as evd; evd must then run as root).',
+    "commands.NAME.group": 'Run the command with this group ("" = the user\'s primary group).',
 }
 _ENABLED_MEANING = NOTES["services.NAME.enabled"]
 
@@ -226,6 +235,10 @@ def _named(
     def default(key: str) -> str:
         if key in schema.REQUIRED_WHY:
             return "(required)"
+        if defaults[key] is None:  # falls back to another table's
+            return "([services.command]'s)"
+        if key == "env":
+            return "{}"
         return tomlout.value(defaults[key])
 
     return Table(f"[{section}.NAME]", (about,), _keys(table_schema, meaning, default))

@@ -65,7 +65,7 @@ def register(
         "connect: a connection per request; framed: pipelined echo "
         "frames; idle: hold connections, then check them",
     )
-    bench.add_argument("mode", nargs="?", default="tcp", choices=MODES)
+    bench.add_argument("mode", nargs="?", default="tcp", choices=MODES, help="the load")
     bench.add_argument("-c", "--config", metavar="PATH", help="configuration to find the default address in")
     bench.add_argument(
         "--address",

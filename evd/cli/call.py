@@ -112,7 +112,9 @@ def register(
     )
     call.add_argument("--cert", metavar="PATH", help="--tls: client certificate (mutual TLS)")
     call.add_argument("--key", metavar="PATH", help="--tls: the client certificate's private key")
-    call.add_argument("--timeout", type=float, default=10.0, metavar="S")
+    call.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for the answer"
+    )
     call.add_argument("--json", action="store_true", help="print the response header as JSON first")
     call.add_argument("--fmt", help="time: strftime format")
     call.add_argument("--tz", choices=("utc", "local"), default="utc", help="time: zone")

@@ -80,7 +80,7 @@ def register(
         parents=[common],
         help="what applies to a service, from which file; with --from, may that address connect",
     )
-    explain.add_argument("service", metavar="SERVICE")
+    explain.add_argument("service", metavar="SERVICE", help="a built-in or program service")
     explain.add_argument("--from", dest="from_ip", type=_ip, metavar="IP", help="the access verdict for IP")
     explain.add_argument(
         "--proto",

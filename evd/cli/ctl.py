@@ -98,5 +98,5 @@ def register(
         description=f"evd ctl {COMMANDS}",
     )
     _options(parser, suppress=False)
-    parser.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    parser.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]", help=COMMANDS)
     parser.set_defaults(func=cmd_ctl)

@@ -49,7 +49,7 @@ def register(
             parents=[common],
             help=f"{verb}: write the drop-in 50-SERVICE.toml (validated first)",
         )
-        parser.add_argument("service", metavar="SERVICE")
+        parser.add_argument("service", metavar="SERVICE", help="the service the drop-in switches")
         parser.add_argument("--now", action="store_true", help="then reload the running daemon and report")
         parser.add_argument(
             "--timeout",

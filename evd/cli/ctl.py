@@ -98,5 +98,10 @@ def register(
         description=f"evd ctl {COMMANDS}",
     )
     _options(parser, suppress=False)
-    parser.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]", help=COMMANDS)
+    parser.add_argument(
+        "words",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND [ARG...]",
+        help="the control command and its arguments",
+    )
     parser.set_defaults(func=cmd_ctl)

@@ -32,8 +32,9 @@ from evd.config.model import Config, Limits, ServiceConfig
 from evd.handlers.service import Service
 from evd.loop.reactor import Reactor, Timer
 from evd.loop.seams import HandlerFactory, Reason
-from evd.net.listeners import BindError, StreamListener, bind, bound_identity, unlink_if_ours
+from evd.net.listeners import BindError, StreamListener, bind
 from evd.server.control.connection import Backend, Control
+from evd.server.sockets import bind_slots, firsts, unbind
 
 if TYPE_CHECKING:
     from evd.server.metrics.http import Source
@@ -54,14 +55,12 @@ def keys(config: Config) -> list[SurfaceKey]:
 
 def bind_all(config: Config) -> dict[SurfaceKey, socket.socket]:
     """A socket for every surface of `config`, or BindError and none."""
-    bound: dict[SurfaceKey, socket.socket] = {}
-    try:
-        for key in keys(config):
-            bound[key] = bind_control(key[1], config.control.mode_bits) if key[0] == CONTROL else bind(key[1])
-    except BindError:
-        close_all(bound)
-        raise
-    return bound
+    mode = config.control.mode_bits
+
+    def bind_one(key: SurfaceKey, address: Address) -> socket.socket:
+        return bind_control(address, mode) if key[0] == CONTROL else bind(address)
+
+    return firsts(bind_slots(keys(config), bind_one=bind_one))
 
 
 def bind_control(address: Address, mode: int) -> socket.socket:
@@ -73,17 +72,9 @@ def bind_control(address: Address, mode: int) -> socket.socket:
     try:
         os.chmod(address.host, mode)
     except OSError as exc:
-        close_all({(CONTROL, address): sock})
+        unbind({(CONTROL, address): [sock]})
         raise BindError(f"cannot chmod {address.host} to {mode:04o}: {exc.strerror}") from None
     return sock
-
-
-def close_all(socks: Mapping[SurfaceKey, socket.socket]) -> None:
-    """Close sockets that never served (a start-up or reload that failed)."""
-    for (_, address), sock in socks.items():
-        if address.proto == "unix":
-            unlink_if_ours(address.host, bound_identity(address.host))
-        sock.close()
 
 
 class Surfaces:

@@ -8,10 +8,6 @@ import json
 from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, error, load_config
 
 DEFAULT_TIMEOUT = 10.0  # seconds: a reload binds a few sockets and reads a few files
-COMMANDS = (
-    "info | services | conns [SERVICE] | sources [SERVICE] | kill CONN | disable SERVICE | "
-    "enable SERVICE | set SERVICE KEY VALUE | reload"
-)
 
 
 def _options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -41,7 +37,9 @@ def _options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 def _words(args: argparse.Namespace) -> argparse.Namespace:
     """COMMAND, its arguments and any option among them."""
-    parser = argparse.ArgumentParser(prog="evd ctl", description=COMMANDS)
+    from evd.server.control.verbs import USAGE
+
+    parser = argparse.ArgumentParser(prog="evd ctl", description=USAGE)
     parser.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS)
     _options(parser, suppress=True)
     parser.add_argument("command", metavar="COMMAND")
@@ -50,12 +48,13 @@ def _words(args: argparse.Namespace) -> argparse.Namespace:
         if "-h" in args.words or "--help" in args.words:
             parser.print_help()
             raise SystemExit(0)
-        parser.error(f"a COMMAND is needed: {COMMANDS}")
+        parser.error(f"a COMMAND is needed: {USAGE}")
     return parser.parse_intermixed_args(args.words, namespace=args)
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from evd.proto.control import EXIT_STATUS, Request, parse
+    from evd.proto.control import EXIT_STATUS, Request
+    from evd.server.control.verbs import parse
     from evd.tools import ctl
 
     args = _words(args)
@@ -95,7 +94,9 @@ def register(
         "ctl",
         parents=[common],
         help="ask or steer the running daemon through its control socket",
-        description=f"evd ctl {COMMANDS}",
+        # The commands come from the daemon's verb table, loaded only by
+        # `evd ctl` itself: `evd ctl` alone lists them with their arguments.
+        description="evd ctl COMMAND [ARG...]: `evd ctl` alone lists the commands",
     )
     _options(parser, suppress=False)
     parser.add_argument(

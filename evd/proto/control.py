@@ -21,26 +21,12 @@ single process would give, with figures summed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 Body = dict[str, Any]
 
-# command -> (least arguments, most arguments, usage)
-COMMANDS: Mapping[str, tuple[int, int, str]] = {
-    "info": (0, 0, "info"),
-    "services": (0, 0, "services"),
-    "conns": (0, 1, "conns [SERVICE]"),
-    "sources": (0, 1, "sources [SERVICE]"),
-    "kill": (1, 1, "kill CONN"),
-    "disable": (1, 1, "disable SERVICE"),
-    "enable": (1, 1, "enable SERVICE"),
-    "set": (3, 3, "set SERVICE KEY VALUE"),
-    "reload": (0, 0, "reload"),
-}
-# The commands that change something: each is logged as `ctl`.
-CHANGES = frozenset({"kill", "disable", "enable", "set", "reload"})
 # Requests are a verb and a few words; this bounds what a client can make
 # the daemon buffer and parse.  (Answers are bounded by what they describe.)
 MAX_REQUEST_HEADER = 4096
@@ -99,18 +85,30 @@ class Answer:
 Reply = Callable[[Answer], None]
 
 
-def parse(header: Mapping[str, Any]) -> Request | Answer:
-    """The request a header asks for, or the refusal it gets."""
+def arity(usage: str) -> tuple[int, int]:
+    """The least and most arguments of a usage line: "conns [SERVICE]" is
+    (0, 1), "set SERVICE KEY VALUE" (3, 3)."""
+    words = usage.split()[1:]
+    return sum(not w.startswith("[") for w in words), len(words)
+
+
+def unknown_command(command: str, known: Iterable[str]) -> Answer:
+    return Answer.refused(f"no command {command!r} (known: {', '.join(known)})", UNKNOWN_COMMAND)
+
+
+def parse(header: Mapping[str, Any], usages: Mapping[str, str]) -> Request | Answer:
+    """The request a header asks for, or the refusal it gets; `usages`:
+    each verb's usage line (server/control/verbs.py's table)."""
     command = header.get("cmd")
     if not isinstance(command, str):
         return Answer.refused("cmd (a string) is required", BAD_REQUEST)
-    shape = COMMANDS.get(command)
-    if shape is None:
-        return Answer.refused(f"no command {command!r} (known: {', '.join(COMMANDS)})", UNKNOWN_COMMAND)
+    usage = usages.get(command)
+    if usage is None:
+        return unknown_command(command, usages)
     args = header.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) and len(a) <= ARG_MAX for a in args):
         return Answer.refused(f"args must be a list of strings of at most {ARG_MAX} characters", BAD_REQUEST)
-    least, most, usage = shape
+    least, most = arity(usage)
     if not least <= len(args) <= most:
         return Answer.refused(f"usage: {usage}", BAD_REQUEST)
     return Request(command, tuple(args))
@@ -171,9 +169,3 @@ def merge_sources(shares: Iterable[Body]) -> Body:
                 mine["tokens"] = round((mine["tokens"] or 0.0) + row["tokens"], 3)
             mine["banned_for_s"] = max(mine["banned_for_s"], row["banned_for_s"])
     return {"sources": sorted(rows.values(), key=lambda r: (r["service"], r["ip"]))}
-
-
-def first_done(answers: Sequence[Answer], otherwise: Answer) -> Answer:
-    """`kill`: the worker that had the connection answers ok; if none did,
-    `otherwise`."""
-    return next((a for a in answers if a.ok), otherwise)

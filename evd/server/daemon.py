@@ -32,7 +32,8 @@ from collections.abc import Callable, Iterable, Mapping
 from evd import __version__
 from evd.commands.runner import Runner
 from evd.commands.spawner import Spawner
-from evd.config.model import Config
+from evd.config.addresses import Address
+from evd.config.model import Config, ServiceConfig
 from evd.handlers.framed import Context, Framed
 from evd.handlers.program import Program, Programs
 from evd.handlers.raw import STREAM_HANDLERS
@@ -45,7 +46,8 @@ from evd.net.tls_service import ServerTLS
 from evd.proto.classic import datagram_handler
 from evd.proto.rules import rules_for
 from evd.server import preflight, reload_steps, signals, sockets
-from evd.server.metrics.snapshot import LagProbe
+from evd.server.metrics import snapshot
+from evd.server.metrics.snapshot import Figures, LagProbe
 from evd.server.reload_plan import ListenerKey, Overrides, Plan, Result
 from evd.system.certificates import CertificateError, server_context
 from evd.system.pidfile import Pidfile
@@ -107,6 +109,8 @@ class Daemon:
         # For the runtime control and metrics (server/control/verbs.py, metrics/snapshot.py).
         self.lag = LagProbe(self.reactor)
         self.reloads = reload_steps.Reloads(self.notifier, self._event("reload"))
+        # Where listeners `evd ctl disable` closed were bound (server/control/daemon_verbs.py).
+        self.disabled: dict[ListenerKey, Address] = {}
         self.closers: list[Callable[[], None]] = []  # at exit, while the loop is still there
 
     def stats(self) -> dict[str, object]:
@@ -119,6 +123,10 @@ class Daemon:
             "commands": {"running": len(self.runner.running), "total": self.runner.total},
             "worker": {"index": self.worker[0], "pid": self.worker[1]} if self.worker else None,
         }
+
+    def figures(self) -> Figures:
+        """What this process counts (server/metrics/snapshot.py)."""
+        return snapshot.figures(self)
 
     def _event(self, what: str) -> str:
         """The whole daemon's ready/stop/reload events; a worker's are worker.*."""
@@ -174,6 +182,15 @@ class Daemon:
             return lambda: Program(service, programs)
         factory: HandlerFactory = STREAM_HANDLERS[name]
         return factory
+
+    def apply_service(self, svc: ServiceConfig) -> None:
+        """Serve `svc` as configured now: its running state, made or updated
+        (open connections take the new limits)."""
+        current = self.services.get(svc.name)
+        if current is None:
+            self.services[svc.name] = Service(svc, self.reactor)
+        elif current.config != svc:
+            current.apply(svc)
 
     def refresh(self) -> None:
         """Listeners or limits changed at run time (evd ctl): the UDP loop
@@ -359,14 +376,8 @@ class Daemon:
         for key in todo.removed:
             self.listeners.pop(key).close()
         for svc in new.services.values():
-            if not svc.listens:
-                continue
-            current = self.services.get(svc.name)
-            if current is None:
-                if svc.enabled:
-                    self.services[svc.name] = Service(svc, self.reactor)
-            elif current.config != svc:
-                current.apply(svc)
+            if svc.listens and (svc.enabled or svc.name in self.services):
+                self.apply_service(svc)
         self._update_tls(machine)
         for key, socks in bound.items():
             self.open_listener(key, socks[0])

@@ -41,7 +41,7 @@ from evd.config.model import Config, ConfigError
 from evd.log.logger import log
 from evd.net.listeners import BindError
 from evd.server import preflight, signals
-from evd.server.control import endpoints, verbs
+from evd.server.control import drivers, endpoints
 from evd.server.control.endpoints import SurfaceKey
 from evd.server.daemon import Daemon
 from evd.server.reload_plan import ListenerKey, Overrides, log_settings
@@ -243,7 +243,7 @@ def serve(launch: Launch, on_ready: Callable[[], None] | None = None) -> int:
     )
     bound: dict[ListenerKey, socket.socket] = {key: socks[0] for key, socks in launch.slots.items()}
     daemon.open(bound, inherited=launch.inherited)
-    local = verbs.Local(daemon)
+    local = drivers.Local(daemon)
     served = endpoints.Surfaces(daemon.reactor, config.limits, launch.surfaces, local, local)
     served.open()
     daemon.closers.append(served.close)

@@ -73,8 +73,9 @@ from evd.log.logger import log
 from evd.loop.reactor import Reactor
 from evd.net.listeners import bound_identity, unlink_if_ours
 from evd.server import preflight, reload_steps, signals
+from evd.server.control.drivers import WorkerEnd
 from evd.server.control.endpoints import SurfaceKey, Surfaces
-from evd.server.control.fanout import Fanout, WorkerEnd
+from evd.server.control.fanout import Fanout
 from evd.server.daemon import Daemon
 from evd.server.reload_plan import ListenerKey, Overrides, Plan, Result
 from evd.server.sockets import Slots, bind_slots, close_sockets

@@ -40,19 +40,23 @@ LAYERS = {
     "server.launch": 10,
     "server.supervisor": 11,
     "server.daemon": 12,
-    # server/control/ -- the daemon's own listeners, the control verbs and
-    # their drivers, the supervisor-worker link
-    "server.control.endpoints": 13, "server.control.fanout": 13,
-    "server.control.connection": 14, "server.control.verbs": 14,
-    "server.control.link": 15,
+    # server/control/ -- the daemon's own listeners, the drivers of the verb
+    # table (single process, worker end, supervisor), the control
+    # connection, the table, what each verb does in a supervisor and in one
+    # daemon process, the supervisor-worker link
+    "server.control.endpoints": 13, "server.control.fanout": 13, "server.control.drivers": 13,
+    "server.control.connection": 14,
+    "server.control.verbs": 15, "server.control.link": 15,
+    "server.control.supervisor_verbs": 16,
+    "server.control.daemon_verbs": 17,
     # server/metrics/ -- GET /metrics: the HTTP side, the exposition, the counts
     "server.metrics.http": 14,
     "server.metrics.exposition": 15,
-    "server.metrics.snapshot": 16,
+    "server.metrics.snapshot": 18,
     # server/ -- the reload (shared steps, pure plan), signals, sockets, preflight
     "server.reload_steps": 15, "server.signals": 15,
     "server.sockets": 16,
-    "server.reload_plan": 17, "server.preflight": 17,
+    "server.reload_plan": 19, "server.preflight": 19,
     # net/ -- sockets: listening and connected
     "net.listeners": 20, "net.tls_service": 20,
     "net.tls": 21,

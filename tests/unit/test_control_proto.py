@@ -1,6 +1,6 @@
 """The control protocol without a socket: requests checked, workers' shares
 merged, `set` values checked as the file is (proto/control.py,
-server/control/verbs.py's limit_change), and the socket's handler fed by hand."""
+server/control/daemon_verbs.py's limit_change), and the socket's handler fed by hand."""
 
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ from evd.loop.reactor import Reactor
 from evd.proto.control import (
     Answer,
     Request,
-    first_done,
     merge_conns,
     merge_info,
     merge_services,
     merge_sources,
-    parse,
 )
 from evd.proto.framing import Decoder, encode
-from evd.server.control.verbs import limit_change
+from evd.server.control.daemon_verbs import limit_change
+from evd.server.control.verbs import parse
 
 
 @pytest.mark.parametrize(
@@ -88,9 +87,6 @@ def test_merges_sum_the_shares():
     other = {**row, "tokens": 2.0, "banned_for_s": 9.0}
     rows = merge_sources([{"sources": [row]}, {"sources": [other]}])["sources"]
     assert rows == [{**row, "connections": 2, "rejected": 4, "tokens": 3.5, "banned_for_s": 9.0}]
-    refused = Answer.refused("no connection 9")
-    assert first_done([refused, Answer.done({"conn": 9})], refused).ok
-    assert first_done([refused], refused) is refused
 
 
 def test_set_is_checked_as_the_file_is():

@@ -3,8 +3,8 @@
 One `Control` handler per connection on `control.unix`, over the same
 stream transport as every service (non-blocking, bounded output, the one
 error ladder).  It decodes requests with the frame codec, checks them
-(proto/control.py), hands each to the backend -- `runtime.Local` in a
-single process, `fanout.Fanout` in a supervisor, which may answer later --
+against the verb table (verbs.py), hands each to the backend -- `drivers.Local`
+in a single process, `fanout.Fanout` in a supervisor, which may answer later --
 and writes the answer back.  One request is carried out at a time: while
 one is pending, or while the client is not reading its answers (above
 `write_high`), the connection is not read, so a client that pipelines
@@ -22,8 +22,9 @@ from typing import Protocol
 from evd.handlers.base import Handler
 from evd.log.logger import log
 from evd.loop.seams import Buffer, Reason
-from evd.proto.control import CHANGES, MAX_REQUEST_HEADER, Answer, Reply, Request, parse
+from evd.proto.control import MAX_REQUEST_HEADER, Answer, Reply, Request
 from evd.proto.framing import Decoder, FrameError, encode_parts
+from evd.server.control.verbs import changes, parse
 
 
 class Backend(Protocol):
@@ -96,7 +97,7 @@ class Control(Handler):
 
     def _answered(self, answer: Answer) -> None:
         request, self.pending = self.pending, None
-        if request is not None and request.command in CHANGES:
+        if request is not None and changes(request.command):
             log.info("ctl", command=request.command, args=list(request.args), ok=answer.ok)
         transport = self.transport
         if transport.closed:  # the client left while we worked

@@ -149,6 +149,9 @@ class Supervisor:
         self.surfaces = Surfaces(self.reactor, config.limits, surfaces or {}, self.fanout, self.fanout)
         self.reloads = reload_steps.Reloads(self.notifier, "config.reload")
         self.lives: Counter[int] = Counter()  # slot -> workers started on it
+        # CPU seconds of every worker reaped: process_cpu_seconds_total keeps
+        # them, as a counter must (their pids are gone from /proc).
+        self.cpu_departed = 0.0
 
     @property
     def live(self) -> dict[int, tuple[int, int]]:
@@ -301,13 +304,14 @@ class Supervisor:
         """SIGCHLD: collect every dead worker, then fill what is missing."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
             worker = self.workers.pop(pid, None)
             if worker is not None:
+                self.cpu_departed += usage.ru_utime + usage.ru_stime
                 self._worker_exited(worker, os.waitstatus_to_exitcode(status))
         if self.stopping and not self.workers:
             self.reactor.stop()

@@ -41,7 +41,7 @@ class Local:
     def handle(self, request: Request, reply: Reply) -> None:
         reply(self.answer(request))
 
-    def scrape(self, done: Callable[[Figures], None]) -> None:
+    def scrape(self, done: Callable[[Figures | None], None]) -> None:
         """/metrics of a single process: its figures and its reloads."""
         daemon = self.daemon
         done({**daemon.figures(), "reloads": dict(daemon.reloads.count), "pids": [os.getpid()]})

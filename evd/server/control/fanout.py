@@ -131,7 +131,9 @@ class Fanout:
         once each has answered or WORKER_TIMEOUT has passed."""
         rid = next(self.ids)
         gathering = self.pending[rid] = Gathering(set(), done)
-        for pid in self.links if pids is None else pids:
+        # A snapshot: a send that fails closes that link, and its worker
+        # leaves `links` (`_gone`) while we go through them.
+        for pid in list(self.links) if pids is None else list(pids):
             link = self.links.get(pid)
             attached = fds(pid) if fds else None
             if link is not None and link.send({**request, "id": rid}, fds=attached):
@@ -150,7 +152,7 @@ class Fanout:
 
     def reload_workers(self) -> None:
         """Pass a reload on (answers are not waited for: `reload` pings)."""
-        for link in self.links.values():
+        for link in list(self.links.values()):
             link.send({"cmd": "reload", "args": [], "id": 0})
 
     # -- the control backend ---------------------------------------------------------
@@ -189,14 +191,26 @@ class Fanout:
 
     # -- metrics -----------------------------------------------------------------------
 
-    def scrape(self, done: Callable[[Figures], None]) -> None:
+    def scrape(self, done: Callable[[Figures | None], None]) -> None:
         def gathered(answers: Answers, missing: list[int]) -> None:
-            parts = [self.last[pid] for pid in self.links if pid in self.last]
-            out = add(total(parts), self.departed)
-            own = {"lag": self.lag.figures(), "log_dropped": log.dropped_total}
-            add(out, own)
-            out["reloads"] = dict(self.workers.reloads.count)
-            out["pids"] = [os.getpid(), *self.workers.live]
+            try:
+                out = self.figures()
+            except Exception as exc:  # a bug: logged, and the scraper answered
+                log.error("error", where="metrics", exc_info=exc)
+                done(None)
+                return
             done(out)
 
         self.ask({"cmd": "figures", "args": [], "figures": True}, gathered)
+
+    def figures(self) -> Figures:
+        """The whole daemon's: the live workers' latest, what the departed
+        counted, the supervisor's own."""
+        parts = [self.last[pid] for pid in self.links if pid in self.last]
+        out = add(total(parts), self.departed)
+        own = {"lag": self.lag.figures(), "log_dropped": log.dropped_total}
+        add(out, own)
+        out["reloads"] = dict(self.workers.reloads.count)
+        out["pids"] = [os.getpid(), *self.workers.live]
+        out["cpu_departed"] = self.workers.cpu_departed
+        return out

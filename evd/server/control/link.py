@@ -63,7 +63,8 @@ class Link:
 
     def send(self, header: dict[str, Any], body: bytes = b"", fds: list[int] | None = None) -> bool:
         """Queue one frame (with `fds` attached); False if the channel is
-        closed or its peer has left MAX_QUEUE bytes unread."""
+        closed (now or by this send) or its peer has left MAX_QUEUE bytes
+        unread."""
         data = encode(header, body)
         if self.closed or self.queued + len(data) > MAX_QUEUE:
             return False
@@ -74,7 +75,9 @@ class Link:
             self._flush()
             if self.out and not self.closed:
                 self.reactor.add_writer(self.fd, self._flush)
-        return True
+        # A peer that has just gone (EPIPE at once) closed us on the way:
+        # then nothing was sent, and no answer is to be waited for.
+        return not self.closed
 
     def _flush(self) -> None:
         while self.out:

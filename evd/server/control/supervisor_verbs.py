@@ -53,6 +53,7 @@ class Workers(Protocol):
     generation: int
     reactor: Reactor
     stopping: bool
+    cpu_departed: float  # CPU seconds of the workers reaped so far
 
     @property
     def reloads(self) -> Reloads: ...

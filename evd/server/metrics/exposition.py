@@ -88,19 +88,22 @@ def families(figures: Figures) -> Iterator[Metric]:
         reloads.add_metric([result], figures.get("reloads", {}).get(result, 0))
     yield reloads
     yield lag_family(figures.get("lag"))
-    yield from process_families(figures.get("pids", []))
+    yield from process_families(figures.get("pids", []), figures.get("cpu_departed", 0.0))
 
 
 def service_families(services: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    """Every figure read with a default: a service known only from workers
+    that have exited (switched off by a reload) keeps its counters, which
+    must go on rendering (SPEC 9: monotonic), and has no gauges (0 open)."""
     names = sorted(services)
     for metric, help_text, key in PER_SERVICE_COUNTERS:
         family = CounterMetricFamily(metric, help_text, labels=["service"])
         for name in names:
-            family.add_metric([name], services[name][key])
+            family.add_metric([name], services[name].get(key, 0))
         yield family
     current = GaugeMetricFamily("evd_connections_current", "Connections open now.", labels=["service"])
     for name in names:
-        current.add_metric([name], services[name]["connections_current"])
+        current.add_metric([name], services[name].get("connections_current", 0))
     yield current
     for metric, help_text, key in (
         ("evd_rejected", "Connections refused, by reason (conn.reject).", "rejected"),
@@ -132,11 +135,14 @@ def lag_family(lag: Mapping[str, Any] | None) -> Metric:
 # -- process_* -----------------------------------------------------------------------
 
 
-def process_families(pids: Iterable[int]) -> Iterator[Metric]:
+def process_families(pids: Iterable[int], cpu_departed: float = 0.0) -> Iterator[Metric]:
+    """Summed over `pids`; the CPU also counts `cpu_departed`, what workers
+    that have exited used (their pids are gone, their seconds are not: a
+    counter never goes back)."""
     pids = list(pids)
     if not pids:
         return
-    totals = {"cpu": 0.0, "rss": 0.0, "vsize": 0.0, "fds": 0.0}
+    totals = {"cpu": cpu_departed, "rss": 0.0, "vsize": 0.0, "fds": 0.0}
     for pid in pids:
         try:
             for key, value in read_process(pid).items():

@@ -23,6 +23,7 @@ import h11
 
 from evd import __version__
 from evd.handlers.base import Handler
+from evd.log.logger import log
 from evd.loop.seams import Reason
 from evd.server.metrics.exposition import CONTENT_TYPE, render
 from evd.server.metrics.snapshot import Figures
@@ -38,13 +39,15 @@ REASONS = {
     405: b"Method Not Allowed",
     413: b"Content Too Large",
     431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
 }
 
 
 class Source(Protocol):
-    """Calls `done` with the figures of the whole daemon, now or later."""
+    """Calls `done` with the figures of the whole daemon, now or later (None:
+    they could not be gathered, and the reason is logged)."""
 
-    def scrape(self, done: Callable[[Figures], None]) -> None: ...
+    def scrape(self, done: Callable[[Figures | None], None]) -> None: ...
 
 
 class Scrape(Handler):
@@ -63,7 +66,7 @@ class Scrape(Handler):
             self.since = self.transport.reactor.now
         self.received += len(data)
         if self.received > MAX_REQUEST:  # a head or body past the bound, or a deep pipeline
-            self._refuse(431 if self.request is None else 413, "request too large")
+            self._refuse(self._too_large(data), "request too large")
             return
         self.http.receive_data(data)
         self._next()
@@ -104,13 +107,30 @@ class Scrape(Handler):
         else:
             self.waiting = True
             self.transport.pause_reading()
-            self.source.scrape(self._scraped)
+            try:
+                self.source.scrape(self._scraped)
+            except Exception as exc:  # a bug: this scraper still gets an answer
+                log.error("error", where="metrics", exc_info=exc)
+                self._scraped(None)
 
-    def _scraped(self, figures: Figures) -> None:
+    def _scraped(self, figures: Figures | None) -> None:
+        """The answer, whatever happened on the way: a connection left
+        waiting with reading paused would never see its client go."""
+        if not self.waiting:
+            return  # answered already (a source that called twice)
         self.waiting = False
         if self.transport.closed:  # the scraper left meanwhile
             return
-        self._send(200, render(figures), [("Content-Type", CONTENT_TYPE)])
+        body = None
+        if figures is not None:
+            try:
+                body = render(figures)
+            except Exception as exc:  # a bug: said once here, and a 500 there
+                log.error("error", where="metrics", exc_info=exc)
+        if body is None:
+            self._refuse(500, "the figures could not be gathered: see the daemon's log", Reason.ERROR)
+            return
+        self._send(200, body, [("Content-Type", CONTENT_TYPE)])
         self.transport.resume_reading()
         self._next()
 
@@ -136,15 +156,34 @@ class Scrape(Handler):
         else:
             self.transport.close_when_flushed(Reason.DONE)
 
-    def stalled(self, now: float, limit: float) -> bool:
-        """A request that has trickled in for longer than idle_timeout."""
-        return self.since is not None and not self.waiting and now - self.since > limit
+    def _too_large(self, data: bytes) -> int:
+        """431 if the head itself is past the bound, 413 if a whole head came
+        and the body is what is too large -- even when both arrived in one
+        read, before h11 had seen the head."""
+        if self.request is not None:
+            return 413
+        try:
+            self.http.receive_data(data)
+            event = self.http.next_event()
+        except h11.ProtocolError:
+            return 431
+        if not isinstance(event, h11.Request):
+            return 431
+        head = self.received - len(self.http.trailing_data[0])  # what is left is body
+        return 431 if head > MAX_REQUEST else 413
 
-    def _refuse(self, status: int, why: str) -> None:
-        """The client's fault: say so and close.  Written directly, not
-        through h11, which has no response to give before a whole request."""
+    def stalled(self, now: float, limit: float) -> bool:
+        """A request that has trickled in for longer than idle_timeout, or
+        whose answer has not come in that long (a source that never calls
+        back must not hold the connection for ever)."""
+        return self.since is not None and now - self.since > limit
+
+    def _refuse(self, status: int, why: str, reason: Reason = Reason.BAD_FRAME) -> None:
+        """Say why and close (the client's fault, unless `reason` says ours).
+        Written directly, not through h11, which has no response to give
+        before a whole request."""
         body = why.encode() + b"\n"
         head = f"HTTP/1.1 {status} {REASONS.get(status, b'').decode()}\r\n"
         head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         self.transport.write(head.encode() + body)
-        self.transport.close_when_flushed(Reason.BAD_FRAME)
+        self.transport.close_when_flushed(reason)

@@ -21,7 +21,9 @@ single process would give, with figures summed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +56,18 @@ class Answer:
     body: Body | None = None
     code: str | None = None  # when not ok
     message: str | None = None
+    # An answer that lists connections or clients: `{KEY: [row, ...]}` with
+    # the rows not made yet -- the driver makes and sends them a slice at a
+    # time (server/control/slices.py).  `body` is None then.
+    rows: tuple[str, Iterator[Body]] | None = None
 
     @classmethod
     def done(cls, body: Body) -> Answer:
         return cls(True, body)
+
+    @classmethod
+    def listing(cls, key: str, rows: Iterable[Body]) -> Answer:
+        return cls(True, rows=(key, iter(rows)))
 
     @classmethod
     def refused(cls, message: str, code: str = REFUSED) -> Answer:
@@ -146,26 +156,29 @@ def merge_services(own: Mapping[str, Body], shares: Iterable[Body]) -> Body:
     return {"services": services}
 
 
-def merge_conns(shares: Iterable[Body]) -> Body:
-    conns = [conn for share in shares for conn in share["conns"]]
-    conns.sort(key=lambda c: c["conn"])
-    return {"conns": conns}
+# The merges of listings take each worker's rows in order (`conns` by
+# connection id, `sources` by service and IP) and give the merged rows
+# lazily, in the same order: the driver takes them a slice at a time.
 
 
-def merge_sources(shares: Iterable[Body]) -> Body:
+def merge_conns(shares: Iterable[list[Body]]) -> Iterator[Body]:
+    return heapq.merge(*shares, key=lambda c: c["conn"])
+
+
+def source_key(row: Body) -> tuple[str, str]:
+    return (row["service"], row["ip"])
+
+
+def merge_sources(shares: Iterable[list[Body]]) -> Iterator[Body]:
     """One row per (service, IP): counts and tokens summed (each worker
     has its own bucket), the longest ban."""
-    rows: dict[tuple[str, str], Body] = {}
-    for share in shares:
-        for row in share["sources"]:
-            key = (row["service"], row["ip"])
-            mine = rows.get(key)
-            if mine is None:
-                rows[key] = dict(row)
-                continue
+    for _, group in itertools.groupby(heapq.merge(*shares, key=source_key), key=source_key):
+        same = list(group)
+        mine = dict(same[0])
+        for row in same[1:]:
             mine["connections"] += row["connections"]
             mine["rejected"] += row["rejected"]
             if row["tokens"] is not None:
                 mine["tokens"] = round((mine["tokens"] or 0.0) + row["tokens"], 3)
             mine["banned_for_s"] = max(mine["banned_for_s"], row["banned_for_s"])
-    return {"sources": sorted(rows.values(), key=lambda r: (r["service"], r["ip"]))}
+        yield mine

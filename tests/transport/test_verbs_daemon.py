@@ -56,7 +56,10 @@ def port_of(daemon, name, proto="tcp"):
 def test_each_verb_answers_as_the_table_says(daemon, request_, ok, expected):
     answer = Local(daemon).answer(request_)
     assert answer.ok is ok
-    if ok:
+    if answer.rows is not None:  # a listing: its rows made as they are taken
+        key, rows = answer.rows
+        assert {key: list(rows)} == expected
+    elif ok:
         assert answer.body == expected
     else:
         assert answer.code == "refused" and (answer.message or "").startswith(expected), answer.message

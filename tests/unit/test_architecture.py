@@ -46,7 +46,7 @@ LAYERS = {
     # daemon process, the supervisor-worker link
     "server.control.endpoints": 13, "server.control.fanout": 13, "server.control.drivers": 13,
     "server.control.connection": 14,
-    "server.control.verbs": 15, "server.control.link": 15,
+    "server.control.verbs": 15, "server.control.link": 15, "server.control.slices": 15,
     "server.control.supervisor_verbs": 16,
     "server.control.daemon_verbs": 17,
     # server/metrics/ -- GET /metrics: the HTTP side, the exposition, the counts

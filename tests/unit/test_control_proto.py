@@ -74,8 +74,9 @@ def test_merges_sum_the_shares():
         "connections_total": 8,
         "rejected": {"rate": 2},
     }
-    conns = merge_conns([{"conns": [{"conn": 4, "worker": 1}]}, {"conns": [{"conn": 1, "worker": 0}]}])
-    assert [c["conn"] for c in conns["conns"]] == [1, 4]
+    # Listings: each worker's rows in order, merged lazily in the same order.
+    conns = merge_conns([[{"conn": 1, "worker": 1}, {"conn": 4, "worker": 1}], [{"conn": 2, "worker": 0}]])
+    assert [c["conn"] for c in conns] == [1, 2, 4]
     row = {
         "service": "echo",
         "ip": "10.0.0.1",
@@ -85,8 +86,9 @@ def test_merges_sum_the_shares():
         "banned_for_s": 3.0,
     }
     other = {**row, "tokens": 2.0, "banned_for_s": 9.0}
-    rows = merge_sources([{"sources": [row]}, {"sources": [other]}])["sources"]
-    assert rows == [{**row, "connections": 2, "rejected": 4, "tokens": 3.5, "banned_for_s": 9.0}]
+    later = {**row, "ip": "10.0.0.2"}
+    rows = list(merge_sources([[row, later], [other]]))
+    assert rows == [{**row, "connections": 2, "rejected": 4, "tokens": 3.5, "banned_for_s": 9.0}, later]
 
 
 def test_set_is_checked_as_the_file_is():

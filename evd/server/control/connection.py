@@ -17,14 +17,19 @@ Every command that changes something is logged as `ctl` (`command`,
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from evd.handlers.base import Handler
 from evd.log.logger import log
 from evd.loop.seams import Buffer, Reason
 from evd.proto.control import MAX_REQUEST_HEADER, Answer, Reply, Request
 from evd.proto.framing import Decoder, FrameError, encode_parts
+from evd.server.control import slices
 from evd.server.control.verbs import changes, parse
+
+if TYPE_CHECKING:
+    from evd.loop.reactor import Reactor
 
 
 class Backend(Protocol):
@@ -36,6 +41,18 @@ class Backend(Protocol):
 def encode(answer: Answer) -> tuple[bytes, Buffer]:
     body = b"" if answer.body is None else json.dumps(answer.body).encode()
     return encode_parts(answer.header(), body)
+
+
+def encode_rows(reactor: Reactor, answer: Answer, done: Callable[[tuple[bytes, Buffer]], None]) -> None:
+    """A listing's frame, made a slice at a time (slices.py), to `done`."""
+    assert answer.rows is not None
+    key, rows = answer.rows
+    chunks: list[bytes] = []
+
+    def each(batch: list[slices.Row]) -> None:
+        chunks.append(slices.encode_batch(batch))
+
+    slices.pace(reactor, rows, each, lambda: done(encode_parts(answer.header(), slices.encode(key, chunks))))
 
 
 class Control(Handler):
@@ -102,7 +119,18 @@ class Control(Handler):
         transport = self.transport
         if transport.closed:  # the client left while we worked
             return
-        transport.writelines(encode(answer))
+        if answer.rows is not None:  # still pending: the rest of the loop goes on meanwhile
+            self.pending = request
+            encode_rows(transport.reactor, answer, self._write)
+            return
+        self._write(encode(answer))
+
+    def _write(self, frame: tuple[bytes, Buffer]) -> None:
+        self.pending = None
+        transport = self.transport
+        if transport.closed:  # the client left while we worked
+            return
+        transport.writelines(frame)
         transport.resume_reading()
-        if not self.looping:  # a later answer (workers): look for the next request
+        if not self.looping:  # a later answer (workers, a listing): look for the next request
             self._next()

@@ -29,7 +29,7 @@ import time
 import tomllib
 import types
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from evd.commands.runner import Runner
     from evd.handlers.service import Service
     from evd.loop.reactor import Reactor
+    from evd.loop.seams import Connection
     from evd.net.listeners import Listener
     from evd.server.metrics.snapshot import Figures
 
@@ -231,32 +232,58 @@ def conns(daemon: Served, args: Args, bind: Bind) -> Answer:
     found = chosen(daemon, args)
     if isinstance(found, Answer):
         return found
+    return Answer.listing("conns", conn_rows(daemon, found))
+
+
+def conn_rows(daemon: Served, services: list[Service]) -> Iterator[Body]:
+    """Every open connection of `services` by id, made as they are taken
+    (slices.py); a connection that closes meanwhile is listed as it was."""
     worker = daemon.worker[0] if daemon.worker else None
     now = daemon.reactor.now
-    rows = [{**asdict(view), "worker": worker} for s in found for view in s.open_connections(now)]
-    return Answer.done({"conns": sorted(rows, key=lambda r: r["conn"])})
+    ordered = sorted(((conn.conn_id, s.name, conn) for s in services for conn in s.connections), key=_first)
+    for _, name, conn in ordered:
+        yield conn_row(name, conn, now, worker)
+
+
+def _first(item: tuple[int, str, Connection]) -> int:
+    return item[0]
+
+
+def conn_row(service: str, conn: Connection, now: float, worker: int | None) -> Body:
+    """One row of `evd ctl conns`: what every listing of a connection says."""
+    return {
+        "conn": conn.conn_id,
+        "service": service,
+        "peer": conn.peer,
+        "age_s": round(now - conn.opened, 3),
+        "idle_s": round(conn.idle_for(now), 3),
+        "bytes_in": conn.bytes_in,
+        "bytes_out": conn.bytes_out,
+        "worker": worker,
+    }
 
 
 def sources(daemon: Served, args: Args, bind: Bind) -> Answer:
     found = chosen(daemon, args)
     if isinstance(found, Answer):
         return found
+    return Answer.listing("sources", source_rows(daemon, found))
+
+
+def source_rows(daemon: Served, services: list[Service]) -> Iterator[Body]:
+    """Per (service, client IP), in that order: how workers' rows merge."""
     now = daemon.reactor.now
-    rows = []
-    for service in found:
+    for service in sorted(services, key=lambda s: s.name):
         admission = service.admission
-        for view in admission.sources(now):
-            rows.append(
-                {
-                    "service": service.name,
-                    "ip": view.host,
-                    "connections": view.connections,
-                    "rejected": view.rejected,
-                    "tokens": None if view.tokens is None else round(view.tokens, 3),
-                    "banned_for_s": round(admission.banned_for(view.host, now), 3),
-                }
-            )
-    return Answer.done({"sources": rows})
+        for view in sorted(admission.sources(now), key=lambda v: v.host):
+            yield {
+                "service": service.name,
+                "ip": view.host,
+                "connections": view.connections,
+                "rejected": view.rejected,
+                "tokens": None if view.tokens is None else round(view.tokens, 3),
+                "banned_for_s": round(admission.banned_for(view.host, now), 3),
+            }
 
 
 def figures(daemon: Served, args: Args, bind: Bind) -> Answer:

@@ -19,6 +19,7 @@ from typing import Any
 from evd.config.addresses import Address
 from evd.net.listeners import BindError
 from evd.proto.control import Answer, Reply, Request
+from evd.server.control import slices
 from evd.server.control.daemon_verbs import Served
 from evd.server.control.link import Link
 from evd.server.control.supervisor_verbs import decode_key
@@ -84,9 +85,24 @@ class WorkerEnd:
             for sock in self.handed.values():  # not taken: not ours to keep
                 sock.close()
             self.handed = {}
-        if header.get("id"):
-            reply = {"id": header["id"], **answer.header(), "figures": header.get("figures", False)}
+        if not header.get("id"):
+            return
+        reply = {"id": header["id"], **answer.header(), "figures": header.get("figures", False)}
+        if answer.rows is None:
             self.link.send(reply, b"" if answer.body is None else json.dumps(answer.body).encode())
+            return
+        # A listing: its rows go up a slice at a time, each batch a part
+        # frame the supervisor parses on its own, then the answer itself.
+        key, rows = answer.rows
+        part = {"id": header["id"], "part": True}
+
+        def each(batch: list[slices.Row]) -> None:
+            self.link.send(part, b"[" + slices.encode_batch(batch) + b"]")
+
+        def done() -> None:
+            self.link.send({**reply, "rows": key})
+
+        slices.pace(self.daemon.reactor, rows, each, done)
 
     def _answer(self, request: Request) -> Answer:
         verb = VERBS.get(request.command)

@@ -63,6 +63,7 @@ class Gathering:
     waiting: set[int]
     done: Callable[[Answers, list[int]], None]  # (answers, pids that did not answer)
     answers: Answers = field(default_factory=dict)
+    parts: dict[int, list[Body]] = field(default_factory=dict)  # pid -> rows of a listing so far
     timer: Timer | None = None
 
 
@@ -103,6 +104,12 @@ class Fanout:
         gathering = self.pending.get(header.get("id", 0))
         if gathering is None or pid not in gathering.waiting:
             return  # late: its gathering ended without it
+        if header.get("part"):  # a slice of a listing: parsed now, a slice at a time
+            gathering.parts.setdefault(pid, []).extend(content or [])
+            return
+        key = header.get("rows")
+        if isinstance(key, str):  # the listing's end: its rows came before
+            content = {key: gathering.parts.pop(pid, [])}
         answer = Answer.from_wire(header, content)
         if answer.ok and header.get("figures") and content is not None:
             self.last[pid] = content

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -126,10 +126,25 @@ def anyone(own: Own, answers: list[Answer], missing: Answer | None) -> Answer:
     return done or missing or refused or Answer.refused("no worker answered")
 
 
+def listed(key: str, combine: Callable[[list[list[Body]]], Iterator[Body]]) -> Merge:
+    """A listing: any refusal, else any worker missing, else the workers'
+    rows merged lazily (the driver takes them a slice at a time)."""
+
+    def merge(own: Own, answers: list[Answer], missing: Answer | None) -> Answer:
+        refused = next((a for a in answers if not a.ok), None)
+        if refused is not None:
+            return refused
+        if missing is not None:
+            return missing
+        return Answer.listing(key, combine([(a.body or {}).get(key, []) for a in answers]))
+
+    return merge
+
+
 info_merge = summed(merge_info)
 services_merge = summed(merge_services)
-conns_merge = summed(lambda own, shares: merge_conns(shares))
-sources_merge = summed(lambda own, shares: merge_sources(shares))
+conns_merge = listed("conns", merge_conns)
+sources_merge = listed("sources", merge_sources)
 
 
 # -- the supervisor's parts --------------------------------------------------------------

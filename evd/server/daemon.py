@@ -63,6 +63,17 @@ SWEEP_FASTEST = 0.05
 SWEEP_SLOWEST = 1.0
 
 
+def read_tls(machine: preflight.Machine, svc: ServiceConfig) -> None:
+    """The TLS context of `svc`, read into `machine` if it is not there yet
+    (a service that was off when preflight ran).  BindError naming the key
+    if its files cannot serve."""
+    if svc.tls and svc.name not in machine.tls:
+        try:
+            machine.tls[svc.name] = server_context(svc.tls_cert, svc.tls_key, svc.tls_client_ca)
+        except CertificateError as exc:
+            raise BindError(f"services.{svc.name}.{exc.key}: {exc}") from None
+
+
 def sweep_period(idle_timeouts: Iterable[float]) -> float:
     positive = [t for t in idle_timeouts if t > 0]
     if not positive:
@@ -217,12 +228,7 @@ class Daemon:
         """A service switched on at run time (`evd ctl enable`) that was off
         when preflight ran: read its certificate and key now.  BindError
         (naming the key) if they cannot serve."""
-        svc = self.config.services[name]
-        if svc.tls and name not in self.machine.tls:
-            try:
-                self.machine.tls[name] = server_context(svc.tls_cert, svc.tls_key, svc.tls_client_ca)
-            except CertificateError as exc:
-                raise BindError(f"services.{name}.{exc.key}: {exc}") from None
+        read_tls(self.machine, self.config.services[name])
 
     def _update_guard_ports(self) -> None:
         self.guard_ports.clear()

@@ -76,7 +76,7 @@ from evd.server import preflight, reload_steps, signals
 from evd.server.control.drivers import WorkerEnd
 from evd.server.control.endpoints import SurfaceKey, Surfaces
 from evd.server.control.fanout import Fanout
-from evd.server.daemon import Daemon
+from evd.server.daemon import Daemon, read_tls
 from evd.server.reload_plan import ListenerKey, Overrides, Plan, Result
 from evd.server.sockets import Slots, bind_slots, close_sockets
 from evd.system.pidfile import Pidfile
@@ -191,6 +191,11 @@ class Supervisor:
             log.warning("pidfile.remove", error=warning)
         log.info("daemon.stop", reason="signal", signal=self.stop_signal)
         return 0
+
+    def prepare_tls(self, name: str) -> None:
+        """`evd ctl enable` of a service off at the start: its TLS files read
+        now, before anything is bound (workers forked later inherit them)."""
+        read_tls(self.machine, self.config.services[name])
 
     def log_listener(self, event: str, key: ListenerKey) -> None:
         sock = self.slots[key][0]

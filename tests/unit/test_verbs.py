@@ -140,3 +140,19 @@ def test_the_worker_end_refuses_an_unknown_verb_and_says_so():
         end.link.close()
         theirs.close()
         reactor.close()
+
+
+def test_the_supervisor_refuses_enable_before_binding_when_tls_cannot_serve():
+    from evd.config.addresses import Address
+    from evd.net.listeners import BindError
+
+    def unreadable(name: str) -> None:
+        raise BindError(f"services.{name}.tls_key: not readable")
+
+    reactor = Reactor()
+    workers = SimpleNamespace(reactor=reactor, count=2, prepare_tls=unreadable)
+    try:
+        answer = Fanout(workers).bind([("echo", Address("tls", "127.0.0.1", 0))], {})  # type: ignore[arg-type]
+        assert isinstance(answer, Answer) and answer.message == "services.echo.tls_key: not readable"
+    finally:
+        reactor.close()

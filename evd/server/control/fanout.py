@@ -187,6 +187,8 @@ class Fanout:
     def bind(self, keys: list[ListenerKey], at: Mapping[ListenerKey, Address]) -> Slots | Answer:
         """`enable`: a copy of each listener per worker slot, or the refusal."""
         try:
+            for name in {key[0] for key in keys}:
+                self.workers.prepare_tls(name)
             return bind_slots(keys, self.workers.count, at=at)
         except BindError as exc:
             return Answer.refused(str(exc))

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from evd.cli.failures import EX_OK
 from evd.config import loader
 from evd.config.model import DISPATCHABLE, ConfigError
-from evd.proto.control import COMMANDS
 
 SHELLS = ("bash", "zsh")
 # The log events `evd logs show --event` completes (SPEC sections 6-14);
@@ -32,8 +31,6 @@ EVENTS = (
     "worker.start", "worker.exit", "worker.ready", "worker.reload", "worker.stop",
     "systemd.adopt", "systemd.socket", "conn.*", "command.*", "auth.*", "worker.*",
 )  # fmt: skip
-# `evd ctl` commands whose next word is a service name.
-CTL_TAKES_SERVICE = ("conns", "sources", "disable", "enable", "set")
 
 _BASH = """
 _evd_values() {{
@@ -108,11 +105,18 @@ def _parsers(
 
 
 def _preamble(shell: str) -> str:
+    # The `evd ctl` commands from the daemon's verb table (loaded only to
+    # write a script), and those whose next word is a service name.
+    from evd.server.control.verbs import PUBLIC
+
+    takes_service = [
+        name for name, usage in PUBLIC.items() if usage.split()[1:2] in (["SERVICE"], ["[SERVICE]"])
+    ]
     template = _BASH if shell == "bash" else _ZSH
     return template.format(
         events=" ".join(EVENTS),
-        commands=" ".join(COMMANDS),
-        takes_service=" ".join(CTL_TAKES_SERVICE),
+        commands=" ".join(PUBLIC),
+        takes_service=" ".join(takes_service),
         dispatchable=" ".join(DISPATCHABLE),
     )
 

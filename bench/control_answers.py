@@ -1,9 +1,9 @@
 """What a big control answer costs everyone else: echo latency while
 `evd ctl conns` runs against many idle connections (issue 23 item 11).
 
-    python3 bench/control_answers.py --before REV [--connections 18000] [--rounds 3]
+    python3 bench/control_answers.py --before REV [--after REV] [--connections 18000] [--rounds 3]
 
-One evd at a time (this checkout as `after`, `git archive REV` as `before`),
+One evd at a time (`git archive` of each revision: `after` defaults to HEAD),
 each in the same interleaved rounds: N idle TCP connections to echo, then a
 probe process pings echo with one byte at a time (a fresh ping as soon as
 the answer is in) while this process asks `conns` over the control socket
@@ -148,11 +148,20 @@ def _during(samples: list[tuple[float, float]], windows: list[tuple[float, float
     return {"probes": len(rtts), "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": rtts[-1] * 1000}
 
 
+def unpack(rev: str) -> Path:
+    """`git archive REV` in a fresh directory: evd's code as it was there."""
+    where = Path(tempfile.mkdtemp(prefix="evd-bench-src-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    return where
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--before", required=True, metavar="REV", help="git revision to compare with")
+    parser.add_argument("--after", default="HEAD", metavar="REV", help="git revision measured (HEAD)")
     parser.add_argument("--connections", type=int, default=18000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--asks", type=int, default=3, help="`conns` requests per measurement")
@@ -160,12 +169,7 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     count = min(args.connections, hard - 200)
-    before = Path(tempfile.mkdtemp(prefix="evd-before-"))
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", args.before], capture_output=True, check=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
-    variants = {"before": before, "after": ROOT}
+    variants = {"before": unpack(args.before), "after": unpack(args.after)}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     try:
         for round_no in range(args.rounds):
@@ -173,7 +177,8 @@ def main() -> None:
                 results[name].append(measure(src, count, args.asks))
                 print(f"round {round_no + 1} {name}: {results[name][-1]}", file=sys.stderr)
     finally:
-        shutil.rmtree(before, ignore_errors=True)
+        for src in variants.values():
+            shutil.rmtree(src, ignore_errors=True)
     print(f"{count} idle connections, `conns` asked {args.asks} times per round, {args.rounds} rounds")
     print("| variant | conns (s) | answer (MB) | echo p50 (ms) | echo p99 (ms) | echo max (ms) | probes |")
     print("|---|---|---|---|---|---|---|")

@@ -272,6 +272,7 @@ def conn_row(service: str, conn: Connection, now: float, worker: int | None) -> 
         "idle_s": round(conn.idle_for(now), 3),
         "bytes_in": conn.bytes_in,
         "bytes_out": conn.bytes_out,
+        "exec_pid": conn.protocol.exec_pid,  # a program service's child (SPEC section 14)
         "worker": worker,
     }
 

@@ -188,7 +188,8 @@ class Daemon:
         if name == "framed":
             service, context = self.services[name], self.context
             return lambda: Framed(service, context)
-        if self.config.services[name].exec:
+        # The service's own config: during a reload, self.config is still the old one.
+        if self.services[name].config.exec:
             service, programs = self.services[name], self.programs
             return lambda: Program(service, programs)
         factory: HandlerFactory = STREAM_HANDLERS[name]

@@ -6,6 +6,7 @@ Python sockets).  Expected values come from SPEC 14, not from evd's code.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -403,3 +404,17 @@ def test_ctl_lists_a_program_connection_with_its_pid_and_kill_ends_its_group(sta
         assert process_gone(start["exec_pid"]) and process_gone(grandchild_pid)
         assert recv_all(sock) == b""
     assert ask(evd, "conns").body["conns"] == []
+
+
+def test_a_program_service_added_by_a_reload_serves(start_evd):
+    evd = start_evd(program_config(service("cat", ["/bin/cat"])))
+    evd.config_path.write_text(
+        program_config(service("cat", ["/bin/cat"]) + service("env", ["/usr/bin/env"])).format(tmp=evd.tmp)
+    )
+    mark = len(evd.drain_events())
+    evd.send(signal.SIGHUP)
+    assert evd.wait_for_since(mark, "config.reload")["ok"] is True
+    opened = evd.wait_for_since(mark, "listener.open", service="env")
+    host, _, port = opened["address"].rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=WAIT) as sock:
+        assert b"EVD_SERVICE=env\n" in recv_all(sock)

@@ -418,3 +418,15 @@ def test_a_program_service_added_by_a_reload_serves(start_evd):
     host, _, port = opened["address"].rpartition(":")
     with socket.create_connection((host, int(port)), timeout=WAIT) as sock:
         assert b"EVD_SERVICE=env\n" in recv_all(sock)
+
+
+def test_program_services_with_workers(start_evd):
+    evd = start_evd(program_config(service("env", ["/usr/bin/env"], WAYS["spawner"]), daemon="workers = 2\n"))
+    conns = set()
+    for _ in range(6):
+        with socket.create_connection(evd.addr("env"), timeout=WAIT) as sock:
+            env = dict(line.split("=", 1) for line in recv_all(sock).decode().splitlines())
+        conns.add(env["EVD_CONN"])
+    assert len(conns) == 6  # each connection its own id, whichever worker took it
+    ends = [evd.wait_for("exec.end", conn=int(c)) for c in conns]
+    assert all(e["exit"] == 0 for e in ends)

@@ -241,21 +241,23 @@ class Service:
         return sum(self.rejected.values()) + refused
 
     def open_connections(self, now: float) -> list[ConnectionView]:
-        """Every open connection, oldest first.  `idle_s` is as exact as
-        the periodic sweep: traffic is noticed by comparing byte counts."""
-        return [
-            ConnectionView(
-                conn=conn.conn_id,
-                service=self.name,
-                peer=conn.peer,
-                age_s=round(now - conn.opened, 3),
-                idle_s=round(conn.idle_for(now), 3),
-                bytes_in=conn.bytes_in,
-                bytes_out=conn.bytes_out,
-                exec_pid=conn.protocol.exec_pid,
-            )
-            for conn in sorted(self.connections, key=lambda c: c.conn_id)
-        ]
+        """Every open connection, oldest first."""
+        return [self.view(conn, now) for conn in sorted(self.connections, key=lambda c: c.conn_id)]
+
+    def view(self, conn: Connection, now: float) -> ConnectionView:
+        """One open connection as `evd ctl conns` lists it: the one place a
+        row is made.  `idle_s` is as exact as the periodic sweep: traffic
+        is noticed by comparing byte counts."""
+        return ConnectionView(
+            conn=conn.conn_id,
+            service=self.name,
+            peer=conn.peer,
+            age_s=round(now - conn.opened, 3),
+            idle_s=round(conn.idle_for(now), 3),
+            bytes_in=conn.bytes_in,
+            bytes_out=conn.bytes_out,
+            exec_pid=conn.protocol.exec_pid,
+        )
 
     def sweep(self, now: float) -> None:
         """Close connections silent for idle_timeout, and those that have

@@ -13,6 +13,13 @@ The socket is our own (never inherited), so it is non-blocking; a journal
 that does not keep up answers EAGAIN, and the sink (log/sink.py) keeps the
 entry and watches the socket for writability -- the socket is connected, so
 the kernel reports writable once journald's queue has room again.
+
+A journal that is not there (journald stopped or restarting: the socket
+missing, or refusing) never stops evd (SPEC section 12): the target starts
+unconnected, every write fails with OSError, and the sink keeps the
+entries (up to log.buffer, the rest counted) and tries again every second;
+each try connects afresh, so the first one after journald is back delivers.
+`problem` says why the first connection failed, for the one warning line.
 """
 
 from __future__ import annotations
@@ -144,8 +151,15 @@ class JournalTarget:
 
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
-        self._sock = self._connect()
-        self._identity = identity(self._sock.fileno())
+        self.problem = ""  # why the journal could not be reached at start
+        self._sock: socket.socket | None = None
+        self._identity: tuple[int, int] | None = None
+        try:
+            self._sock = self._connect()
+        except OSError as exc:
+            self.problem = f"[Errno {exc.errno}] {exc.strerror}"
+        else:
+            self._identity = identity(self._sock.fileno())
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -157,42 +171,46 @@ class JournalTarget:
         return sock
 
     @property
-    def fd(self) -> int:
-        return self._sock.fileno()
+    def fd(self) -> int | None:
+        # Unconnected: nothing to watch, the sink retries on a timer.
+        return None if self._sock is None else self._sock.fileno()
 
     def write(self, data: bytes) -> int:
-        try:
-            return self._send(data)
-        except OSError as exc:
-            if exc.errno not in _RECONNECT:
-                raise
+        if self._sock is not None:
+            try:
+                return self._send(self._sock, data)
+            except OSError as exc:
+                if exc.errno not in _RECONNECT:
+                    raise
         self.reopen()
-        return self._send(data)
+        assert self._sock is not None
+        return self._send(self._sock, data)
 
-    def _send(self, data: bytes) -> int:
+    def _send(self, sock: socket.socket, data: bytes) -> int:
         try:
-            self._sock.send(data)
+            sock.send(data)
         except OSError as exc:
             if exc.errno not in _TOO_BIG:
                 raise
-            self._send_memfd(data)
+            self._send_memfd(sock, data)
         return len(data)
 
-    def _send_memfd(self, data: bytes) -> None:
+    def _send_memfd(self, sock: socket.socket, data: bytes) -> None:
         fd = os.memfd_create("evd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             view = memoryview(data)
             while view:  # memory, not a disk: never waits
                 view = view[os.write(fd, view) :]
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-            self._sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         finally:
             os.close(fd)
 
     def reopen(self) -> str | None:
         """A fresh socket (journald restarted); OSError if it cannot connect."""
         sock = self._connect()
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
         self._sock = sock
         self._identity = identity(sock.fileno())
         return None
@@ -200,8 +218,9 @@ class JournalTarget:
     def after_fork(self) -> None:
         """Still our socket?  `evd start` detaching closes every descriptor
         it was not told to keep, and the number may be someone else's now."""
-        if identity(self._sock.fileno()) != self._identity:
+        if self._sock is not None and identity(self._sock.fileno()) != self._identity:
             self._sock.detach()  # not ours any more: never close it
+            self._sock = None
             self._sock = self._connect()
             self._identity = identity(self._sock.fileno())
 
@@ -209,7 +228,8 @@ class JournalTarget:
         return False
 
     def close(self) -> None:
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
 
 
 def identity(fd: int) -> tuple[int, int] | None:

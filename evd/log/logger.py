@@ -123,6 +123,13 @@ class Log:
             return FileTarget(path) if path else StderrTarget()
         return None
 
+    def journal_problem(self) -> str:
+        """Why the journal could not be reached when it was configured ("" if
+        it could, or the log is not the journal): evd serves on and keeps
+        the entries meanwhile (SPEC section 12), and says so once."""
+        target = self.sink.target
+        return target.problem if isinstance(target, JournalTarget) else ""
+
     def reopen(self) -> None:
         """SIGUSR1 (and every reload): reopen log.file, which logrotate may
         have moved away; the first line in the new file says so.  A file

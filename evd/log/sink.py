@@ -293,6 +293,11 @@ class Sink:
         self._watcher = watcher
         self._paused = False
         self._drain_until = None
+        if self._retry_at:  # failing since before the loop: the loop's timer retries now
+            self._paused = True
+            watcher.call_later(max(0.0, self._retry_at - time.monotonic()), self._retry)
+            self._retry_at = 0.0
+            return
         self.flush()
 
     def detach(self) -> None:

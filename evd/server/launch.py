@@ -31,6 +31,7 @@ import os
 import resource
 import select
 import socket
+import sys
 import time
 from collections.abc import Callable
 
@@ -118,14 +119,17 @@ def prepare(config: Config, overrides: Overrides, detach: bool) -> Launch:
             buffer=config.log.buffer,
             journal_socket=config.log.journal_socket,
         )
-    except OSError as exc:
-        journal = (overrides.get("format") or config.log.format) == "journal"
-        what = (
-            f"reach the journal at {config.log.journal_socket}"
-            if journal
-            else f"open log file {config.log.file}"
+    except OSError as exc:  # a log file (a journal that is away is no failure: see below)
+        reason = f"[Errno {exc.errno}] {exc.strerror}"
+        raise StartError(f"cannot open log file {config.log.file}: {reason}") from None
+    problem = log.journal_problem()
+    if problem:  # SPEC 12: serve on, the entries wait for journald
+        print(
+            f"evd: warning: cannot reach the journal at {config.log.journal_socket} ({problem}); "
+            f"serving on, entries wait in log.buffer until it answers",
+            file=sys.stderr,
+            flush=True,
         )
-        raise StartError(f"cannot {what}: [Errno {exc.errno}] {exc.strerror}") from None
     log.info("daemon.start", version=__version__, config=config.source)
     # From here until the reactor has handlers, SIGHUP/SIGUSR1 sent to the
     # pid of the pidfile wait instead of killing us (server/signals.py).

@@ -208,17 +208,6 @@ def test_evd_run_log_format_journal(tmp_path):
     assert one(closed, "EVD_REASON") == "eof" and one(closed, "EVD_BYTES_IN") == "64"
 
 
-def test_evd_run_without_a_journal_says_so(tmp_path):
-    proc = start(tmp_path, stderr=subprocess.PIPE, args=("--log-format", "journal"))
-    _, err = proc.communicate(timeout=WAIT)
-    assert proc.returncode == 1
-    assert (
-        err.decode()
-        .strip()
-        .endswith(f"cannot reach the journal at {tmp_path}/journal.sock: [Errno 2] No such file or directory")
-    )
-
-
 def test_evd_start_keeps_logging_to_the_journal_after_detaching(tmp_path):
     """Detaching closes every descriptor it was not told to keep, the
     journal socket among them: the daemon must find the journal again, and

@@ -135,9 +135,20 @@ def test_a_restarted_journal_is_found_again(tmp_path):
         second.close()
 
 
-def test_no_journal_at_start_is_an_error(tmp_path):
-    with pytest.raises(OSError):
-        Log().configure("info", "journal", journal_socket=str(tmp_path / "none.sock"))
+def test_no_journal_at_start_is_no_error_and_the_entries_wait(tmp_path):
+    """SPEC section 12: a journal that is away never stops the log."""
+    path = tmp_path / "none.sock"
+    log = Log()
+    log.configure("info", "journal", journal_socket=str(path))
+    assert "No such file or directory" in log.journal_problem()
+    log.info("one")  # waits, at most a second, for nothing to watch: not at all
+    receiver = FakeJournal(path)
+    try:
+        log.sink._retry_at = 0.0  # the retry timer's moment, now
+        log.info("two")
+        assert [one(receiver.receive(), "EVD_EVENT") for _ in range(2)] == ["one", "two"]
+    finally:
+        receiver.close()
 
 
 def test_field_names():

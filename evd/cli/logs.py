@@ -1,15 +1,67 @@
 """`evd logs summary|show [FILE...]`: read evd's JSON logs back (SPEC
-sections 2 and 8).  Offline: no configuration, no daemon."""
+sections 2, 8 and 12), from files, stdin or the journal.  Offline: no
+daemon; the configuration only says where the log is when no FILE is given."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
+from typing import TYPE_CHECKING
 
 from evd.cli.failures import EX_FAIL, EX_OK, error
 from evd.tools.logs.events import LEVEL_RANK, TimeSpecError, parse_time_spec
+from evd.tools.logs.journalctl import DEFAULT_UNIT
+
+if TYPE_CHECKING:
+    from evd.tools.logs.journalctl import Journal
 
 FOLLOW_TAIL = 10  # lines shown before following, as `tail -f` does
+
+
+def _stdin_has_input() -> bool:
+    """stdin is a pipe, a socket or a file: `journalctl ... | evd logs` reads it."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)
+
+
+def source(args: argparse.Namespace) -> Journal | None:
+    """The journal to read, or None for `args.files` (which this may fill
+    in).  The journal when asked for (--journal, -u, -D, --journal-file);
+    with no FILE and nothing piped in, where the configuration logs: the
+    journal for format = "journal", else log.file, else stdin."""
+    from evd.tools.logs.journalctl import Journal
+
+    asked = args.journal or args.unit or args.directory or args.journal_file
+    if asked:
+        if args.files:
+            raise SystemExit(
+                _usage(args, "FILE and the journal (--journal, -u, -D, --journal-file) exclude each other")
+            )
+        return Journal(args.unit, args.directory, list(args.journal_file or ()))
+    if args.files or _stdin_has_input():
+        return None
+    from evd.config import loader
+    from evd.config.model import ConfigError
+
+    try:
+        config = loader.load(args.config)
+    except ConfigError:
+        return None  # no configuration to go by: stdin, as without one
+    if config.log.format == "journal":
+        return Journal()
+    if config.log.file:
+        args.files = [config.log.file]
+    return None
+
+
+def _usage(args: argparse.Namespace, message: str) -> int:
+    error(f"logs {args.verb}: {message}")
+    return 2
 
 
 def _time(text: str) -> str:
@@ -45,8 +97,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from evd.tools.logs import reading, report, runner
 
     selection = runner.Selection(args.since, args.until, args.service)
+    journal = source(args)
     try:
-        summary, errors = runner.summarise(args.files, selection)
+        if journal is not None:
+            summary, errors = runner.summarise_journal(journal, selection)
+        else:
+            summary, errors = runner.summarise(args.files, selection)
     except reading.InputError as exc:
         error(str(exc))
         return EX_FAIL
@@ -71,6 +127,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from evd.tools.logs import show
 
+    journal = source(args)
     options = show.Options(
         files=args.files,
         events=args.event,
@@ -82,6 +139,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         json=args.json,
         follow=args.follow,
         tail=None if args.since else FOLLOW_TAIL,
+        journal=journal,
     )
     try:
         return show.run(options)
@@ -96,7 +154,8 @@ def register(
     logs = sub.add_parser(
         "logs",
         help="read evd's JSON logs back: summary, show",
-        description="Read evd's JSON log lines from files, .gz files or stdin (no FILE, or -).",
+        description="Read evd's JSON log lines from files, .gz files or stdin (no FILE, or -), "
+        "or the journal's entries (--journal).",
     )
     verbs = logs.add_subparsers(dest="verb", required=True, metavar="VERB")
     selection = argparse.ArgumentParser(add_help=False)
@@ -112,6 +171,24 @@ def register(
     selection.add_argument("--until", type=_time, metavar="T", help="before T (same forms)")
     selection.add_argument("--service", metavar="NAME", help="only the lines about this service")
     selection.add_argument("--json", action="store_true", help="machine-readable output")
+    journal = selection.add_argument_group("the journal (through journalctl -o json)")
+    journal.add_argument(
+        "--journal",
+        action="store_true",
+        help="read the journal: the default with no FILE when log.format is journal",
+    )
+    journal.add_argument(
+        "-u", "--unit", metavar="UNIT", help=f"the unit's entries (default {DEFAULT_UNIT}); implies --journal"
+    )
+    journal.add_argument(
+        "-D", "--directory", metavar="DIR", help="journal files in DIR (journalctl -D); implies --journal"
+    )
+    journal.add_argument(
+        "--journal-file",
+        action="append",
+        metavar="FILE",
+        help="this journal file (journalctl --file; repeatable); implies --journal",
+    )
 
     summary = verbs.add_parser(
         "summary",
@@ -145,7 +222,7 @@ def register(
         "-f",
         "--follow",
         action="store_true",
-        help=f"keep reading as the file grows, across a logrotate rename (starts with the last {FOLLOW_TAIL} "
-        "selected lines unless --since is given)",
+        help="keep reading as the file (or the journal) grows, across a logrotate rename (starts with the "
+        f"last {FOLLOW_TAIL} selected lines, or journal entries, unless --since is given)",
     )
     show.set_defaults(func=cmd_show)

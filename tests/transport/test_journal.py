@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from support import journald
 from support.journal import FakeJournal, one, parse
 
 from evd.log import journal, render
@@ -160,58 +158,15 @@ def test_field_names():
 
 # -- the real journald ---------------------------------------------------------
 
-JOURNALD = "/lib/systemd/systemd-journald"
-
 
 @pytest.fixture
 def real_journald():
-    """systemd-journald in a namespace of its own: its own socket and files,
-    the machine's journal untouched."""
-    if not Path(JOURNALD).exists():
-        pytest.skip(f"{JOURNALD} is not installed")
-    journalctl = shutil.which("journalctl")
-    if journalctl is None:
-        pytest.skip("journalctl is not installed")
-    namespace = f"evdtest{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen(
-        [JOURNALD, namespace], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
-    )
-    sock = Path(f"/run/systemd/journal.{namespace}/socket")
-    deadline = time.monotonic() + WAIT
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            reason = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            proc.wait()
-            pytest.skip(f"systemd-journald cannot run here: {reason or 'no socket'}")
-        time.sleep(0.02)
-    try:
-        yield namespace, sock
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        machine = Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").exists() else ""
-        for folder in ("/run/log/journal", "/var/log/journal"):
-            shutil.rmtree(f"{folder}/{machine}.{namespace}", ignore_errors=True)
-        shutil.rmtree(sock.parent, ignore_errors=True)
+    with journald.real_journald() as running:
+        yield running.namespace, running.socket
 
 
 def journal_query(namespace: str, *matches: str, want: int = 1) -> list[dict]:
-    deadline = time.monotonic() + WAIT
-    while True:
-        done = subprocess.run(
-            ["journalctl", f"--namespace={namespace}", "-o", "json", "--all", *matches],
-            capture_output=True,
-            timeout=WAIT,
-        )
-        found = [json.loads(row) for row in done.stdout.decode().splitlines() if row.startswith("{")]
-        if len(found) >= want or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    return journald.Journald(namespace, Path()).query(*matches, want=want)
 
 
 def test_the_real_journald_takes_the_entries(real_journald):

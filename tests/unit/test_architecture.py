@@ -33,9 +33,9 @@ LAYERS = {
     "tools.bench.options": 9,
     "tools.logs.show": 5, "tools.logs.report": 5,
     "tools.logs.runner": 6, "tools.logs.follow": 6,
-    "tools.logs.summary": 7,
+    "tools.logs.summary": 7, "tools.logs.journalctl": 7,
     "tools.logs.stats": 8, "tools.logs.reading": 8, "tools.logs.events": 8,
-    "tools.logs.jsonform": 9,
+    "tools.logs.jsonform": 9, "tools.logs.entries": 9,
     # server/ -- the daemon process: start-up, workers, one daemon
     "server.launch": 10,
     "server.supervisor": 11,

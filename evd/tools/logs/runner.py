@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
-from evd.tools.logs import reading
+from evd.tools.logs import journalctl, reading
 from evd.tools.logs.summary import Summary
 
 # Work below this is done by this process alone, and a file is cut in
@@ -143,3 +143,11 @@ def _here(inputs: list[reading.Input], selection: Selection) -> tuple[Summary, l
         finally:
             source.close()
     return summary, errors
+
+
+def summarise_journal(journal: journalctl.Journal, selection: Selection) -> tuple[Summary, list[str]]:
+    """The journal's entries summarised, read through journalctl (one
+    stream: read here).  JournalError if journalctl is missing or fails."""
+    command = journalctl.argv(journal, selection.since, selection.until, fields=journalctl.SUMMARY_FIELDS)
+    with journalctl.entries(command) as source:
+        return _here([source], selection)

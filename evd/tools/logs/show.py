@@ -22,7 +22,8 @@ from fnmatch import fnmatchcase
 
 import orjson
 
-from evd.tools.logs import follow, reading
+from evd.tools.logs import follow, journalctl, reading
+from evd.tools.logs.entries import in_message_order, is_entry, line_of, to_event
 from evd.tools.logs.events import LEVEL_RANK, line_service, peer_ip, ts_key
 
 Event = dict[str, object]
@@ -50,6 +51,7 @@ class Options:
     json: bool = False
     follow: bool = False
     tail: int | None = None  # with follow: begin with this many selected lines
+    journal: journalctl.Journal | None = None  # read the journal, not `files`
 
 
 @functools.lru_cache(maxsize=4096)
@@ -88,13 +90,19 @@ class Selector:
         self.since, self.until = options.since, options.until
         self.skipped = 0
         self.overlong = 0  # of the skipped, those over reading.MAX_LINE
+        self.entry: Event | None = None  # the journal entry the last line was, if it was one
 
     def select(self, line: bytes) -> Event | None:
         """The event of a selected line, else None (counting non-events)."""
         if not line.strip():
             return None
+        self.entry = None
         try:
             event: Event = orjson.loads(line)
+            if is_entry(event):  # a line of `journalctl -o json` (SPEC section 12)
+                self.entry = event
+                converted = to_event(event)
+                event = in_message_order(converted, event.get("MESSAGE")) if converted else {}
             name, stamp = event["event"], event["timestamp"]
             key = ts_key(stamp) if isinstance(stamp, str) and isinstance(name, str) else None
         except (ValueError, KeyError, TypeError):
@@ -196,6 +204,8 @@ class Printer:
             event = self.selector.select(line)
             if event is None:
                 continue
+            if self.selector.entry is not None and self.json:
+                line = line_of(self.selector.entry) or line  # the line evd would have written
             if self.held is not None:
                 self.held.append((line, event))
             else:
@@ -220,6 +230,8 @@ class Printer:
 
 
 def run(options: Options) -> int:
+    if options.journal is not None:
+        return _run_journal(options, options.journal)
     names = options.files or [reading.STDIN]
     # -f follows the plain files; stdin and .gz files are read once.
     followed = [n for n in names if options.follow and n != reading.STDIN and not reading.is_gzip(n)]
@@ -239,6 +251,32 @@ def run(options: Options) -> int:
         longest = f", {overlong} of them over {reading.MAX_LINE >> 20} MiB" if overlong else ""
         print(f"evd: {skipped} lines were not evd events (skipped{longest})", file=sys.stderr)
     return status
+
+
+def _run_journal(options: Options, journal: journalctl.Journal) -> int:
+    """The journal's entries through journalctl; with -f, as they come
+    (journalctl starts with the last `tail` entries unless --since)."""
+    command = journalctl.argv(
+        journal, options.since, options.until, follow=options.follow, lines=options.tail
+    )
+    printer = Printer(options)
+    try:
+        with journalctl.entries(command) as source:
+            for lines, tail in reading.blocks(source):
+                printer.lines(lines)
+                printer.tail(tail)
+                if options.follow:
+                    sys.stdout.flush()
+    except journalctl.JournalError as exc:
+        sys.stdout.flush()
+        raise ShowError(str(exc)) from None
+    except BrokenPipeError:
+        stdout_gone()
+    except KeyboardInterrupt:
+        pass
+    if printer.selector.skipped:
+        print(f"evd: {printer.selector.skipped} lines were not evd events (skipped)", file=sys.stderr)
+    return 0
 
 
 def _read_all(printer: Printer, names: list[str]) -> int:

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 
 import orjson
 
+from evd.tools.logs.entries import is_entry, to_event
 from evd.tools.logs.events import ZEROS, is_key, line_service, peer_ip, ts_key
 from evd.tools.logs.jsonform import Extras, PeerJson, SummaryJson
 from evd.tools.logs.reading import OVERLONG
@@ -190,10 +191,13 @@ class Summary:
 
     def _general(self, line: bytes) -> bool | None:
         """Any line but evd's own conn.open and conn.close (and those when
-        spelled otherwise, or conn.open under --service): True if counted,
-        False if not selected (or blank), None if it is not an event."""
+        spelled otherwise, or conn.open under --service, or a journal
+        entry): True if counted, False if not selected (or blank), None if
+        it is not an event."""
         try:
             event = orjson.loads(line)
+            if is_entry(event):  # a line of `journalctl -o json` (SPEC section 12)
+                event = to_event(event)
             name = event["event"]
             stamp = event["timestamp"]
             if type(stamp) is not str or type(name) is not str:

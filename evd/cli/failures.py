@@ -13,11 +13,24 @@ EX_FAIL = 1
 EX_SERVER = 2  # the server (or daemon) answered with a refusal
 EX_NOT_RUNNING = 3  # LSB: `status` of a daemon that is not running
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: what service managers expect
+# `evd reload --timeout`, `enable|disable --now --timeout` (SPEC: 10): a
+# reload binds a few sockets and reads a few files.
+RELOAD_TIMEOUT = 10.0
 
 
 def error(message: str) -> None:
     """One human line on stderr."""
     print(f"evd: {message}", file=sys.stderr)
+
+
+def report_reload(status: int, message: str) -> int:
+    """A reload's result: on stdout when it applied (or was sent), the
+    daemon's error on stderr when it failed (SPEC sections 2 and 12)."""
+    if status == EX_OK:
+        print(message, flush=True)
+    else:
+        error(message)
+    return status
 
 
 def config_errors(exc: ConfigError) -> None:

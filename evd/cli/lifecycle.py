@@ -7,7 +7,7 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, error, load_config
+from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, RELOAD_TIMEOUT, error, load_config, report_reload
 from evd.cli.targets import server_key, status_address
 from evd.config.schema import DURATION_MAX, LEVELS, LOG_FORMATS
 
@@ -94,14 +94,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from evd.tools import lifecycle
+    from evd.tools import reload_answer
 
     config = load_config(args)
-    if config is None:
-        return EX_CONFIG
-    status, message = lifecycle.reload(config.daemon.pidfile)
-    print(message, file=sys.stdout if status == EX_OK else sys.stderr)
-    return status
+    if config is None:  # the daemon would refuse it too, and keep what it runs
+        error("nothing reloaded: the configuration is invalid")
+        return EX_FAIL
+    outcome = reload_answer.reload(config, args.timeout)
+    return report_reload(outcome.status, outcome.message)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -135,7 +135,18 @@ def register(
         help="seconds to wait for it to exit (default: daemon.shutdown_timeout + 5)",
     )
     stop.set_defaults(func=cmd_stop)
-    reload = sub.add_parser("reload", parents=[common], help="make the daemon re-read its configuration")
+    reload = sub.add_parser(
+        "reload",
+        parents=[common],
+        help="make the daemon re-read its configuration, and say whether it applied (exit 1 if not)",
+    )
+    reload.add_argument(
+        "--timeout",
+        type=seconds,
+        default=RELOAD_TIMEOUT,
+        metavar="S",
+        help=f"how long to wait for the result (default {RELOAD_TIMEOUT:g})",
+    )
     reload.set_defaults(func=cmd_reload)
     status = sub.add_parser(
         "status", parents=[common], help="is the daemon running? (exit 0 yes, 3 no, 1 stale)"

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, config_errors, error
+from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, RELOAD_TIMEOUT, config_errors, error, report_reload
 from evd.config.model import ConfigError
-
-RELOAD_TIMEOUT = 10.0  # seconds: a reload binds a few sockets and reads a few files
 
 
 def cmd_switch(args: argparse.Namespace) -> int:
@@ -33,11 +31,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
     if not args.now:
         return EX_OK
     outcome = reload_answer.reload(plan.loaded.config, args.timeout)
-    if outcome.status == EX_OK:
-        print(outcome.message)
-    else:
-        error(outcome.message)
-    return outcome.status
+    return report_reload(outcome.status, outcome.message)
 
 
 def register(

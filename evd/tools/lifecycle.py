@@ -1,6 +1,7 @@
-"""The operator's side of a running daemon: `evd stop`, `reload`, `status`.
+"""The operator's side of a running daemon: `evd stop`, `status` (and
+`reload`, in reload_answer.py).
 
-All three find the daemon through its pidfile and trust the lock, not the
+They find the daemon through its pidfile and trust the lock, not the
 pid (see system/pidfile.py): locked means running, present but unlocked means
 stale.  They are clients, so they may wait -- always with a bound.
 
@@ -61,17 +62,6 @@ def stop(pidfile: str, timeout: float) -> tuple[int, str]:
     if not readable:
         return EX_FAIL, f"pid {pid} did not stop within {timeout:g} s"
     return EX_OK, f"stopped, pid {pid}"
-
-
-def reload(pidfile: str) -> tuple[int, str]:
-    pid, why = _running_pid(pidfile)
-    if pid is None:
-        return EX_FAIL, why
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except ProcessLookupError:
-        return EX_FAIL, "not running"
-    return EX_OK, f"reload signal sent to pid {pid}"
 
 
 def status(pidfile: str, address: str | None, key: bytes | None) -> tuple[int, list[str]]:

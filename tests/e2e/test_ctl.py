@@ -350,4 +350,6 @@ def test_enable_now_when_the_socket_is_not_there(tmp_path):
         stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 1
-    assert out.stderr.startswith(f"evd: cannot reload through {tmp_path}/ctl.sock: ")
+    assert out.stderr.startswith(
+        f"evd: cannot reload: evd is not running (nothing listens at {tmp_path}/ctl.sock, "
+    )

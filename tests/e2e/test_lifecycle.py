@@ -34,7 +34,7 @@ from evd.loop.reactor import Reactor
 from evd.server import preflight
 from evd.server.daemon import SWEEP_SLOWEST, Daemon
 from evd.system.pidfile import Pidfile, probe, read_pid
-from evd.tools import lifecycle
+from evd.tools import lifecycle, reload_answer
 from evd.tools.client import Client
 
 WORKERS_CONFIG = BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 5.0\nworkers = 2")
@@ -485,7 +485,9 @@ def test_evd_start_locks_an_empty_pidfile_until_its_daemon_writes_its_pid(tmp_pa
         assert path.read_text() == ""
         state = probe(str(path))
         assert (state.locked, state.pid) == (True, None)
-        for outcome in (lifecycle.reload(str(path)), lifecycle.stop(str(path), 1.0)):
+        config = parse(f'[daemon]\npidfile = "{path}"\n')
+        reloaded = reload_answer.reload(config, 1.0)
+        for outcome in ((reloaded.status, reloaded.message), lifecycle.stop(str(path), 1.0)):
             assert outcome[0] == 1 and "starting?" in outcome[1], outcome
     finally:
         assert pidfile.release() is None

@@ -234,7 +234,10 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
         pytest.skip(f"systemd-analyze cannot run here: {probe.stderr.strip()}")
     for unit in ("evd.service", "evd.socket"):
         text = (ROOT / "systemd" / unit).read_text()
-        (tmp_path / unit).write_text(text.replace("/usr/bin/evd run", evd_executable()))
+        run = evd_executable()
+        text = text.replace("/usr/bin/evd run", run)
+        text = text.replace("/usr/bin/evd reload", run.removesuffix(" run") + " reload")
+        (tmp_path / unit).write_text(text)
     out = subprocess.run(
         [analyze, "verify", "--man=no", str(tmp_path / "evd.socket"), str(tmp_path / "evd.service")],
         capture_output=True,
@@ -247,7 +250,7 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
     service = (ROOT / "systemd" / "evd.service").read_text()
     for setting in (
         "Type=notify",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/usr/bin/evd reload",
         "DynamicUser=yes",
         "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
         "ProtectSystem=strict",
@@ -258,3 +261,17 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
         "Documentation=man:evd(8) man:evd.toml(5)",
     ):
         assert f"\n{setting}\n" in service, setting
+
+
+def test_the_units_configuration_puts_the_control_socket_in_its_runtime_directory():
+    """SPEC 12: the unit's configuration (systemd/evd.toml, installed as
+    /etc/evd/evd.toml) sets control.unix inside RuntimeDirectory=evd, so
+    that ExecReload's `evd reload` gets its answer there; the embedded
+    default keeps no control socket."""
+    from evd.config.loader import parse
+
+    config = parse((ROOT / "systemd" / "evd.toml").read_text())
+    assert config.control.unix == "/run/evd/control.sock"
+    assert config.daemon.pidfile.startswith("/run/evd/")
+    assert parse((ROOT / "etc" / "evd.toml").read_text()).control.unix == ""
+    assert "\nRuntimeDirectory=evd\n" in (ROOT / "systemd" / "evd.service").read_text()

@@ -32,7 +32,9 @@ the reactor (`attach`); while it fails, it tries again every RETRY seconds
 for the target, for at most DRAIN_TIMEOUT in all.
 
 Workers share the target: every write is whole lines, and at most PIPE_BUF
-bytes where the target is a pipe, so lines from two workers never mix.
+bytes where the target is a pipe, so lines from two workers never mix; a
+terminal, which may take part of a write, is written in turns (a lock, see
+log/targets.py): a target that says `Busy` is tried again after BUSY_RETRY.
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from evd.log.render import stamp
+from evd.log.targets import Busy
 
 # What a queued line costs beyond its bytes: the bytes object's header and
 # its slot in the deque.
 LINE_OVERHEAD = 48
 RETRY = 1.0  # seconds between tries of a failing target (full disk, no file)
+# Another worker finishing its line on a shared terminal: a line's time.
+BUSY_RETRY = 0.005
 DRAIN_TIMEOUT = 1.0  # SPEC: at exit, at most 1 s waiting for the log
 
 
@@ -179,6 +184,9 @@ class Sink:
                 written = target.write(self._out)
             except InterruptedError:
                 continue
+            except Busy:
+                self._wait_retry(BUSY_RETRY)
+                return
             except BlockingIOError:
                 self._wait_writable()
                 return
@@ -248,13 +256,14 @@ class Sink:
             self._watcher.remove_writer(self._writer_fd)
         self._writer_fd = None
 
-    def _wait_retry(self) -> None:
+    def _wait_retry(self, delay: float | None = None) -> None:
+        delay = RETRY if delay is None else delay  # RETRY read now: a test may change it
         self._stop_writer()
         if self._watcher is None:
-            self._retry_at = time.monotonic() + RETRY
+            self._retry_at = time.monotonic() + delay
             return
         self._paused = True
-        self._watcher.call_later(RETRY, self._retry)
+        self._watcher.call_later(delay, self._retry)
 
     def _retry(self) -> None:
         self._paused = False

@@ -4,11 +4,23 @@ Both are written without ever waiting (the reasons are in log/sink.py):
 stderr through a description of our own, a socket send that does not wait,
 or a poll before a write of at most PIPE_BUF bytes; a regular file by
 appends that a full disk takes whole or not at all.
+
+A terminal is not a pipe: a write of whole lines to a pipe is taken whole
+or not at all (up to PIPE_BUF), but a non-blocking write to a terminal on
+hold (Ctrl-S, a full pty) takes what fits, part of a line.  With workers,
+the rest would follow after another worker's line: torn lines.  So the
+processes writing to one terminal take turns: each write to it is made
+under an exclusive flock(2) on the terminal, and a process whose write was
+cut keeps the lock until the rest is out.  The others meanwhile get `Busy`
+and try again a moment later (the lines wait in their queues, in order).
+Each process locks through a description of its own (a flock belongs to
+the open file description, which a fork shares).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -20,6 +32,11 @@ from evd.log.journal import identity
 ATOMIC_WRITE = select.PIPE_BUF
 # A regular file keeps any append whole: fewer, larger writes.
 FILE_CHUNK = 1 << 16
+
+
+class Busy(BlockingIOError):
+    """Another process is part way through a line on the shared terminal:
+    try again soon (not on writability: the terminal may well be writable)."""
 
 
 def describe(exc: OSError) -> str:
@@ -42,6 +59,9 @@ class StderrTarget:
         self._private: int | None = None
         self._sock: socket.socket | None = None
         self._poll = False
+        self._tty = False
+        self._lock: int | None = None  # this process's own description of the terminal
+        self._holding = False  # a write cut short: the lock is kept until its rest is out
         self.chunk = ATOMIC_WRITE
         self._identity = identity(self.stderr)
         try:
@@ -57,6 +77,7 @@ class StderrTarget:
                 flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
                 self._private = os.open(f"/proc/self/fd/{self.stderr}", flags)
                 self._private_identity = identity(self._private)
+                self._tty = stat.S_ISCHR(mode)
             except OSError:
                 self._poll = True
         elif stat.S_ISREG(mode):
@@ -72,7 +93,7 @@ class StderrTarget:
 
     def write(self, data: bytes) -> int:
         if self._private is not None:
-            return os.write(self._private, data)
+            return self._turn(self._private, data) if self._tty else os.write(self._private, data)
         if self._sock is not None:
             return self._sock.send(data, socket.MSG_DONTWAIT)
         if self._poll:
@@ -83,6 +104,32 @@ class StderrTarget:
             return os.write(self.stderr, data[:ATOMIC_WRITE])
         return _append(self.stderr, data)
 
+    def _turn(self, fd: int, data: bytes) -> int:
+        """A write to a shared terminal, in this process's turn (see the top)."""
+        fresh = not self._holding
+        if fresh:
+            if self._lock is None:
+                self._lock = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Busy(errno.EAGAIN, "another process is writing a line to the terminal") from None
+            self._holding = True
+        try:
+            written = os.write(fd, data)
+        except OSError:
+            if fresh:  # nothing of these lines went out: nothing to finish
+                self._unlock()
+            raise
+        if written == len(data) or (fresh and not written):
+            self._unlock()
+        return written
+
+    def _unlock(self) -> None:
+        if self._holding and self._lock is not None:
+            self._holding = False
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+
     def reopen(self) -> str | None:
         return None  # stderr stays stderr
 
@@ -90,6 +137,9 @@ class StderrTarget:
         """Detaching (`evd start`) points fd 2 at /dev/null and closes our
         private descriptor, whose number may be reused by then: look again,
         and never close what may not be ours any more."""
+        if self._lock is not None:  # the parent's description: its lock is its own
+            os.close(self._lock)
+            self._lock, self._holding = None, False
         same = identity(self.stderr) == self._identity
         if self._private is not None:
             same = same and identity(self._private) == self._private_identity
@@ -105,6 +155,9 @@ class StderrTarget:
             return False
 
     def close(self) -> None:
+        if self._lock is not None:  # a turn not finished ends here
+            os.close(self._lock)
+            self._lock, self._holding = None, False
         if self._private is not None:
             os.close(self._private)
             self._private = None

@@ -81,7 +81,7 @@ LAYERS = {
     "system.certificates": 49,  # reads the TLS key as system.secrets reads keys
     # log/ -- what callers use, the queue in front of the target, how a line
     # looks, journald's protocol
-    "log.logger": 56, "log.sink": 57, "log.targets": 57, "log.render": 58, "log.journal": 59,
+    "log.logger": 56, "log.sink": 57, "log.targets": 58, "log.render": 58, "log.journal": 59,
     # config/ -- found, validated, written back; the addresses it names
     "config.loader": 61, "config.tomlout": 61,
     "config.dropins": 62, "config.validate": 62,

@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from evd.log.render import stamp
+from evd.log.render import hold_stamps, next_iteration, stamp
 from evd.log.targets import Busy
 
 # What a queued line costs beyond its bytes: the bytes object's header and
@@ -157,7 +157,9 @@ class Sink:
     # -- bytes out --------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write what the target takes now; never waits."""
+        """Write what the target takes now; never waits.  (The loop calls
+        it once per iteration: the next line takes a new timestamp.)"""
+        next_iteration()
         if self._paused or not (self._queue or self._out or self._dropped):
             return
         if self._retry_at:
@@ -302,6 +304,7 @@ class Sink:
         self._watcher = watcher
         self._paused = False
         self._drain_until = None
+        hold_stamps(True)
         if self._retry_at:  # failing since before the loop: the loop's timer retries now
             self._paused = True
             watcher.call_later(max(0.0, self._retry_at - time.monotonic()), self._retry)
@@ -314,6 +317,7 @@ class Sink:
         self._stop_writer()
         self._watcher = None
         self._paused = False
+        hold_stamps(False)
         self._drain_until = time.monotonic() + DRAIN_TIMEOUT
         self.drain(self._drain_until)
 
@@ -326,6 +330,7 @@ class Sink:
         self._watcher = None
         self._writer_fd = None
         self._paused = False
+        hold_stamps(False)
         self.batching = False  # until the worker's own loop runs
         # Checked before the next write, not now: detaching (`evd start`)
         # closes descriptors after its forks, and the number may be reused.

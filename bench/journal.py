@@ -4,18 +4,19 @@ the same journal file, side by side.
     .venv/bin/python bench/journal.py                      # 1,000,000 entries, 3 rounds
     .venv/bin/python bench/journal.py --entries 100000 --rounds 1   # a smoke run
 
-Makes a journal file of `--entries` entries as evd sends them (the events of
+Makes a journal of `--entries` entries as evd sends them (the events of
 bench/logs.py's generator, each encoded by evd/log/journal.py, plus the
 fields journald adds: time, pid, boot id, hostname, transport, ...) with
 systemd-journal-remote, which writes journal files from journald's export
-format without journald's rate limit, once per `--file` (kept).  Then, round
-after round, interleaved (the machine is shared, so each sees the same
-load):
+format without journald's rate limit (and rotates them at its size limit:
+a directory of files, as a machine's journal is), once per `--dir` (kept).
+Then, round after round, interleaved (the machine is shared, so each sees
+the same load):
 
-- `journalctl --file F -o json --all > /dev/null`: what reading the journal
+- `journalctl -D DIR -o json --all > /dev/null`: what reading the journal
   costs, the floor an operator's pipeline pays;
-- `evd logs summary --json --journal-file F`: its total CPU (evd and its
-  journalctl child) and wall time;
+- `evd logs summary --json -D DIR`: its total CPU (evd and its journalctl
+  child) and wall time;
 - evd's own CPU: `evd logs summary --json < OUT`, where OUT is what evd's
   journalctl child prints (`journalctl ... --output-fields=...`), kept once.
 
@@ -76,13 +77,14 @@ def export_entries(count: int):
         yield head + TRUSTED + journal.entry(event) + b"\n"
 
 
-def make(path: Path, count: int) -> None:
+def make(folder: Path, count: int) -> None:
     if not Path(REMOTE).exists():
-        sys.exit(f"{REMOTE} is needed to write the journal file (Debian: systemd-journal-remote)")
-    tmp = path.with_name(path.stem + ".part.journal")
-    tmp.unlink(missing_ok=True)
+        sys.exit(f"{REMOTE} is needed to write the journal (Debian: systemd-journal-remote)")
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     proc = subprocess.Popen(
-        [REMOTE, f"--output={tmp}", "-"], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL
+        [REMOTE, f"--output={tmp}/evd.journal", "-"], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     assert proc.stdin is not None
     batch: list[bytes] = []
@@ -95,7 +97,7 @@ def make(path: Path, count: int) -> None:
     proc.stdin.close()
     if proc.wait() != 0:
         sys.exit("systemd-journal-remote failed")
-    tmp.rename(path)
+    tmp.rename(folder)
 
 
 def timed(command: list[str], stdin: Path | None = None, stdout: Path | None = None) -> tuple[float, float]:
@@ -113,26 +115,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--file", type=Path, default=None)
+    parser.add_argument("--dir", type=Path, default=None, help="the journal's directory (made if missing)")
     args = parser.parse_args()
-    path = args.file or Path(f"/tmp/evd-journal-{args.entries}.journal")
+    path = args.dir or Path(f"/tmp/evd-journal-{args.entries}")
     if not path.exists():
         started = time.perf_counter()
         make(path, args.entries)
-        print(f"wrote {path} ({path.stat().st_size >> 20} MiB) in {time.perf_counter() - started:.1f} s")
+        size = sum(f.stat().st_size for f in path.iterdir()) >> 20
+        print(f"wrote {path} ({size} MiB) in {time.perf_counter() - started:.1f} s", flush=True)
     evd = [sys.executable, "-m", "evd"]
     reader = shutil.which("journalctl") or "journalctl"
-    child = journalctl.argv(journalctl.Journal(files=[str(path)]), fields=journalctl.SUMMARY_FIELDS)
+    child = journalctl.argv(journalctl.Journal(directory=str(path)), fields=journalctl.SUMMARY_FIELDS)
     child[0] = reader
-    out = path.with_suffix(".summary-fields.json")
+    out = path.with_name(path.name + ".summary-fields.json")
     timed(child, stdout=out)  # what evd's journalctl child prints, once
     runs: dict[str, list[tuple[float, float]]] = {
         k: [] for k in ("journalctl", "child", "evd_total", "evd_own")
     }
     for _ in range(args.rounds):
-        runs["journalctl"].append(timed([reader, "--file", str(path), "-o", "json", "--all"]))
+        runs["journalctl"].append(timed([reader, "-D", str(path), "-o", "json", "--all"]))
         runs["child"].append(timed(child))
-        runs["evd_total"].append(timed([*evd, "logs", "summary", "--json", "--journal-file", str(path)]))
+        runs["evd_total"].append(timed([*evd, "logs", "summary", "--json", "-D", str(path)]))
         runs["evd_own"].append(timed([*evd, "logs", "summary", "--json"], stdin=out))
     med = {
         k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()
@@ -141,7 +144,7 @@ def main() -> None:
     labels = {
         "journalctl": "journalctl -o json --all > /dev/null",
         "child": "journalctl as evd runs it (--output-fields) > /dev/null",
-        "evd_total": "evd logs summary --journal-file (evd + its journalctl)",
+        "evd_total": "evd logs summary -D (evd + its journalctl)",
         "evd_own": "evd logs summary < that journalctl output (evd alone)",
     }
     for key, label in labels.items():

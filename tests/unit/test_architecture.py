@@ -73,7 +73,7 @@ LAYERS = {
     "proto.session": 40,
     "proto.rules": 41,
     "proto.framing": 41, "proto.classic": 41, "proto.admission": 41, "proto.control": 41,
-    "proto.access": 42, "proto.allowlist": 42,
+    "proto.access": 42, "proto.allowlist": 42, "proto.proxy": 42,
     # system/ -- the operating system: systemd, privileges, the pidfile, key
     # files, a child's processes
     "system.systemd": 50, "system.privileges": 50, "system.pidfile": 50, "system.secrets": 50,

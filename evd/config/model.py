@@ -72,6 +72,10 @@ class ServiceConfig:
     tls_client_ca: str = ""
     only_from: tuple[Network, ...] = ()
     no_access: tuple[Network, ...] = ()
+    # The PROXY protocol (SPEC section 13): stream connections begin with a
+    # header naming the real client, and come only from `proxy_from`.
+    proxy_protocol: bool = False
+    proxy_from: tuple[Network, ...] = ()
     limits: Limits = Limits()  # [limits] overridden by keys set in this service's table
     dispatch: tuple[str, ...] = ()  # framed only
     key_file: str = ""  # framed only
@@ -94,6 +98,11 @@ class ServiceConfig:
         """A service with listeners of its own: a raw service, the framed
         port, or a program service."""
         return self.name in LISTENING or bool(self.exec)
+
+    @property
+    def streams(self) -> tuple[Address, ...]:
+        """The listeners that accept connections (all but UDP)."""
+        return self.tcp + self.unix + self.tls
 
 
 @dataclass(frozen=True, slots=True)

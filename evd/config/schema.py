@@ -194,6 +194,10 @@ LIMITS: Schema = {
     "auth_ban": ("float", _SECONDS),
 }
 _ACCESS: Schema = {"only_from": ("nets", None), "no_access": ("nets", None)}
+# SPEC section 13; stream services only.  That proxy_from is not empty when
+# proxy_protocol is on, and that the service has a stream listener, are
+# checks across keys (config/validate.py).
+_PROXY: Schema = {"proxy_protocol": ("bool", None), "proxy_from": ("nets", None)}
 _ENABLED: Schema = {"enabled": ("bool", None)}
 _TLS: Schema = {
     "tls": ("tls", None),
@@ -208,6 +212,7 @@ _RAW: Schema = {
     "unix": ("unix", None),
     **_TLS,
     **_ACCESS,
+    **_PROXY,
     **LIMITS,
 }
 # Per program or command: where and as whom it runs (SPEC section 14).
@@ -224,6 +229,7 @@ PROGRAM: Schema = {
     "unix": ("unix", None),
     **_TLS,
     **_ACCESS,
+    **_PROXY,
     "exec": ("strs", _program),
     **_RUN_AS,
     "timeout": ("float", _SECONDS),
@@ -237,6 +243,7 @@ SERVICE_KEYS: Mapping[str, Schema] = {name: _RAW for name in RAW_SERVICES} | {
         "unix": ("unix", None),
         **_TLS,
         **_ACCESS,
+        **_PROXY,
         "dispatch": ("strs", _service_list),
         "key_file": ("str", _abs_path_or_empty),
         "auth_required": ("strs", _service_list),

@@ -198,6 +198,21 @@ def _check_tls(svc: ServiceConfig, path: str, errors: list[str]) -> None:
             errors.append(f"{path}.{key}: required when tls is not empty")
 
 
+def _check_proxy(svc: ServiceConfig, path: str, errors: list[str]) -> None:
+    """The PROXY protocol needs someone to trust and a connection to read
+    the header from (a datagram has no stream to begin)."""
+    if not svc.proxy_protocol:
+        return
+    if not svc.proxy_from:
+        errors.append(
+            f"{path}.proxy_from: required when proxy_protocol is true (the CIDRs of the trusted proxies)"
+        )
+    if svc.udp and not svc.streams:
+        errors.append(
+            f"{path}.proxy_protocol: {svc.name} has only UDP listeners (PROXY is for tcp, unix, tls)"
+        )
+
+
 def _service(name: str, raw: object, limits: Limits, errors: list[str]) -> ServiceConfig:
     path = f"services.{name}"
     raw = table(raw, path, errors)
@@ -221,6 +236,7 @@ def _service(name: str, raw: object, limits: Limits, errors: list[str]) -> Servi
     enabled = values.pop("enabled", name not in OFF_BY_DEFAULT)
     svc = ServiceConfig(name=name, enabled=enabled, limits=effective, **(defaults | values))
     _check_tls(svc, path, errors)
+    _check_proxy(svc, path, errors)
     return svc
 
 

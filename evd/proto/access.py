@@ -96,6 +96,16 @@ class AccessList:
         return self.decide(host).allowed
 
 
+def first_match(host: str, nets: Iterable[Network]) -> Network | None:
+    """The first of `nets` (as configured) that `host` is in, IPv4-mapped
+    IPv6 folded on both sides; None if none is, or `host` is no IP address.
+    (`proxy_from`: is this peer a trusted proxy, and by which entry.)"""
+    ip = parse_ip(host)
+    if ip is None:
+        return None
+    return _first_match(ip, tuple((fold_mapped(n), n) for n in nets))
+
+
 def _first_match(ip: IP, nets: tuple[tuple[Network, Network], ...]) -> Network | None:
     for folded, configured in nets:
         if folded.version == ip.version and ip in folded:

@@ -9,7 +9,11 @@ daemon's admission uses (proto/access.py).
 
 The answer is a plain dict, the `--json` shape of SPEC section 11:
 {"service", "enabled", "listeners", "limits": {KEY: {"value", "from"}},
-"access": {"ip", "verdict", "rule"} or null}.
+"access": {"ip", "verdict", "rule"} or null}, and for the PROXY protocol
+(SPEC section 13) "proxy": {"protocol", "from"} and, in "access", "proxy":
+{"trusted", "rule"} -- whether the address is one of the service's trusted
+proxies (`proxy_from`), by which entry.  Behind a proxy the access verdict
+is the one for a client the proxy names; the proxy itself must be trusted.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 from evd.config.loader import Loaded
 from evd.config.model import ServiceConfig
 from evd.config.schema import LIMITS, SERVICE_KEYS
-from evd.proto.access import AccessList
+from evd.proto.access import AccessList, first_match
 
 DEFAULT = "default"  # "from" of a value no file set
 
@@ -42,15 +46,19 @@ THROUGH_FRAMED = ("command", "stats")
 def limit_keys(svc: ServiceConfig, proto: str | None) -> list[str]:
     """The limits that act on `svc`, in schema order: over `proto` if
     given, else over the protocols it has listeners for (all it can have
-    if none)."""
+    if none).  Behind the PROXY protocol every stream connection has a
+    client IP (the header's, UNIX ones too) and a header to wait for."""
     if svc.name == "command":
         return list(COMMAND_KEYS)
+    by_proto = dict(BY_PROTO)
+    if svc.proxy_protocol:
+        by_proto = {p: _STREAM + ("handshake_timeout",) if p != "udp" else k for p, k in by_proto.items()}
     possible = [p for p in BY_PROTO if p in SERVICE_KEYS[svc.name]]  # framed has no udp; stats none
     if proto is not None:
         protos = [proto] if proto in possible else []
     else:
         protos = [p for p in possible if getattr(svc, p)] or possible
-    wanted = {k for p in protos for k in BY_PROTO[p]}
+    wanted = {k for p in protos for k in by_proto[p]}
     if svc.name == "framed" and protos:
         wanted |= set(FRAMED_ONLY)
     return [k for k in LIMITS if k in wanted]
@@ -72,13 +80,23 @@ def explain(loaded: Loaded, service: str, ip: str | None = None, proto: str | No
     access = None
     if ip is not None:
         verdict = AccessList(gate.only_from, gate.no_access).decide(ip)
-        access = {"ip": ip, "verdict": verdict.word, "rule": verdict.rule}
+        trusted = first_match(ip, gate.proxy_from)
+        access = {
+            "ip": ip,
+            "verdict": verdict.word,
+            "rule": verdict.rule,
+            "proxy": {
+                "trusted": trusted is not None,
+                "rule": None if trusted is None else f"proxy_from {trusted}",
+            },
+        }
     return {
         "service": service,
         "enabled": svc.enabled,
         "listeners": _listeners(svc, proto),
         "limits": limits,
         "access": access,
+        "proxy": {"protocol": gate.proxy_protocol, "from": [str(n) for n in gate.proxy_from]},
     }
 
 
@@ -105,12 +123,32 @@ def render(answer: dict[str, Any], loaded: Loaded) -> str:
     for key in ("only_from", "no_access"):
         shown = ", ".join(str(n) for n in getattr(gate, key)) or "(empty)"
         lines.append(f"{key}: {shown}  (from {origins.of(f'services.{gate_name}.{key}') or DEFAULT})")
+    proxy = answer["proxy"]
+    where = origins.of(f"services.{gate_name}.proxy_protocol") or DEFAULT
+    if proxy["protocol"]:
+        lines.append(f"proxy_protocol: on, from {', '.join(proxy['from'])}  (from {where})")
     if answer["access"] is not None:
-        lines.append(_access_line(answer["access"]))
+        if proxy["protocol"]:
+            lines.append(_proxy_line(answer["access"], gate_name))
+        lines.append(_access_line(answer["access"], proxy["protocol"]))
     return "\n".join(lines) + "\n"
 
 
-def _access_line(access: dict[str, Any]) -> str:
+def _proxy_line(access: dict[str, Any], service: str) -> str:
+    """Behind the PROXY protocol: may this address connect at all."""
+    trusted = access["proxy"]
+    if trusted["trusted"]:
+        return (
+            f"{access['ip']} is a trusted proxy of {service} (by {trusted['rule']}): its connections "
+            "must begin with a PROXY header, and the client it names is checked as below"
+        )
+    return (
+        f"{access['ip']} is NOT a trusted proxy of {service}: its connections are refused "
+        '(conn.reject reason "proxy"); as a client named by a trusted proxy:'
+    )
+
+
+def _access_line(access: dict[str, Any], proxied: bool = False) -> str:
     rule = access["rule"]
     if rule is not None:
         why = f"by {rule}"
@@ -118,4 +156,5 @@ def _access_line(access: dict[str, Any]) -> str:
         why = "matches no only_from entry"
     else:
         why = "only_from is empty and no no_access entry matches"
-    return f"access from {access['ip']}: {access['verdict']} ({why})"
+    what = "access for client" if proxied else "access from"
+    return f"{what} {access['ip']}: {access['verdict']} ({why})"

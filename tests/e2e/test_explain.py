@@ -63,7 +63,9 @@ def test_verdicts(files, ip, verdict, rule):
     main, _ = files
     out = evd_explain("echo", "--from", ip, "--json", "-c", str(main))
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["access"] == {"ip": ip, "verdict": verdict, "rule": rule}
+    untrusted = {"trusted": False, "rule": None}
+    expected = {"ip": ip, "verdict": verdict, "rule": rule, "proxy": untrusted}
+    assert json.loads(out.stdout)["access"] == expected
 
 
 def test_json_shape_and_where_each_limit_came_from(files):
@@ -71,7 +73,8 @@ def test_json_shape_and_where_each_limit_came_from(files):
     out = evd_explain("echo", "--json", "-c", str(main))
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
-    assert list(answer) == ["service", "enabled", "listeners", "limits", "access"]
+    assert list(answer) == ["service", "enabled", "listeners", "limits", "access", "proxy"]
+    assert answer["proxy"] == {"protocol": False, "from": []}
     assert answer["service"] == "echo" and answer["enabled"] is True and answer["access"] is None
     assert answer["listeners"] == ["tcp 127.0.0.1:7007", "udp 127.0.0.1:7007", "unix /run/evd/echo.sock"]
     limits = answer["limits"]
@@ -120,7 +123,46 @@ def test_command_is_reached_through_framed(tmp_path):
     main.write_text('[services.framed]\nno_access = ["192.0.2.0/24"]\n')
     answer = json.loads(evd_explain("command", "--from", "192.0.2.7", "--json", "-c", str(main)).stdout)
     assert answer["listeners"] == [] and list(answer["limits"]) == ["timeout", "max_output", "max_concurrent"]
-    assert answer["access"] == {"ip": "192.0.2.7", "verdict": "deny", "rule": "no_access 192.0.2.0/24"}
+    assert answer["access"] == {
+        "ip": "192.0.2.7",
+        "verdict": "deny",
+        "rule": "no_access 192.0.2.0/24",
+        "proxy": {"trusted": False, "rule": None},
+    }
+
+
+@pytest.fixture
+def proxied(tmp_path: Path) -> Path:
+    """echo behind proxies of 10.9.0.0/16, for clients of 192.0.2.0/24 but not 192.0.2.66."""
+    main = tmp_path / "evd.toml"
+    main.write_text(
+        '[services.echo]\nproxy_protocol = true\nproxy_from = ["10.9.0.0/16", "::1"]\n'
+        'only_from = ["192.0.2.0/24"]\nno_access = ["192.0.2.66"]\nunix = ["/run/evd/echo.sock"]\n'
+    )
+    return main
+
+
+def test_from_says_whether_the_address_is_a_trusted_proxy(proxied):
+    trusted = json.loads(evd_explain("echo", "--from", "10.9.1.2", "--json", "-c", str(proxied)).stdout)
+    assert trusted["proxy"] == {"protocol": True, "from": ["10.9.0.0/16", "::1/128"]}
+    assert trusted["access"]["proxy"] == {"trusted": True, "rule": "proxy_from 10.9.0.0/16"}
+    mapped = json.loads(evd_explain("echo", "--from", "::ffff:10.9.1.2", "--json", "-c", str(proxied)).stdout)
+    assert mapped["access"]["proxy"]["trusted"] is True
+    client = json.loads(evd_explain("echo", "--from", "192.0.2.7", "--json", "-c", str(proxied)).stdout)
+    assert client["access"]["proxy"] == {"trusted": False, "rule": None}
+    assert client["access"]["verdict"] == "allow"
+    # Behind a proxy, UNIX connections have a client IP too, and a header to wait for.
+    unix = json.loads(evd_explain("echo", "--proto", "unix", "--json", "-c", str(proxied)).stdout)
+    assert {"per_source", "rate", "handshake_timeout"} <= set(unix["limits"])
+
+
+def test_from_in_words_behind_a_proxy(proxied):
+    text = evd_explain("echo", "--from", "10.9.1.2", "-c", str(proxied)).stdout.splitlines()
+    assert f"proxy_protocol: on, from 10.9.0.0/16, ::1/128  (from {proxied})" in text
+    assert text[-2].startswith("10.9.1.2 is a trusted proxy of echo (by proxy_from 10.9.0.0/16)")
+    text = evd_explain("echo", "--from", "192.0.2.66", "-c", str(proxied)).stdout.splitlines()
+    assert text[-2].startswith("192.0.2.66 is NOT a trusted proxy of echo: its connections are refused")
+    assert text[-1] == "access for client 192.0.2.66: deny (by no_access 192.0.2.66/32)"
 
 
 def test_exit_statuses(files, tmp_path):

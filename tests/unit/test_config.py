@@ -707,3 +707,45 @@ def test_command_setting_mistakes():
     assert one_error(base + "max_concurrent = 0\n") == "commands.job.max_concurrent: must be at least 1"
     assert one_error(base + 'cwd = "srv"\n') == "commands.job.cwd: must be an absolute path"
     assert one_error(base + 'env = { EVD_CONN = "1" }\n').startswith("commands.job.env: EVD_CONN")
+
+
+# -- the PROXY protocol (SPEC section 13) -----------------------------------------
+
+
+def test_proxy_protocol_keys():
+    c = parse(
+        '[services.echo]\nproxy_protocol = true\nproxy_from = ["10.0.0.0/8", "::1"]\n'
+        '[services.framed]\nproxy_protocol = true\nproxy_from = ["127.0.0.1"]\n'
+    )
+    echo = c.services["echo"]
+    assert echo.proxy_protocol is True
+    assert echo.proxy_from == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    assert c.services["framed"].proxy_from == (ipaddress.ip_network("127.0.0.1/32"),)
+    assert parse("").services["echo"].proxy_protocol is False
+    assert round_trip(c) == c
+
+
+def test_proxy_protocol_needs_trusted_proxies():
+    assert one_error("[services.echo]\nproxy_protocol = true\n").startswith(
+        "services.echo.proxy_from: required when proxy_protocol is true"
+    )
+    assert one_error("[services.echo]\nproxy_protocol = true\nproxy_from = []\n").startswith(
+        "services.echo.proxy_from: required"
+    )
+    # proxy_from alone is harmless (switching the protocol off keeps the list).
+    assert parse('[services.echo]\nproxy_from = ["10.0.0.0/8"]\n').services["echo"].proxy_from
+
+
+def test_proxy_protocol_is_for_streams():
+    error = one_error('[services.timefmt]\nproxy_protocol = true\nproxy_from = ["10.0.0.0/8"]\n')
+    assert error.startswith("services.timefmt.proxy_protocol: timefmt has only UDP listeners")
+    # A service with UDP and TCP: the header is read on its stream listeners.
+    assert parse('[services.echo]\nproxy_protocol = true\nproxy_from = ["10.0.0.0/8"]\n')
+    unknown = one_error("[services.command]\nproxy_protocol = true\n")
+    assert unknown == "services.command.proxy_protocol: unknown key"
+    assert one_error('[services.echo]\nproxy_from = ["10.0.0.1/8"]\n').startswith(
+        'services.echo.proxy_from[0]: bad CIDR "10.0.0.1/8"'
+    )
+    assert one_error('[services.echo]\nproxy_protocol = "yes"\n') == (
+        "services.echo.proxy_protocol: expected a boolean, got string"
+    )

@@ -19,6 +19,12 @@ as the listener and the transport report it:
 and a datagram's: `admission.datagram(...)`, then `dropped(...)` when it
 goes unanswered.
 
+Behind the PROXY protocol (SPEC section 13) a connection has a life before
+that: from a trusted proxy (`admission.from_proxy`, else `refused_proxy`),
+it waits in `awaiting` for its header -- not admitted, not counted, not
+logged -- then `admit`s the client the header names (or is `refused_proxy`
+for a bad or late header: `sweep` ends those older than handshake_timeout).
+
 Counters are cheap on the hot path: a connection keeps its own byte counts
 and adds them to the service's totals once, when it closes; `snapshot` adds
 the open connections' running counts.  The views at the end (connections,
@@ -32,13 +38,13 @@ import itertools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from evd.config.addresses import SockAddr, fold_mapped, peer_text, sockaddr_text
 from evd.config.model import ServiceConfig
 from evd.log.logger import log
 from evd.loop.seams import Connection, Reason
-from evd.proto.admission import ACCESS, RATE, Admission
+from evd.proto.admission import ACCESS, PROXY, RATE, Admission
 
 if TYPE_CHECKING:
     from evd.loop.reactor import Reactor, Timer
@@ -75,6 +81,14 @@ SEND_FAILURES = ("send_buffer_full", "send_errno_")
 REFUSALS = frozenset({ACCESS, RATE})
 
 P = TypeVar("P")
+
+
+class Awaiting(Protocol):
+    """A connection whose PROXY header has not all arrived (net/proxied.py)."""
+
+    opened: float  # reactor time of the accept
+
+    def expire(self) -> None: ...  # refuse it: its header is late
 
 
 class ThrottledLog(Generic[P]):
@@ -148,6 +162,7 @@ class Service:
             "conn.reject", config.name, reactor, _render_peer
         )
         self.connections: set[Connection] = set()
+        self.awaiting: set[Awaiting] = set()  # PROXY headers not complete yet
         # Totals of closed connections (TCP/UNIX) plus all datagrams (UDP).
         self.connections_total = 0
         self.rejected: Counter[str] = Counter()  # connections refused, by reason
@@ -179,6 +194,15 @@ class Service:
             self.rejects.note(reason, (host, port))
         return reason
 
+    def refused_proxy(self, host: str | None, port: int) -> None:
+        """A connection turned away before admission: not from a trusted
+        proxy, or without a valid PROXY header in time (counted and logged
+        `conn.reject` `reason = "proxy"`, the proxy as the peer)."""
+        self.rejected[PROXY] += 1
+        if host is not None:
+            self.admission.refused(host)
+        self.rejects.note(PROXY, (host, port))
+
     def release(self, host: str | None) -> None:
         """Give back the slot `admit` took for a connection that never got
         a transport."""
@@ -197,8 +221,11 @@ class Service:
         return conn_id
 
     def announce(self, conn: Connection, conn_id: int, **extra: object) -> None:
-        """Log `conn.open` (`extra`: TLS adds `client_cn`)."""
+        """Log `conn.open` (`extra`: TLS adds `client_cn`; behind the PROXY
+        protocol, `proxy` is the proxy's own IP:PORT)."""
         if log.info_on:
+            if conn.proxy is not None:
+                extra["proxy"] = conn.proxy
             log.info("conn.open", service=self.name, peer=conn.peer, conn=conn_id, proto=conn.proto, **extra)
 
     def closed(self, conn: Connection) -> None:
@@ -262,7 +289,12 @@ class Service:
     def sweep(self, now: float) -> None:
         """Close connections silent for idle_timeout, and those that have
         kept a request half-sent that long (a slowloris); the daemon's one
-        periodic timer calls this, so reads and writes pay nothing for it."""
+        periodic timer calls this, so reads and writes pay nothing for it.
+        PROXY headers not complete within handshake_timeout are refused."""
+        if self.awaiting:
+            late = now - self.config.limits.handshake_timeout
+            for waiting in [w for w in self.awaiting if w.opened < late]:
+                waiting.expire()
         limit = self.config.limits.idle_timeout
         if limit <= 0:
             return

@@ -16,7 +16,9 @@ event and never answer a datagram that could be the echo of another small
 service (the loop and reflection guard of SPEC section 4).
 
 Admission is the service's (`Service.admit`, `release`, `opened`); a
-listener only asks and reports.  A UNIX socket's path is removed at close
+listener only asks and reports.  On a service behind the PROXY protocol a
+connection from a trusted proxy first reads its header (net/proxied.py),
+then comes back to `serve` as the client the header names.  A UNIX socket's path is removed at close
 only if it is still the file this process bound (`unlink_if_ours`): the path
 may have been taken over by another daemon or a file since.
 """
@@ -34,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 from evd.config.addresses import Address, fold_mapped, sockaddr_text
 from evd.handlers.service import Service
 from evd.log.logger import log
-from evd.loop.seams import Handler, HandlerFactory
+from evd.loop.seams import Buffer, Handler, HandlerFactory
+from evd.net.proxied import AwaitingHeader
 from evd.net.transport import RECV_BUFFER, RECV_VIEW, StreamSocket, StreamTransport
 
 if TYPE_CHECKING:
@@ -292,33 +295,81 @@ class StreamListener(Listener):
         self.reactor.add_reader(self.sock.fileno(), self._on_read)
 
     def _admit(self, conn: CSocket, sockaddr: Any) -> None:
-        service = self.service
         if self._family == AF_UNIX:
             host, port = None, 0
         else:
             host, port = sockaddr[0], sockaddr[1]
             if self._family == AF_INET6:
                 host = fold_mapped(host)  # an IPv4 client of a dual-stack socket
-        if service.admit(host, port, self.reactor.now) is not None:
+        admission = self.service.admission
+        if admission.proxied:
+            self._await_header(conn, host, port)
+        else:
+            self.serve(conn, host, port)
+
+    def _await_header(self, conn: CSocket, host: str | None, port: int) -> None:
+        """PROXY protocol: from a trusted proxy, wait for the header, not
+        admitted meanwhile -- but no more of them at once than the service
+        takes connections."""
+        service = self.service
+        if (
+            not service.admission.from_proxy(host)
+            or len(service.awaiting) >= service.config.limits.max_connections
+        ):
+            conn.close()
+            service.refused_proxy(host, port)
+            return
+        try:
+            conn.setblocking(False)
+            if self._nodelay_each:
+                conn.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+        except OSError:
+            conn.close()
+            return
+        AwaitingHeader(self, conn, host, port).start()
+
+    def serve(
+        self,
+        conn: CSocket,
+        host: str | None,
+        port: int,
+        proxy: str | None = None,
+        first: Buffer = b"",
+    ) -> None:
+        """Admit a connection from `host` and hand it to its transport.
+        Behind the PROXY protocol (net/proxied.py) `host` is the client the
+        header named, `proxy` the proxy's IP:PORT, and `first` what came
+        after the header in the same read: the socket is non-blocking and
+        watched already."""
+        service = self.service
+        reactor = self.reactor
+        if service.admit(host, port, reactor.now) is not None:
+            if proxy is not None:
+                reactor.forget(conn.fileno())
             conn.close()
             return
         # From here the service holds a slot for this connection: whatever
         # fails before the transport exists gives it back (asyncio's
         # _accept_connection2), and the listener goes on accepting.
         try:
-            conn.setblocking(False)
-            if self._nodelay_each:
-                conn.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-            transport = self.transport_factory(
-                self.reactor, conn, self.handler_factory(), service, host, port
-            )
+            if proxy is None:
+                conn.setblocking(False)
+                if self._nodelay_each:
+                    conn.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+            transport = self.transport_factory(reactor, conn, self.handler_factory(), service, host, port)
         except Exception as exc:
+            if proxy is not None:
+                reactor.forget(conn.fileno())
             conn.close()
             service.release(host)
             service.errors += 1
             log.error("error", where=f"{service.name}.accept", exc_info=exc)
             return
+        if proxy is not None:
+            transport.proxy = proxy
         transport.start(service.opened(transport))
+        if first:
+            transport.received(first)
 
 
 # payload -> reply, or None: no reply (proto/classic.py)

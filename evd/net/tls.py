@@ -138,6 +138,17 @@ class TLSTransport(StreamTransport):
         if not n:
             self._on_eof()  # the placeholder's answer: close, `tls.fail` "eof"
             return
+        self._handshake()
+
+    def received(self, data: Buffer) -> None:
+        """The start of the ClientHello, read with a PROXY header before
+        this transport existed (net/proxied.py)."""
+        if data and not self._closing:
+            self.records.incoming.write(data)
+            self._handshake()
+
+    def _handshake(self) -> None:
+        """One step of the handshake with what the incoming BIO holds."""
         try:
             self.records.obj.do_handshake()
         except ssl.SSLWantReadError:

@@ -106,6 +106,7 @@ class StreamTransport:
         "conn_id",
         "host",
         "port",
+        "proxy",
         "bytes_in",
         "bytes_out",
         "requests",
@@ -143,6 +144,7 @@ class StreamTransport:
         self.conn_id = 0
         self.host = host  # the peer's IP (IPv4-mapped folded), None for UNIX
         self.port = port
+        self.proxy: str | None = None  # the proxy's IP:PORT when a PROXY header named host (net/proxied.py)
         self.bytes_in = 0
         self.bytes_out = 0
         self.requests = 0
@@ -171,7 +173,11 @@ class StreamTransport:
 
     @property
     def proto(self) -> str:
-        """ "tcp" or "unix", as listeners name them (TLS says "tls")."""
+        """ "tcp" or "unix", as listeners name them (TLS says "tls").
+        Behind the PROXY protocol the client has an IP whatever the
+        listener; the proxy's side says which it was."""
+        if self.proxy is not None:
+            return "unix" if self.proxy == "unix" else "tcp"
         return "unix" if self.host is None else "tcp"
 
     @property
@@ -199,6 +205,22 @@ class StreamTransport:
                 self.reactor.add_reader(self.fd, self._reader)
             except OSError as exc:  # ENOSPC: epoll's max_user_watches reached
                 self._os_error("epoll_ctl", exc)
+
+    def received(self, data: Buffer) -> None:
+        """Bytes read before this transport existed -- they came in one
+        read with a PROXY header (net/proxied.py) -- handled as if this
+        transport had just read them.  `data` may be a view of the shared
+        receive buffer: it is copied before anything else reads."""
+        if self._closing or not data:
+            return
+        self.bytes_in += len(data)
+        if self.protocol.echoes:
+            self.write(bytes(data))
+            return
+        try:
+            self.protocol.data_received(bytes(data))
+        except Exception as exc:
+            self._bug("data_received", exc)
 
     # -- reading ------------------------------------------------------------
 

@@ -10,6 +10,11 @@ drops buckets that have refilled completely (an idle client), and if the table
 still reaches MAX_BUCKETS the oldest half goes -- an attacker cycling through
 source addresses costs at most MAX_BUCKETS small entries.
 
+Behind the PROXY protocol (SPEC section 13) a connection is first asked
+`from_proxy(host)` -- is the peer one of `proxy_from` -- and, once its
+header has named the client, `connect(client)`: every rule below then
+speaks of the client, never of the proxy.
+
 Bans (`auth_ban`, SPEC section 10) are a table of client IP -> end of ban,
 bounded the same way: the sweep drops bans that have run out, and a full
 table gives up its oldest ban for a new one.
@@ -20,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evd.config.model import Limits, ServiceConfig
-from evd.proto.access import AccessList
+from evd.proto.access import AccessList, first_match
 
 # About 100 bytes each: 64k buckets is a few MiB at worst, and far more
 # distinct clients per `burst / rate` seconds than a small daemon serves.
@@ -44,6 +49,7 @@ MAX_CONNECTIONS = "max_connections"
 PER_SOURCE = "per_source"
 RATE = "rate"
 BANNED = "banned"
+PROXY = "proxy"  # not from a trusted proxy, or no valid PROXY header in time
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +70,17 @@ class Admission:
         self._bans: dict[str, float] = {}  # ip -> when its ban ends
         self._verdicts: dict[str, bool] = {}  # ip -> may it talk to us (the access lists)
         self._refused: dict[str, int] = {}  # ip -> refusals (bounded: MAX_REFUSED)
+        self._trusted: dict[str, bool] = {}  # ip -> is it one of proxy_from (bounded: MAX_VERDICTS)
         self.apply(service)
 
     def apply(self, service: ServiceConfig) -> None:
         """Take new rules (a reload); counts of open connections carry over."""
         self._access = AccessList(service.only_from, service.no_access)
         self._verdicts.clear()
+        # Connections on stream listeners begin with a PROXY header (SPEC 13).
+        self.proxied = service.proxy_protocol
+        self._proxy_from = service.proxy_from
+        self._trusted.clear()
         limits: Limits = service.limits
         self._max = limits.max_connections
         self._per_source_max = limits.per_source
@@ -93,6 +104,19 @@ class Admission:
                 self._verdicts.clear()
             allowed = self._verdicts[host] = self._access.allowed(host)
         return allowed
+
+    def from_proxy(self, host: str | None) -> bool:
+        """May `host` send us a PROXY header (is it in `proxy_from`)?  A
+        UNIX peer has no address: whoever may open the socket file is
+        trusted, as for the access lists."""
+        if host is None:
+            return True
+        trusted = self._trusted.get(host)
+        if trusted is None:
+            if len(self._trusted) >= MAX_VERDICTS:
+                self._trusted.clear()
+            trusted = self._trusted[host] = first_match(host, self._proxy_from) is not None
+        return trusted
 
     def _take_token(self, key: str, now: float) -> bool:
         bucket = self._buckets.get(key)

@@ -54,8 +54,8 @@ from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
 
 # The sweep (idle connections, stalled frames, rate buckets, TLS handshakes)
-# runs at a quarter of the shortest positive idle_timeout (or, with TLS,
-# handshake_timeout), so a connection is closed within a quarter of its
+# runs at a quarter of the shortest positive idle_timeout (or, with TLS or
+# the PROXY protocol, handshake_timeout), so a connection is closed within a quarter of its
 # limit late, but never more often than FASTEST -- a sweep walks every
 # connection -- nor less often than SLOWEST, so rate buckets expire even
 # when no service has an idle limit (0 = never).
@@ -286,6 +286,7 @@ class Daemon:
         period = self.sweep_every = sweep_period(
             [s.config.limits.idle_timeout for s in services.values()]
             + [services[name].config.limits.handshake_timeout for name in self.tls]
+            + [s.config.limits.handshake_timeout for s in services.values() if s.config.proxy_protocol]
         )
         self.reactor.cancel(self._sweep_timer)
         self._sweep_timer = self.reactor.call_later(period, lambda: self._sweep(period))

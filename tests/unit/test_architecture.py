@@ -59,7 +59,7 @@ LAYERS = {
     "server.reload_plan": 19, "server.preflight": 19,
     # net/ -- sockets: listening and connected
     "net.listeners": 20, "net.tls_service": 20,
-    "net.tls": 21,
+    "net.tls": 21, "net.proxied": 21,
     "net.transport": 22, "net.tls_records": 22,
     # handlers/ -- what a connection means, and a service's running state
     "handlers.framed": 30,

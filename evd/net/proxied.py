@@ -1,0 +1,115 @@
+"""A connection's life before its PROXY header is complete (SPEC section 13).
+
+On a service with `proxy_protocol = true` every stream connection comes
+from a proxy and begins with a header naming the real client
+(proto/proxy.py reads it).  Until that header is whole the connection is
+nobody's: not admitted, not counted against any limit, not logged, not
+handed to a handler or to TLS.  It waits here, in `Service.awaiting`:
+
+- accepted from an address outside `proxy_from`: refused at once;
+- each readable event is one `recv_into` the process's receive buffer,
+  appended to what came before (at most proto/proxy.py's MAX_HEADER bytes:
+  the parser refuses past that) and parsed again;
+- a complete header: the client it names (the proxy itself for a v2 LOCAL
+  or v1 UNKNOWN health check) is admitted as any direct client would be,
+  the transport is made for that client, and the bytes that came in the
+  same read after the header -- the client's first request, or the start
+  of a TLS ClientHello -- are handed to it (`received`), so that a header
+  costs one parse and no extra system call;
+- a refusal, the peer's EOF or error before the header, or no complete
+  header within `handshake_timeout` (the daemon's sweep, `Service.sweep`):
+  `conn.reject` `reason = "proxy"`, the connection closed, nothing else
+  affected.
+
+The refusals name the proxy (it is the only peer known); everything after
+the header names the client, and `conn.open` adds `proxy`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from evd.config.addresses import peer_text
+from evd.net.transport import RECV_BUFFER, RECV_VIEW
+from evd.proto.proxy import Header, NeedMore, parse
+
+if TYPE_CHECKING:
+    from _socket import socket as CSocket
+
+    from evd.handlers.service import Service
+    from evd.loop.reactor import Reactor
+    from evd.loop.seams import Buffer
+
+
+class Listening(Protocol):
+    """The listener that accepted the connection (net/listeners.py): where
+    a connection goes once its header has named the client."""
+
+    reactor: Reactor
+    service: Service
+
+    def serve(self, conn: CSocket, host: str | None, port: int, proxy: str | None, first: Buffer) -> None: ...
+
+
+class AwaitingHeader:
+    """One accepted connection reading its PROXY header."""
+
+    __slots__ = ("listener", "reactor", "service", "sock", "fd", "host", "port", "opened", "_got")
+
+    def __init__(self, listener: Listening, sock: CSocket, host: str | None, port: int):
+        self.listener = listener
+        self.reactor: Reactor = listener.reactor
+        self.service: Service = listener.service
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.host = host  # the proxy
+        self.port = port
+        self.opened = self.reactor.now
+        self._got = b""  # the start of a header split over several reads
+
+    def start(self) -> None:
+        self.service.awaiting.add(self)
+        try:
+            self.reactor.add_reader(self.fd, self._on_read)
+        except OSError:  # ENOSPC: epoll's max_user_watches reached
+            self._refuse()
+
+    def _on_read(self) -> None:
+        try:
+            n = self.sock.recv_into(RECV_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # reset by the proxy before the header
+            self._refuse()
+            return
+        if not n:  # EOF: no header will come
+            self._refuse()
+            return
+        data = RECV_VIEW[:n] if not self._got else self._got + RECV_VIEW[:n]
+        result = parse(data)
+        if isinstance(result, Header):
+            self._complete(result, data[result.length :])
+        elif isinstance(result, NeedMore):
+            self._got = bytes(data)  # bounded: the parser refuses past MAX_HEADER
+        else:
+            self._refuse()
+
+    def _complete(self, header: Header, rest: bytes | memoryview) -> None:
+        """The header is whole: from here on the connection is the client's."""
+        self.service.awaiting.discard(self)
+        proxy = peer_text(self.host, self.port)
+        if header.source is None:  # LOCAL / UNKNOWN: the proxy's own connection
+            host, port = self.host, self.port
+        else:
+            host, port = header.source
+        self.listener.serve(self.sock, host, port, proxy, rest)
+
+    def _refuse(self) -> None:
+        self.service.awaiting.discard(self)
+        self.reactor.forget(self.fd)
+        self.sock.close()
+        self.service.refused_proxy(self.host, self.port)
+
+    def expire(self) -> None:
+        """No complete header within handshake_timeout."""
+        self._refuse()

@@ -2,8 +2,8 @@
 buckets.  Pure bookkeeping, so every test drives it with an explicit `now`.
 
 The service configuration is a small stand-in (SimpleNamespace) with the
-attributes Admission reads: only_from, no_access (ipaddress networks, as the
-config parser produces) and limits.{max_connections, per_source, rate, burst}.
+attributes Admission reads: only_from, no_access, proxy_from (ipaddress
+networks, as the config parser produces), proxy_protocol and limits.{max_connections, per_source, rate, burst}.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ def nets(*cidrs):
     return tuple(ipaddress.ip_network(c) for c in cidrs)
 
 
-def config(only_from=(), no_access=(), max_connections=1000, per_source=1000, rate=0.0, burst=10):
+def config(
+    only_from=(), no_access=(), max_connections=1000, per_source=1000, rate=0.0, burst=10, proxy_from=()
+):
     return SimpleNamespace(
         only_from=nets(*only_from),
         no_access=nets(*no_access),
+        proxy_protocol=bool(proxy_from),
+        proxy_from=nets(*proxy_from),
         limits=SimpleNamespace(
             max_connections=max_connections, per_source=per_source, rate=rate, burst=burst, auth_ban=0.0
         ),
@@ -303,7 +307,13 @@ def test_ipv4_mapped_networks_in_the_rules_match_ipv4_peers():
     from evd.proto.admission import Admission as _Adm
 
     limits = _NS(max_connections=10, per_source=10, rate=0.0, burst=1, auth_ban=0.0)
-    rule = _NS(only_from=(_ip.ip_network("::ffff:10.0.0.0/104"),), no_access=(), limits=limits)
+    rule = _NS(
+        only_from=(_ip.ip_network("::ffff:10.0.0.0/104"),),
+        no_access=(),
+        proxy_protocol=False,
+        proxy_from=(),
+        limits=limits,
+    )
     adm = _Adm(rule)
     assert adm.connect("10.1.2.3", 0.0) is None
     assert adm.connect("::ffff:10.1.2.3", 0.0) is None
@@ -376,3 +386,14 @@ def test_access_verdicts_are_remembered_bounded_and_forgotten_on_reload(monkeypa
     adm.apply(config(only_from=["192.0.2.0/24"]))
     assert adm.datagram("192.0.2.1", 0.0) is None
     assert adm.datagram("10.1.2.3", 0.0) == admission_mod.ACCESS
+
+
+def test_trusted_proxies():
+    adm = Admission(config(proxy_from=("10.0.0.0/8", "::1")))
+    assert adm.proxied
+    assert adm.from_proxy("10.1.2.3") and adm.from_proxy("::ffff:10.1.2.3") and adm.from_proxy("::1")
+    assert not adm.from_proxy("11.0.0.1") and not adm.from_proxy("127.0.0.1")
+    assert adm.from_proxy(None)  # a UNIX peer: the socket file's mode decides
+    adm.apply(config(proxy_from=("11.0.0.0/8",)))  # a reload forgets the old verdicts
+    assert adm.from_proxy("11.0.0.1") and not adm.from_proxy("10.1.2.3")
+    assert not Admission(config()).proxied

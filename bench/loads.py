@@ -28,6 +28,9 @@ from servers import EvdSetup, Running
 CONNECT_SOURCES = 1024
 UDP_SOURCES = 4096
 DEFAULT_LIMITS = EvdSetup(limits="default")
+# connect_proxy: echo behind the PROXY protocol, the generator as the proxy
+# (`evd bench --proxy-v2`: a v2 header before each request, in the same send).
+PROXIED = EvdSetup(service='proxy_protocol = true\nproxy_from = ["127.0.0.0/8"]')
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,17 @@ LOADS = [
         reference=("connect", "evd"),
         evd=DEFAULT_LIMITS,
         sources=CONNECT_SOURCES,
+    ),
+    Load(
+        "connect_proxy",
+        "connect/echo/close, 20 in flight, a PROXY v2 header first (log warning)",
+        "connect",
+        20,
+        servers=EVD,
+        reference=("connect", "evd"),
+        evd=PROXIED,
+        sources=CONNECT_SOURCES,
+        bench_args=("--proxy-v2",),
     ),
     Load("udp64", "UDP ping-pong 20 × 64 B", "udp", 20, sources=UDP_SOURCES),
     Load(

@@ -151,6 +151,12 @@ def targets(idx: Index, rows: list[dict], startup_ms) -> list[dict]:
         cpu("udp64_default", "evd", "udp64", "evd"),
         1.05,
     )
+    add(
+        20,
+        "connect: CPU/conn through the PROXY protocol ≤ 1.05× without",
+        cpu("connect_proxy", "evd", "connect", "evd"),
+        1.05,
+    )
     add(13, "tls64: CPU/req ≤ 1.0× uvloop", cpu("tls64", "evd", "tls64", "uvloop"), 1.0)
     add(13, "tls64: CPU/req ≤ 0.8× asyncio", cpu("tls64", "evd", "tls64", "asyncio"), 0.8)
     for load in ("tcp64", "framed1", "framed16"):  # against evd before this round (--baseline)

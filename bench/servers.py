@@ -26,6 +26,7 @@ from pathlib import Path
 
 import certs
 
+from evd.proto.proxy import v2_header
 from evd.tools.bench.probes import process_tree
 
 HERE = Path(__file__).resolve().parent
@@ -236,7 +237,7 @@ def _wait_evd(srv: Running, echo: bool, workers: int, stderr_path: Path) -> None
     srv.listeners = frozenset(listeners)
 
 
-def prime(tcp_port: int, udp_port: int, echo: bool, cafile: Path | None = None) -> None:
+def prime(tcp_port: int, udp_port: int, echo: bool, cafile: Path | None = None, header: bytes = b"") -> None:
     """Warm a fresh server the same way for everyone: a few connections that
     echo and close (or take the framed hello and close), and a datagram.
 
@@ -246,11 +247,14 @@ def prime(tcp_port: int, udp_port: int, echo: bool, cafile: Path | None = None) 
     unshrunk, which raises glibc's dynamic threshold -- every recv costs an
     mmap, mremap and munmap (a fresh asyncio UDP echo runs at a quarter of its
     speed).  A long-running server has seen many closes; so has a primed one.
+    Behind the PROXY protocol each connection sends `header` first.
     """
     tls = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     for _ in range(PRIME_CONNECTIONS):
         sock = socket.create_connection(("127.0.0.1", tcp_port), timeout=START_TIMEOUT)
         try:
+            if header:
+                sock.sendall(header)
             if tls:
                 sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
             if echo:
@@ -329,7 +333,8 @@ def start_server(name: str, load, tmp: Path, prefix: list[str]):
         srv = Running(name, proc, cafile=cafile)
         try:
             _wait_evd(srv, echo, workers, stderr_path)
-            prime(srv.tcp_port, srv.udp_port, echo, cafile)
+            header = v2_header(("127.0.0.1", 1)) if "--proxy-v2" in load.bench_args else b""
+            prime(srv.tcp_port, srv.udp_port, echo, cafile, header)
             yield srv
         finally:
             _stop(proc)

@@ -43,6 +43,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sources=args.sources,
         tls=args.tls,
         cafile=args.cafile or "",
+        proxy_v2=args.proxy_v2,
     )
     try:
         result = runner.run(opts)
@@ -133,6 +134,12 @@ def register(
     )
     bench.add_argument(
         "--cafile", metavar="PATH", help="--tls: CA bundle to verify the server (default: the system's)"
+    )
+    bench.add_argument(
+        "--proxy-v2",
+        action="store_true",
+        help="tcp, connect: begin each connection with a PROXY protocol v2 header naming its own "
+        "source, as HAProxy's send-proxy-v2 does (for a service with proxy_protocol = true)",
     )
     bench.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
     bench.add_argument("--json", action="store_true", help="print one JSON line")

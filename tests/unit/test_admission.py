@@ -3,7 +3,8 @@ buckets.  Pure bookkeeping, so every test drives it with an explicit `now`.
 
 The service configuration is a small stand-in (SimpleNamespace) with the
 attributes Admission reads: only_from, no_access, proxy_from (ipaddress
-networks, as the config parser produces), proxy_protocol and limits.{max_connections, per_source, rate, burst}.
+networks, as the config parser produces), proxy_protocol and
+limits.{max_connections, per_source, rate, burst}.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 
 from evd.tools.bench.measure import Stats, Window, payloads
 from evd.tools.bench.options import Options
-from evd.tools.bench.target import Target, dial
+from evd.tools.bench.target import ProxyV2, Target, dial
 
 TICK = 0.05  # loop wake-up when nothing happens (s)
 TICK_NS = int(TICK * 1e9)
@@ -49,6 +49,7 @@ class Mode(Generic[T]):
         self.sel = selectors.DefaultSelector()
         self.stats = Stats()
         self.tls = target.tls()  # None: plain TCP
+        self.proxy = ProxyV2(target) if opts.proxy_v2 else None  # --proxy-v2: a header first
 
     def setup(self) -> None:
         """Before the shared start: open what the mode holds."""
@@ -131,6 +132,8 @@ class StreamMode(Mode[Stream]):
         for i in range(self.n):
             sock = dial(self.target, self.target.source(self.first + i), tls=self.tls)
             self.streams.append(Stream(sock))  # closed by close() from here on
+            if self.proxy is not None:
+                sock.sendall(self.proxy(None, sock))
             self.greet(sock)
             sock.setblocking(False)
 

@@ -139,11 +139,12 @@ class UdpMode(Mode[tuple[socket.socket, Slot]]):
 class Session:
     """connect mode: one connection, one request."""
 
-    __slots__ = ("sock", "idx", "started", "got", "secure")
+    __slots__ = ("sock", "idx", "started", "got", "secure", "first")
 
-    def __init__(self, sock: socket.socket, idx: int, started: int):
+    def __init__(self, sock: socket.socket, idx: int, started: int, first: bytes):
         self.sock, self.idx, self.started, self.got = sock, idx, started, b""
         self.secure = False  # TLS: the handshake is done
+        self.first = first  # what is sent: the request (after a PROXY header with --proxy-v2)
 
 
 class ConnectMode(Mode[Session]):
@@ -175,7 +176,7 @@ class ConnectMode(Mode[Session]):
         for _ in range(PORT_TRIES):
             sock = socket.socket(self.target.family, socket.SOCK_STREAM)
             sock.setblocking(False)
-            self.ports.bind(sock)
+            source = self.ports.bind(sock)
             err = sock.connect_ex(self.target.sockaddr)
             if err in (0, errno.EINPROGRESS):
                 break
@@ -187,7 +188,11 @@ class ConnectMode(Mode[Session]):
         if err not in (0, errno.EINPROGRESS):
             self.stats.error(f"connect: {os.strerror(err)}")
             return
-        session = Session(sock, self.seq, now)
+        payload = self.payloads[self.seq]
+        # --proxy-v2: the header and the request leave in one send, as a
+        # proxy that has both at hand writes them.
+        first = payload if self.proxy is None else self.proxy(source, sock) + payload
+        session = Session(sock, self.seq, now, first)
         self.live.add(session)
         self.seq = (self.seq + 1) % VARIANTS
         if self.tls is not None:
@@ -196,7 +201,7 @@ class ConnectMode(Mode[Session]):
         # On loopback the handshake has usually finished inside connect():
         # send at once, and wait for writability only if it had not.
         try:
-            sock.send(self.payloads[session.idx])
+            sock.send(first)
             self.sel.register(sock, READ, session)
         except OSError:  # EAGAIN/ENOTCONN: still connecting
             self.sel.register(sock, WRITE, session)
@@ -233,7 +238,7 @@ class ConnectMode(Mode[Session]):
                 self._end(session, f"connect: {os.strerror(err)}")
                 return
             try:
-                sock.send(self.payloads[session.idx])
+                sock.send(session.first)
             except OSError:
                 self._end(session, "send")
                 return

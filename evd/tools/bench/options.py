@@ -39,6 +39,7 @@ class Options:
     sources: int = 0  # 0: 127.0.0.2-5 for streams, the kernel's choice for UDP
     tls: bool = False  # TLS over every stream connection (a `tls` listener)
     cafile: str = ""  # --tls: the CA to verify the server with ("": the system's)
+    proxy_v2: bool = False  # each connection begins with a PROXY v2 header, as HAProxy's send-proxy-v2
 
     def check(self) -> None:
         """Fill in the mode's defaults; BenchError naming every bad value."""
@@ -63,6 +64,8 @@ class Options:
         ]
         if self.tls and self.mode == "udp":
             problems.append("tls: udp has no TLS (tcp, connect, framed or idle)")
+        if self.proxy_v2 and (self.mode not in ("tcp", "connect") or self.tls):
+            problems.append("proxy-v2: for tcp and connect, without --tls")
         if problems:
             raise BenchError("; ".join(problems))
         self.processes = min(self.processes, self.connections)

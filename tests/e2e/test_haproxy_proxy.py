@@ -6,13 +6,14 @@ served.  (How HAProxy is run in tests: test_haproxy.py.)"""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
 
 import pytest
 from support.ctl import ask
-from support.daemon import WAIT, need, recv_all, recv_exactly
+from support.daemon import ROOT, WAIT, need, recv_all, recv_exactly
 from support.pki import write_private
 
 from evd.proto.framing import Decoder, encode
@@ -193,3 +194,16 @@ def test_a_ban_of_one_client_leaves_the_other_served(behind_haproxy, send):
     banned = {r["ip"]: r["banned_for_s"] for r in ask(evd, "sources", "framed").body["sources"]}
     assert banned[A] > 0 and banned.get(B, 0.0) == 0.0
     assert evd.stop() == 0
+    # fail2ban's filter finds the client in those lines, never the proxy.
+    fail2ban_regex = need("fail2ban-regex")
+    log = evd.tmp / "evd.log"
+    log.write_text("\n".join(line for line in evd.raw if line.startswith("{")) + "\n")
+    out = subprocess.run(
+        [fail2ban_regex, "--verbose", str(log), str(ROOT / "etc/fail2ban/filter.d/evd.conf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+    found = set(re.findall(r"^\|\s+(\S+)\s+\w{3} \w{3} \d\d \d\d:\d\d:\d\d \d{4}$", out.stdout, re.M))
+    assert found == {A}, out.stdout

@@ -21,17 +21,23 @@ handed to a handler or to TLS.  It waits here, in `Service.awaiting`:
   `conn.reject` `reason = "proxy"`, the connection closed, nothing else
   affected.
 
+A program service (SPEC section 14) hands the socket itself to its child,
+so nothing after the header may be read by evd: there the bytes are peeked
+(MSG_PEEK) and only the header's are taken off the socket -- a system call
+more per connection, next to a fork.
+
 The refusals name the proxy (it is the only peer known); everything after
 the header names the client, and `conn.open` adds `proxy`.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Protocol
 
 from evd.config.addresses import peer_text
 from evd.net.transport import RECV_BUFFER, RECV_VIEW
-from evd.proto.proxy import Header, NeedMore, parse
+from evd.proto.proxy import MAX_HEADER, Header, NeedMore, parse
 
 if TYPE_CHECKING:
     from _socket import socket as CSocket
@@ -54,7 +60,7 @@ class Listening(Protocol):
 class AwaitingHeader:
     """One accepted connection reading its PROXY header."""
 
-    __slots__ = ("listener", "reactor", "service", "sock", "fd", "host", "port", "opened", "_got")
+    __slots__ = ("listener", "reactor", "service", "sock", "fd", "host", "port", "opened", "_got", "_exact")
 
     def __init__(self, listener: Listening, sock: CSocket, host: str | None, port: int):
         self.listener = listener
@@ -66,6 +72,8 @@ class AwaitingHeader:
         self.port = port
         self.opened = self.reactor.now
         self._got = b""  # the start of a header split over several reads
+        # Read no byte past the header: the socket goes to a program as it is.
+        self._exact = bool(self.service.config.exec)
 
     def start(self) -> None:
         self.service.awaiting.add(self)
@@ -75,6 +83,9 @@ class AwaitingHeader:
             self._refuse()
 
     def _on_read(self) -> None:
+        if self._exact:
+            self._on_read_exact()
+            return
         try:
             n = self.sock.recv_into(RECV_BUFFER)
         except (BlockingIOError, InterruptedError):
@@ -93,6 +104,30 @@ class AwaitingHeader:
             self._got = bytes(data)  # bounded: the parser refuses past MAX_HEADER
         else:
             self._refuse()
+
+    def _on_read_exact(self) -> None:
+        """`_on_read` taking only the header's bytes off the socket: peek,
+        parse, then take what was header (all of it while the header is not
+        complete: none of it can be the client's yet)."""
+        sock = self.sock
+        try:
+            n = sock.recv_into(RECV_BUFFER, MAX_HEADER - len(self._got), socket.MSG_PEEK)
+            if n:
+                data = self._got + RECV_VIEW[:n]
+                result = parse(data)
+                if isinstance(result, Header):
+                    sock.recv_into(RECV_BUFFER, result.length - len(self._got))
+                    self._complete(result, b"")
+                    return
+                if isinstance(result, NeedMore):
+                    sock.recv_into(RECV_BUFFER, n)
+                    self._got = bytes(data)
+                    return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._refuse()  # EOF, an error, or not a header
 
     def _complete(self, header: Header, rest: bytes | memoryview) -> None:
         """The header is whole: from here on the connection is the client's."""

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from evd.handlers.base import Handler as Ignoring
 from evd.handlers.service import Service
-from evd.loop.seams import Handler, Reason
+from evd.loop.seams import Buffer, Handler, Reason
 from evd.net.tls_records import TLSRecords, failure_reason
 from evd.net.transport import StreamSocket, StreamTransport
 

@@ -290,3 +290,41 @@ def test_proxy_protocol_on_udp_only_is_exit_78(tmp_path):
         cwd=ROOT,
     )
     assert out.returncode == 78 and "services.echo.proxy_from: required" in out.stderr
+
+
+PROGRAM = """\
+[daemon]
+pidfile = "{tmp}/evd.pid"
+shutdown_timeout = 2.0
+[log]
+level = "info"
+[limits]
+rate = 0.0
+[services.echo]
+enabled = false
+[services.daytime]
+enabled = false
+[services.time]
+enabled = false
+[services.timefmt]
+enabled = false
+[services.framed]
+enabled = false
+[services.who]
+exec = ["/bin/sh", "-c", "echo $REMOTE_ADDR $REMOTE_PORT; exec cat"]
+tcp = ["127.0.0.1:0"]
+proxy_protocol = true
+proxy_from = ["127.0.0.1/32"]
+"""
+
+
+def test_a_program_gets_the_client_and_every_byte_after_the_header(start_evd):
+    """The socket goes to the child as it is: evd must have read the header
+    and not one byte more, even when they came in one packet."""
+    evd = start_evd(PROGRAM)
+    with socket.create_connection(evd.addr("who"), timeout=WAIT) as sock:
+        sock.sendall(v2_header(("192.0.2.20", 4020)) + b"first bytes\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b"192.0.2.20 4020\nfirst bytes\n"
+    assert evd.wait_for("exec.start", service="who")["peer"] == "192.0.2.20:4020"
+    assert evd.wait_for("conn.open", service="who")["proxy"].startswith("127.0.0.1:")

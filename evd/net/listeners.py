@@ -37,7 +37,7 @@ from evd.config.addresses import Address, fold_mapped, sockaddr_text
 from evd.handlers.service import Service
 from evd.log.logger import log
 from evd.loop.seams import Buffer, Handler, HandlerFactory
-from evd.net.proxied import AwaitingHeader
+from evd.net import proxied
 from evd.net.transport import RECV_BUFFER, RECV_VIEW, StreamSocket, StreamTransport
 
 if TYPE_CHECKING:
@@ -326,7 +326,7 @@ class StreamListener(Listener):
         except OSError:
             conn.close()
             return
-        AwaitingHeader(self, conn, host, port).start()
+        proxied.accepted(self, conn, host, port)
 
     def serve(
         self,

@@ -7,7 +7,8 @@ nobody's: not admitted, not counted against any limit, not logged, not
 handed to a handler or to TLS.  It waits here, in `Service.awaiting`:
 
 - accepted from an address outside `proxy_from`: refused at once;
-- each readable event is one `recv_into` the process's receive buffer,
+- one `recv_into` at once (`accepted`: the header is usually there
+  already), then one per readable event, each the process's receive buffer,
   appended to what came before (at most proto/proxy.py's MAX_HEADER bytes:
   the parser refuses past that) and parsed again;
 - a complete header: the client it names (the proxy itself for a v2 LOCAL
@@ -55,6 +56,52 @@ class Listening(Protocol):
     service: Service
 
     def serve(self, conn: CSocket, host: str | None, port: int, proxy: str | None, first: Buffer) -> None: ...
+
+
+def accepted(listener: Listening, sock: CSocket, host: str | None, port: int) -> None:
+    """A connection from a trusted proxy, just accepted (non-blocking).  A
+    proxy sends its header as soon as it has connected, so by the time the
+    connection is accepted the header -- often with the client's first
+    request -- is usually there: one recv now, and a complete header goes
+    straight to `serve`, with no waiting object, no second registration and
+    no wait for a readable event.  Anything else waits in an AwaitingHeader."""
+    if not listener.service.config.exec:
+        try:
+            n = sock.recv_into(RECV_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            n = -1
+        except OSError:
+            n = 0
+        if n > 0:
+            data = RECV_VIEW[:n]
+            result = parse(data)
+            if isinstance(result, Header):
+                complete(listener, sock, host, port, result, data[result.length :])
+                return
+            if not isinstance(result, NeedMore):
+                sock.close()
+                listener.service.refused_proxy(host, port)
+                return
+            waiting = AwaitingHeader(listener, sock, host, port)
+            waiting._got = bytes(data)
+            waiting.start()
+            return
+        if n == 0:  # EOF or an error before any header
+            sock.close()
+            listener.service.refused_proxy(host, port)
+            return
+    AwaitingHeader(listener, sock, host, port).start()
+
+
+def complete(
+    listener: Listening, sock: CSocket, host: str | None, port: int, header: Header, rest: Buffer
+) -> None:
+    """The header from the proxy at (host, port) is whole: from here on the
+    connection is the client's (the proxy's own for LOCAL / UNKNOWN)."""
+    proxy = peer_text(host, port)
+    if header.source is not None:
+        host, port = header.source
+    listener.serve(sock, host, port, proxy, rest)
 
 
 class AwaitingHeader:
@@ -129,15 +176,9 @@ class AwaitingHeader:
             pass
         self._refuse()  # EOF, an error, or not a header
 
-    def _complete(self, header: Header, rest: bytes | memoryview) -> None:
-        """The header is whole: from here on the connection is the client's."""
+    def _complete(self, header: Header, rest: Buffer) -> None:
         self.service.awaiting.discard(self)
-        proxy = peer_text(self.host, self.port)
-        if header.source is None:  # LOCAL / UNKNOWN: the proxy's own connection
-            host, port = self.host, self.port
-        else:
-            host, port = header.source
-        self.listener.serve(self.sock, host, port, proxy, rest)
+        complete(self.listener, self.sock, self.host, self.port, header, rest)
 
     def _refuse(self) -> None:
         self.service.awaiting.discard(self)

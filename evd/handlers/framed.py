@@ -34,15 +34,19 @@ from evd.proto.framing import Decoder, FrameError, Header, encode_parts, ok_head
 from evd.proto.rules import Rules
 from evd.proto.session import (
     ECHO,
+    ECHOED,
     NONCE_BYTES,
     Action,
     AuthFail,
     AuthOk,
+    Close,
     Failure,
+    Hello,
     Reply,
     Session,
     Start,
     Stats,
+    Steps,
     loggable,
 )
 
@@ -54,6 +58,8 @@ BATCH_MAX = 65536
 # KiB costs less than sendmsg's per-buffer work on small responses.
 JOIN_MAX = 4096
 _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
+# The steps of a request whose serving raised (a bug): nothing more to do.
+_NOTHING: tuple[()] = ()
 
 
 class Context:
@@ -123,9 +129,7 @@ class Framed:
         # CN authenticates the session from the hello on.
         cn = transport.client_cn
         self.session = Session(rules, nonce, rules.key_for_cn(cn) if cn else None)
-        transport.writelines(encode_parts(self.session.hello()))
-        if self.session.events:
-            self._events()
+        self._follow(self.session.opened())
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
@@ -180,6 +184,7 @@ class Framed:
             session.update(rules)
         next_request = self.decoder.next_request
         receive = session.receive
+        echoed = ECHOED  # the usual steps, compared by identity
         now = time.time()  # the wall clock of this batch, for `time`
         batch: list[Buffer] = []
         self._batch = batch
@@ -188,19 +193,19 @@ class Framed:
                 try:
                     request = next_request()
                 except FrameError as exc:
-                    self._act(session.frame_error(exc))
-                    self._events()
+                    self._follow(session.frame_error(exc))
                     return
                 if request is None:
                     return
                 transport.requests += 1
                 header, body = request
                 if self.debug:
-                    self._logged(header, body, now)
+                    steps = self._logged(header, body, now)
                 else:
+                    steps = _NOTHING
                     try:
-                        action = receive(header, body, now)
-                        if action is ECHO:
+                        steps = receive(header, body, now)
+                        if steps is echoed:
                             # The usual answer: `_act` and `_send`, inlined.
                             head = ok_header(header.get("id"), len(body))
                             self.last_out = size = len(head) + len(body)
@@ -209,10 +214,10 @@ class Framed:
                                 batch.append(body)
                             self._batch_size += size
                         else:
-                            self._act(action, header, body)
+                            self._act(steps[0], header, body)
                     except Exception as exc:  # a bug: this request fails, the rest go on
                         self._internal(header, exc)
-                if session.events and self._events():
+                if steps is not echoed and len(steps) > 1 and self._events(steps):
                     return  # closing: what follows is not answered
                 if self._batch_size >= BATCH_MAX:
                     self._flush()  # lets write_paused see the queue
@@ -220,12 +225,15 @@ class Framed:
             self._flush()
             self._batch = None
 
-    def _logged(self, header: Header, body: bytes | bytearray, now: float) -> None:
-        """A request at level debug: served, then logged with its timing.
-        Only scalars of the client's reach the log, cut short."""
+    def _logged(self, header: Header, body: bytes | bytearray, now: float) -> Steps | tuple[()]:
+        """A request at level debug: served, then logged with its timing;
+        its steps, for their events.  Only scalars of the client's reach the
+        log, cut short."""
         started = time.monotonic()
+        steps: Steps | tuple[()] = _NOTHING
         try:
-            ok = self._act(self.session.receive(header, body, now), header, body)
+            steps = self.session.receive(header, body, now)
+            ok = self._act(steps[0], header, body)
         except Exception as exc:
             ok = self._internal(header, exc)
         log.debug(
@@ -238,6 +246,7 @@ class Framed:
             bytes_in=len(body),
             bytes_out=self.last_out,
         )
+        return steps
 
     def _act(self, action: Action, header: Header | None = None, body: Buffer = b"") -> bool:
         """Carry out what the session answered a request (`header`, `body`)
@@ -258,6 +267,9 @@ class Framed:
             return True
         if type(action) is Start:
             return self._start(action)
+        if type(action) is Hello:
+            self._send(*encode_parts(action.header))
+            return True
         assert type(action) is Failure
         self._fail(action)
         return False
@@ -275,12 +287,18 @@ class Framed:
         self._fail(Failure(rid if type(rid) in _SCALAR_TYPES else None, "internal", "internal error"))
         return False
 
-    def _events(self) -> bool:
-        """Log, ban and close as the session said; True once closing."""
-        session = self.session
+    def _follow(self, steps: Steps) -> None:
+        """Do all the session said: the action, then its events."""
+        self._act(steps[0])
+        if len(steps) > 1:
+            self._events(steps)
+
+    def _events(self, steps: Steps) -> bool:
+        """Log, ban and close as the steps after the first say; True once
+        closing."""
         transport = self.transport
         closing = False
-        for event in session.events:
+        for event in steps[1:]:
             if isinstance(event, AuthOk):
                 log.info("auth.ok", conn=transport.conn_id, peer=transport.peer, key=event.key, via=event.via)
             elif isinstance(event, AuthFail):
@@ -290,12 +308,12 @@ class Framed:
                 )
                 self.service.auth_failures += 1  # evd_auth_failures_total
             else:  # Close: after everything answered so far, batched or queued
+                assert type(event) is Close
                 if event.ban:
                     self.service.admission.ban(transport.host, transport.reactor.now)
                 self._flush()
                 transport.close_when_flushed(event.reason)
                 closing = True
-        session.events.clear()
         return closing
 
     # -- output ---------------------------------------------------------------

@@ -11,17 +11,20 @@ plain unit test -- the way h11's `Connection` is -- and the handler
 (handlers/framed.py) is left with what only it can do: batching, flow
 control, timing, logging, the transport and the command runner.
 
-`receive(header, body, now)` takes one decoded frame and returns exactly one
-action that answers it: a `Reply`, `ECHO` (reply with the request's own id
-and body: the echo service, the hot path, answered by one shared object), a
-`Failure` (an error reply), `Start` (run a command; its reply comes from
-`finished` or `start_failed`) or `Stats` (the handler has the daemon's
-figures).  What else must happen is queued on
-`events`: `AuthOk`/`AuthFail` to log, and `Close`, which always comes after
-the reply it follows.  Every check of a request lives here, and every
-message a client can read is written here, in the protocol's words (JSON,
-never Python reprs); so any exception `receive` raises is a bug by
-construction.
+There is one way out, h11's: every call returns all the caller must do.
+`receive(header, body, now)` takes one decoded frame and returns `Steps`, a
+tuple whose first item is the one action that answers it -- a `Reply`,
+`ECHO` (reply with the request's own id and body: the echo service, the hot
+path, answered by one shared tuple, `ECHOED`), a `Failure` (an error
+reply), `Start` (run a command; its reply comes from `finished` or
+`start_failed`) or `Stats` (the handler has the daemon's figures) -- and
+whose other items are the events that follow from it, in order:
+`AuthOk`/`AuthFail` to log, and `Close`, which always comes last.
+`opened()` is the connection's first steps (the `Hello`, and the `AuthOk`
+of a verified client certificate), `frame_error` a lost frame sync's.
+Every check of a request lives here, and every message a client can read is
+written here, in the protocol's words (JSON, never Python reprs); so any
+exception `receive` raises is a bug by construction.
 
 Authentication (SPEC sections 5 and 10): a key (proto/rules.py) is proven
 by `auth`, an HMAC-SHA256 of this connection's nonce, or -- a connection over
@@ -110,7 +113,15 @@ class Echo:
 
 ECHO = Echo()
 
-Action = Reply | Echo | Failure | Start | Stats
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Send the connection's first frame, `header` (SPEC section 5)."""
+
+    header: Header
+
+
+Action = Reply | Echo | Failure | Start | Stats | Hello
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +152,11 @@ class Close:
 
 Event = AuthOk | AuthFail | Close
 
+# Everything the caller must do, in order: the action first, then its events.
+Steps = tuple[Action, *tuple[Event, ...]]
+# The echo request's steps: one shared tuple, nothing built per request.
+ECHOED: Steps = (ECHO,)
+
 
 class Outcome(Protocol):
     """What a finished command reports (commands/runner.py's Result)."""
@@ -170,7 +186,6 @@ class Session:
     __slots__ = (
         "rules",
         "nonce",
-        "events",
         "key",
         "failures",
         "pending",
@@ -181,7 +196,6 @@ class Session:
     )
 
     def __init__(self, rules: Rules, nonce: bytes = b"", tls_key: str | None = None):
-        self.events: list[Event] = []
         self.key: KeySpec | None = None  # authenticated as; None: not (yet)
         self.failures = 0  # failed `auth` on this connection
         self.pending = 0  # commands started and not yet answered
@@ -193,8 +207,7 @@ class Session:
         self.nonce = nonce if self._hmac else b""
         self._use(rules)
         if tls_key is not None and tls_key in rules.keys:
-            self.key = rules.keys[tls_key]
-            self.events.append(AuthOk(tls_key, "tls"))
+            self.key = rules.keys[tls_key]  # `opened` says auth.ok
 
     def _use(self, rules: Rules) -> None:
         self.rules = rules
@@ -209,6 +222,15 @@ class Session:
         self._use(rules)
         if self.key is not None:
             self.key = rules.keys.get(self.key.name)
+
+    def opened(self) -> Steps:
+        """The connection's first steps: the hello, then -- a verified
+        client certificate that names a key -- that key's `auth.ok`.  Called
+        once, before any request."""
+        hello = Hello(self.hello())
+        if self.key is not None:
+            return (hello, AuthOk(self.key.name, "tls"))
+        return (hello,)
 
     def hello(self) -> Header:
         """The first frame of the connection (SPEC section 5)."""
@@ -226,8 +248,9 @@ class Session:
 
     # -- requests ---------------------------------------------------------------
 
-    def receive(self, header: Header, body: Body, now: float) -> Action:
-        """The action answering one request; `now` is the wall clock (`time`)."""
+    def receive(self, header: Header, body: Body, now: float) -> Steps:
+        """What to do for one request: its answer, then the events that
+        follow (module docstring); `now` is the wall clock (`time`)."""
         rid = header.get("id")
         svc = header.get("svc")
         if (
@@ -237,27 +260,26 @@ class Session:
             and (self.key is not None or svc not in self._auth_required)
         ):
             if svc == "echo":  # the hot path: nothing to check, nothing made
-                return ECHO
-            return _SERVICES[svc](self, rid, header, body, now)
+                return ECHOED
+            return (_SERVICES[svc](self, rid, header, body, now),)
         return self._refuse(rid, svc, header)
 
-    def frame_error(self, exc: FrameError) -> Failure:
+    def frame_error(self, exc: FrameError) -> Steps:
         """The decoder lost frame sync: one error frame, then close."""
-        self.events.append(Close(Reason.BAD_FRAME))
-        return Failure(None, "bad_frame", str(exc))
+        return (Failure(None, "bad_frame", str(exc)), Close(Reason.BAD_FRAME))
 
-    def _refuse(self, rid: Any, svc: Any, header: Header) -> Action:
+    def _refuse(self, rid: Any, svc: Any, header: Header) -> Steps:
         """Every request that is not simply served: the error it gets, or
         the `auth` exchange (not a service of the dispatch list)."""
         if type(rid) not in _SCALAR_TYPES:
-            return Failure(None, "bad_request", "id must be a string, a number, a boolean or null")
+            return (Failure(None, "bad_request", "id must be a string, a number, a boolean or null"),)
         if type(svc) is not str:
-            return Failure(rid, "bad_request", "svc (a string) is required")
+            return (Failure(rid, "bad_request", "svc (a string) is required"),)
         if svc == "auth":
             return self._auth(rid, header)
         if svc not in self._offered:
-            return Failure(rid, "unknown_service", f"no service {quote(svc)} here")
-        return Failure(rid, "unauthorized", f"{svc} needs an authenticated connection")
+            return (Failure(rid, "unknown_service", f"no service {quote(svc)} here"),)
+        return (Failure(rid, "unauthorized", f"{svc} needs an authenticated connection"),)
 
     def _time(self, rid: Scalar, header: Header, body: Body, now: float) -> Action:
         fmt = header.get("fmt", TIME_FORMAT)
@@ -313,24 +335,24 @@ class Session:
 
     # -- authentication ---------------------------------------------------------
 
-    def _auth(self, rid: Scalar, header: Header) -> Action:
+    def _auth(self, rid: Scalar, header: Header) -> Steps:
         if not self._hmac or not self.rules.secrets:
-            return Failure(rid, "bad_request", "authentication is not configured")
+            return (Failure(rid, "bad_request", "authentication is not configured"),)
         named = header.get("key")
         if named is not None and type(named) is not str:
-            return Failure(rid, "bad_request", "key must be the name of a key (a string)")
+            return (Failure(rid, "bad_request", "key must be the name of a key (a string)"),)
         matched = self.rules.match(self.nonce, header.get("mac"), named)
         if matched is not None:
             self.key = self.rules.keys[matched]
-            self.events.append(AuthOk(matched, "hmac"))
-            return Reply(rid, b"", {"key": matched})
+            return (Reply(rid, b"", {"key": matched}), AuthOk(matched, "hmac"))
         self.failures += 1
-        self.events.append(AuthFail(self.failures, None if named is None else loggable_text(named)))
-        if self.failures >= AUTH_ATTEMPTS:
-            self.events.append(Close(Reason.AUTH, ban=True))
         # The same words whatever was wrong: a key name that does not exist
         # is not told apart from a wrong MAC.
-        return Failure(rid, "unauthorized", "wrong mac")
+        wrong = Failure(rid, "unauthorized", "wrong mac")
+        logged = AuthFail(self.failures, None if named is None else loggable_text(named))
+        if self.failures >= AUTH_ATTEMPTS:
+            return (wrong, logged, Close(Reason.AUTH, ban=True))
+        return (wrong, logged)
 
     # -- the connection's end ---------------------------------------------------
 

@@ -32,11 +32,13 @@ from evd.proto.framing import Decoder, FrameError, encode
 from evd.proto.rules import Rules, rules_for
 from evd.proto.session import (
     ECHO,
+    ECHOED,
     AuthFail,
     AuthOk,
     Close,
     Echo,
     Failure,
+    Hello,
     Reply,
     Session,
     Start,
@@ -88,11 +90,14 @@ def mac(secret: bytes, nonce: bytes = NONCE) -> str:
     return hmac.new(secret, nonce, "sha256").hexdigest()
 
 
-def answer(session: Session, header: dict, body, now: float = NOW):
-    """The action for one request, ECHO resolved as the handler sends it:
-    a reply with the request's own id and body."""
-    action = session.receive(header, body, now)
-    return Reply(header.get("id"), body) if action is ECHO else action
+def steps(session: Session, header: dict, body=b"", now: float = NOW) -> list:
+    """Everything the session says to do for one request, ECHO resolved as
+    the handler sends it (a reply with the request's own id and body), and
+    checked to be what `receive` promises: one action, then events only."""
+    action, *events = session.receive(header, body, now)
+    assert type(action) in (Reply, Echo, Failure, Start, Stats)
+    assert all(type(e) in (AuthOk, AuthFail, Close) for e in events)
+    return [Reply(header.get("id"), body) if action is ECHO else action, *events]
 
 
 def run(session: Session, chunks, now: float = NOW) -> list:
@@ -102,15 +107,13 @@ def run(session: Session, chunks, now: float = NOW) -> list:
     for chunk in chunks:
         decoder.feed(chunk)
         while (request := decoder.next_request()) is not None:
-            out.append(answer(session, *request, now))
-            out.extend(session.events)
-            session.events.clear()
+            out.extend(steps(session, *request, now))
     return out
 
 
 def ask(session: Session, header: dict, body: bytes = b""):
-    """One request: its action (events stay on the session)."""
-    return answer(session, dict(header), body)
+    """One request: its action (the events after it are `steps`'s)."""
+    return steps(session, dict(header), body)[0]
 
 
 def summary(items: list) -> list:
@@ -156,9 +159,22 @@ EXPECTED = [
 
 def test_echo_is_answered_by_the_one_shared_action():
     session = Session(open_rules())
-    assert session.receive({"svc": "echo", "id": 1}, b"x", NOW) is ECHO
-    assert session.receive({"svc": "echo"}, b"", NOW) is ECHO
-    assert session.receive({"svc": "echo", "id": [1]}, b"x", NOW) is not ECHO  # not a scalar id
+    assert session.receive({"svc": "echo", "id": 1}, b"x", NOW) is ECHOED
+    assert session.receive({"svc": "echo"}, b"", NOW) is ECHOED
+    assert ECHOED == (ECHO,)
+    assert session.receive({"svc": "echo", "id": [1]}, b"x", NOW)[0] is not ECHO  # not a scalar id
+
+
+def test_one_way_out_everything_to_do_is_returned():
+    """h11's shape: what the caller must do comes back from the call, the
+    events after the action they follow; nothing is left on the session."""
+    session = Session(keyed_rules(), NONCE)
+    assert not hasattr(session, "events")
+    ok = session.receive({"svc": "auth", "id": 1, "mac": mac(b"ops secret")}, b"", NOW)
+    assert summary(list(ok)) == [("reply", 1, b"", {"key": "ops"}), AuthOk("ops", "hmac")]
+    assert summary(list(session.receive({"svc": "time", "id": 2, "tz": "mars"}, b"", NOW))) == [
+        ("failure", 2, "bad_request")
+    ]
 
 
 def test_all_at_once():
@@ -178,12 +194,10 @@ def test_trailing_data_waits_for_the_rest(cut):
     decoder.feed(STREAM + tail[:cut])
     out = []
     while (request := decoder.next_request()) is not None:
-        out.append(answer(session, *request))
-        out.extend(session.events)
-        session.events.clear()
+        out.extend(steps(session, *request))
     assert summary(out) == EXPECTED and decoder.buffered == cut
     decoder.feed(tail[cut:])
-    assert summary([answer(session, *decoder.next_request())]) == [("reply", "tail", b"later", None)]
+    assert summary(steps(session, *decoder.next_request())) == [("reply", "tail", b"later", None)]
 
 
 # -- hello ---------------------------------------------------------------------------
@@ -388,9 +402,9 @@ def test_a_started_command_is_pending_until_answered():
 @pytest.mark.parametrize("name", ["default", "ops", "deploy"])
 def test_auth_without_a_key_name_tries_every_key(name):
     session = Session(keyed_rules(), NONCE)
-    reply = ask(session, {"svc": "auth", "id": 1, "mac": mac(SECRETS[name]).upper()})
+    reply, *events = steps(session, {"svc": "auth", "id": 1, "mac": mac(SECRETS[name]).upper()})
     assert (reply.rid, reply.fields) == (1, {"key": name})
-    assert session.events == [AuthOk(name, "hmac")] and session.key.name == name
+    assert events == [AuthOk(name, "hmac")] and session.key.name == name
 
 
 def test_auth_with_a_key_name_tries_that_key_only():
@@ -422,16 +436,16 @@ ODD_MACS = ["\ud800", "é" * 64, 7, None, "", "zz" * 32, ["00"], {"a": 1}, "0" *
 @pytest.mark.parametrize("odd", ODD_MACS)
 def test_an_odd_mac_is_a_wrong_mac(odd):
     session = Session(keyed_rules(), NONCE)
-    failure = ask(session, {"svc": "auth", "mac": odd})
+    failure, *events = steps(session, {"svc": "auth", "mac": odd})
     assert (failure.code, failure.message) == ("unauthorized", "wrong mac")
-    assert session.events == [AuthFail(1, None)] and session.key is None
+    assert events == [AuthFail(1, None)] and session.key is None
 
 
 def test_an_unknown_key_name_reads_like_a_wrong_mac():
     session = Session(keyed_rules(), NONCE)
-    failure = ask(session, {"svc": "auth", "key": "nosuch", "mac": mac(b"ops secret")})
+    failure, *events = steps(session, {"svc": "auth", "key": "nosuch", "mac": mac(b"ops secret")})
     assert (failure.code, failure.message) == ("unauthorized", "wrong mac")
-    assert session.events == [AuthFail(1, "nosuch")]
+    assert events == [AuthFail(1, "nosuch")]
 
 
 def test_a_key_name_that_is_not_a_string_is_a_bad_request():
@@ -459,9 +473,8 @@ def test_a_success_between_failures_does_not_reset_the_count():
     ask(session, {"svc": "auth", "mac": "00"})
     ask(session, {"svc": "auth", "mac": mac(b"default secret")})
     ask(session, {"svc": "auth", "mac": "00"})
-    session.events.clear()
-    ask(session, {"svc": "auth", "mac": "00"})
-    assert session.events == [AuthFail(3, None), Close(Reason.AUTH, ban=True)]
+    _, *events = steps(session, {"svc": "auth", "mac": "00"})
+    assert events == [AuthFail(3, None), Close(Reason.AUTH, ban=True)]
 
 
 def test_auth_when_no_key_is_configured_is_a_bad_request():
@@ -475,7 +488,6 @@ def test_auth_when_no_key_is_configured_is_a_bad_request():
 def authed(name: str) -> Session:
     session = Session(keyed_rules(), NONCE)
     assert ask(session, {"svc": "auth", "key": name, "mac": mac(SECRETS[name])}).fields == {"key": name}
-    session.events.clear()
     return session
 
 
@@ -501,7 +513,7 @@ def test_an_unknown_command_is_unknown_whatever_the_scope():
 def test_a_tls_key_authenticates_from_the_start():
     rules = keyed_rules()
     session = Session(rules, NONCE, tls_key=rules.key_for_cn("monitor.example"))
-    assert session.events == [AuthOk("monitor", "tls")]
+    assert session.opened() == (Hello(session.hello()), AuthOk("monitor", "tls"))
     hello = session.hello()
     assert hello["key"] == "monitor" and hello["auth"] == "hmac-sha256"
     assert isinstance(ask(session, {"svc": "command", "name": "uptime"}), Start)
@@ -516,7 +528,8 @@ def test_key_for_cn():
 
 def test_a_tls_key_that_is_not_configured_authenticates_nothing():
     session = Session(keyed_rules(), NONCE, tls_key="gone")
-    assert session.events == [] and session.key is None and "key" not in session.hello()
+    assert session.opened() == (Hello(session.hello()),)
+    assert session.key is None and "key" not in session.hello()
 
 
 # -- reloads ----------------------------------------------------------------------------
@@ -572,9 +585,9 @@ def test_the_peers_eof_ends_the_connection_even_with_commands_running():
 
 def test_a_frame_error_is_one_failure_then_close():
     session = Session(open_rules())
-    failure = session.frame_error(FrameError("header length 1 is below the minimum of 2"))
+    failure, *events = session.frame_error(FrameError("header length 1 is below the minimum of 2"))
     assert (failure.rid, failure.code) == (None, "bad_frame")
-    assert session.events == [Close(Reason.BAD_FRAME)]
+    assert events == [Close(Reason.BAD_FRAME)]
 
 
 # -- helpers for messages and logs -------------------------------------------------------
@@ -614,9 +627,8 @@ def test_any_json_object_gets_exactly_one_answer_never_an_exception(header, svc,
         header["svc"] = svc
     rules = keyed_rules() if keyed else open_rules()
     session = Session(rules, NONCE, tls_key=data.draw(st.sampled_from([None, "ops", "monitor"])))
-    session.events.clear()
     for _ in range(data.draw(st.integers(1, 4))):  # the same request again: state moves on
-        action = session.receive(dict(header), body, NOW)
+        action, *events = session.receive(dict(header), body, NOW)
         assert type(action) in (Reply, Echo, Failure, Start, Stats)
         if isinstance(action, Failure):
             assert action.code in (
@@ -630,8 +642,6 @@ def test_any_json_object_gets_exactly_one_answer_never_an_exception(header, svc,
             assert action.message and not PYTHON_WORDS.search(
                 re.sub(r'"(?:[^"\\]|\\.)*"', "", action.message)
             )
-        events = list(session.events)
-        session.events.clear()
         assert all(type(e) in (AuthOk, AuthFail, Close) for e in events)
         assert all(type(e) is not Close for e in events[:-1])  # a close comes last
         if events and type(events[-1]) is Close:

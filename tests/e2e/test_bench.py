@@ -14,6 +14,7 @@ import time
 
 import pytest
 from support.bench import evd_bench, run_json
+from support.daemon import services_off
 
 from evd.tools.bench import measure, report
 from evd.tools.bench.measure import Window
@@ -38,19 +39,8 @@ tcp = ["127.0.0.1:0"]
 udp = ["127.0.0.1:0"]
 only_from = ["127.64.0.0/10"]
 per_source = 2
-
-[services.daytime]
-enabled = false
-
-[services.time]
-enabled = false
-
-[services.timefmt]
-enabled = false
-
-[services.framed]
-enabled = false
 """
+SPREAD_CONFIG += services_off("daytime", "time", "timefmt", "framed")
 
 
 def address(evd, service: str, proto: str = "tcp") -> str:

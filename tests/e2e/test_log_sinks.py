@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from support.daemon import ROOT, WAIT
+from support.daemon import ROOT, WAIT, services_off
 from support.journal import FakeJournal, one
 
 CONFIG = """\
@@ -39,16 +39,8 @@ rate = 0.0
 tcp = ["127.0.0.1:0"]
 udp = []
 unix = ["{tmp}/echo.sock"]
-
-[services.daytime]
-enabled = false
-[services.time]
-enabled = false
-[services.timefmt]
-enabled = false
-[services.framed]
-enabled = false
 """
+CONFIG += services_off("daytime", "time", "timefmt", "framed")
 
 
 def start(tmp: Path, stderr: int, log_file: str = "", buffer: int = 65536, args=()) -> subprocess.Popen:

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support.daemon import ROOT, WAIT, LogFile, need, recv_all
+from support.daemon import ROOT, WAIT, LogFile, need, recv_all, services_off
 
 from evd.tools.client import Client, ServerError
 
@@ -49,17 +49,11 @@ tcp = ["127.0.0.1:0"]
 udp = []
 max_connections = 1
 
-[services.daytime]
-enabled = false
-[services.time]
-enabled = false
-[services.timefmt]
-enabled = false
-
 [services.framed]
 tcp = ["127.0.0.1:0", "[::1]:0"]
 key_file = "{tmp}/key"
 """
+CONFIG += services_off("daytime", "time", "timefmt")
 
 
 def ipv6_loopback() -> bool:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.daemon import ROOT, WAIT, NotifySocket, connect, recv_all
+from support.daemon import ROOT, WAIT, NotifySocket, connect, recv_all, services_off
 
 from evd.config.addresses import Address
 from evd.system import systemd
@@ -34,20 +34,15 @@ rate = 0.0
 tcp = ["127.0.0.1:0"]
 udp = []
 
-[services.daytime]
-enabled = false
-
 [services.time]
 tcp = ["127.0.0.1:0"]
 udp = ["127.0.0.1:0"]
-
-[services.timefmt]
-enabled = false
 
 [services.framed]
 tcp = []
 unix = ["{tmp}/framed.sock"]
 """
+MINIMAL += services_off("daytime", "timefmt")
 
 
 def test_notify_ready_reloading_stopping(start_evd, notify_socket):

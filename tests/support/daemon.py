@@ -32,6 +32,13 @@ ROOT = Path(__file__).resolve().parents[2]
 set_hypothesis_home_dir(str(ROOT / ".pytest_cache" / "hypothesis"))
 WAIT = 10.0  # seconds: the bound on every wait for the daemon
 
+
+def services_off(*names: str) -> str:
+    """TOML that turns the named services off: a test's configuration says
+    only what it runs, and this the rest (the defaults enable them)."""
+    return "".join(f"\n[services.{name}]\nenabled = false\n" for name in names)
+
+
 BASE_CONFIG = """\
 [daemon]
 pidfile = "{tmp}/evd.pid"

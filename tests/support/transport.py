@@ -1,4 +1,6 @@
-"""Shared by several test modules: a loop on real socketpairs, recording handlers, a service."""
+"""Shared by several test modules: a loop on real socketpairs, recording
+handlers and log, a service.  `Loop.run_until` and `LogRecorder` are the
+only ones of their kind in the tests: use them, do not write another."""
 
 from __future__ import annotations
 
@@ -37,10 +39,21 @@ def make_service(reactor, name="echo", high=256 * KiB, low=64 * KiB):
 
 
 class LogRecorder:
+    """Stands in for evd's `log` in the modules a test patches (`record`):
+    every call kept as (level, event, fields)."""
+
     info_on = True  # as evd.log.Log at level info: the per-connection events
 
     def __init__(self):
         self.events = []
+
+    @classmethod
+    def record(cls, monkeypatch, *modules):
+        """A recorder as the `log` of each of `modules`, for this test."""
+        rec = cls()
+        for module in modules:
+            monkeypatch.setattr(module, "log", rec)
+        return rec
 
     def _record(level):
         def method(self, event, **fields):
@@ -56,13 +69,22 @@ class LogRecorder:
     def named(self, event):
         return [(level, fields) for level, e, fields in self.events if e == event]
 
+    def fields(self, event):
+        """The fields of each `event`, in order."""
+        return [fields for _, e, fields in self.events if e == event]
+
+    def names(self):
+        """Every event's name, in order."""
+        return [e for _, e, _ in self.events]
+
 
 class Loop:
     """A reactor plus `run_until(condition)`: the condition is checked before
-    every sleep; a guard timer bounds the run."""
+    every sleep; a guard timer bounds the run.  `selector`: the reactor's
+    (None: epoll)."""
 
-    def __init__(self):
-        self.reactor = Reactor()
+    def __init__(self, selector=None):
+        self.reactor = Reactor(selector)
         self.iterations = 0
         self._cond = None
         self.reactor.add_before_sleep(self._check)
@@ -73,6 +95,7 @@ class Loop:
             self.reactor.stop()
 
     def run_until(self, cond, limit=LIMIT, what=""):
+        """Run the loop until `cond()` holds; fail after `limit` seconds."""
         self._cond = cond
         expired = []
         guard = self.reactor.call_later(limit, lambda: (expired.append(True), self.reactor.stop()) and None)

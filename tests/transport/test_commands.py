@@ -20,15 +20,14 @@ from typing import ClassVar
 
 import pytest
 from support.daemon import ROOT, need
+from support.transport import LIMIT, LogRecorder, Loop
 
 import evd.commands.child as child_mod
 import evd.commands.process as run_mod
 from evd.commands.runner import CommandError, Runner
 from evd.config.model import CommandSpec
-from evd.loop.reactor import Reactor
 from evd.system import children
 
-LIMIT = 5.0
 # SPEC section 3: the default arg_pattern.
 # SPEC section 5: the whole environment of a command.
 SPEC_ENV = {"PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"}
@@ -38,44 +37,16 @@ def service(timeout=5.0, max_output=1 << 20, max_concurrent=8):
     return SimpleNamespace(timeout=timeout, max_output=max_output, max_concurrent=max_concurrent)
 
 
-class LogRecorder:
-    def __init__(self):
-        self.events = []
-
-    def info(self, event, **fields):
-        self.events.append((event, fields))
-
-    warning = debug = error = info
-
-
-class Harness:
+class Harness(Loop):
     def __init__(self, selector=None):
+        super().__init__(selector)
         self.selector = selector
-        self.reactor = Reactor(selector)
         self.runners = []
-        self._cond = None
-        self.reactor.add_before_sleep(self._check)
-
-    def _check(self):
-        if self._cond is not None and self._cond():
-            self.reactor.stop()
 
     def runner(self, config=None):
         r = Runner(self.reactor, config or service())
         self.runners.append(r)
         return r
-
-    def run_until(self, cond, limit=LIMIT):
-        """Run the loop until cond() holds; fail after `limit` seconds."""
-        expired = []
-        self._cond = cond
-        guard = self.reactor.call_later(limit, lambda: (expired.append(True), self.reactor.stop()) and None)
-        try:
-            self.reactor.run()
-        finally:
-            self.reactor.cancel(guard)
-            self._cond = None
-        assert not expired, f"not done within {limit}s"
 
     def execute(self, runner, argv, stdin=b"", limit=LIMIT, name="test"):
         results = []
@@ -87,9 +58,7 @@ class Harness:
 
 @pytest.fixture
 def log(monkeypatch):
-    rec = LogRecorder()
-    monkeypatch.setattr(run_mod, "log", rec)
-    return rec
+    return LogRecorder.record(monkeypatch, run_mod)
 
 
 def grace(monkeypatch, seconds):
@@ -116,9 +85,9 @@ def test_echo_hello(h, log):
     assert bytes(res.stdout) == b"hello\n"
     assert bytes(res.stderr) == b""
     assert r.running == set() and r.total == 1
-    events = [e for e, _ in log.events]
+    events = log.names()
     assert events == ["command.start", "command.end"]
-    end = log.events[1][1]
+    end = log.events[1][2]
     assert end["exit"] == 0 and end["signal"] is None and end["command_pid"] == run.pid
     assert end["argv"] == ["echo", "hello"]
 
@@ -673,7 +642,7 @@ def test_abandon_kills_the_command_and_does_not_answer(h, log):
     h.run_until(lambda: not r.running)
     assert answers == []
     assert wait_dead(run.pid, run.pid)
-    end = dict(log.events)["command.end"]
+    end = log.fields("command.end")[-1]
     assert end["reason"] == "client_gone"
     assert end["signal"] == signal.SIGTERM
     assert (end["key"], end["peer"]) == ("ops", "192.0.2.7:4711")
@@ -696,7 +665,7 @@ def test_abandon_escalates_to_sigkill(h, log, monkeypatch):
     run.abandon()
     h.run_until(lambda: not r.running)
     assert answers == []
-    end = dict(log.events)["command.end"]
+    end = log.fields("command.end")[-1]
     assert (end["reason"], end["signal"]) == ("client_gone", signal.SIGKILL)
 
 
@@ -705,7 +674,7 @@ def test_abandon_after_the_answer_changes_nothing(h, log):
     run, _ = h.execute(r, ["echo", "hi"])
     run.abandon()
     assert r.outcomes == Counter({("test", "exit0"): 1})
-    assert [e for e, _ in log.events] == ["command.start", "command.end"]
+    assert log.names() == ["command.start", "command.end"]
 
 
 def test_abandon_during_a_timeout_is_client_gone(h, log, monkeypatch):
@@ -717,7 +686,7 @@ def test_abandon_during_a_timeout_is_client_gone(h, log, monkeypatch):
     run.abandon()
     h.run_until(lambda: not r.running)
     assert answers == []
-    assert dict(log.events)["command.end"]["reason"] == "client_gone"
+    assert log.fields("command.end")[-1]["reason"] == "client_gone"
     assert r.outcomes == Counter({("stubborn", "client_gone"): 1})
 
 
@@ -726,7 +695,7 @@ def test_start_and_end_carry_key_and_peer(h, log):
     answers = []
     r.start("greet", ["echo", "hello"], b"", answers.append, key="default", peer="unix")
     h.run_until(lambda: answers)
-    start, end = (fields for _, fields in log.events)
+    start, end = (fields for _, _, fields in log.events)
     assert (start["key"], start["peer"]) == ("default", "unix")
     assert (end["key"], end["peer"], end["reason"]) == ("default", "unix", "exit")
 
@@ -750,7 +719,7 @@ def test_each_run_is_counted_once_by_outcome(h, log, argv, config, outcome, reas
     h.execute(r, argv, name="cmd")
     assert r.outcomes == Counter({("cmd", outcome): 2})
     assert r.total == 2
-    assert dict(log.events)["command.end"]["reason"] == reason
+    assert log.fields("command.end")[-1]["reason"] == reason
 
 
 def test_a_flood_after_the_timeout_is_a_timeout_with_both_flags(h, monkeypatch):
@@ -779,7 +748,7 @@ def test_kill_all_is_a_shutdown_counted_as_signal(h, log):
     r.start("sleep", ["sleep", "30"], b"", answers.append)
     r.kill_all()
     assert [a.signal for a in answers] == [signal.SIGKILL]
-    assert dict(log.events)["command.end"]["reason"] == "shutdown"
+    assert log.fields("command.end")[-1]["reason"] == "shutdown"
     assert r.outcomes == Counter({("sleep", "signal"): 1})
 
 

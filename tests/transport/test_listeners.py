@@ -13,73 +13,27 @@ import socket
 import stat
 
 import pytest
+from support.transport import LIMIT, LogRecorder
 
 from evd.config.addresses import Address
 from evd.config.model import Limits, ServiceConfig
 from evd.handlers import raw
 from evd.handlers.service import Service
-from evd.loop.reactor import Reactor
 from evd.net import listeners
 from evd.proto.classic import datagram_handler
-
-LIMIT = 5.0
-
-
-class Recorder:
-    info_on = True
-
-    def __init__(self):
-        self.events = []
-
-    def _record(level):
-        def method(self, event, **fields):
-            self.events.append((level, event, fields))
-
-        return method
-
-    debug = _record("debug")
-    info = _record("info")
-    warning = _record("warning")
-    error = _record("error")
-
-    def named(self, event):
-        return [fields for _, e, fields in self.events if e == event]
 
 
 @pytest.fixture
 def log(monkeypatch):
-    rec = Recorder()
     import evd.handlers.service as service_mod
     import evd.net.transport as transport_mod
 
-    for module in (listeners, transport_mod, service_mod):
-        monkeypatch.setattr(module, "log", rec)
-    return rec
+    return LogRecorder.record(monkeypatch, listeners, transport_mod, service_mod)
 
 
 @pytest.fixture
-def reactor():
-    r = Reactor()
-    yield r
-    r.close()
-
-
-def run_until(reactor, cond, what="", limit=LIMIT):
-    """Run the loop until `cond()` holds (checked before every sleep)."""
-    expired = []
-
-    def check():
-        if cond():
-            reactor.stop()
-
-    reactor.add_before_sleep(check)
-    guard = reactor.call_later(limit, lambda: (expired.append(True), reactor.stop()) and None)
-    try:
-        reactor.run()
-    finally:
-        reactor.cancel(guard)
-        reactor._before_sleep.remove(check)
-    assert not expired, f"timed out after {limit}s waiting for {what or cond}"
+def reactor(loop):
+    return loop.reactor
 
 
 def service_of(name="echo", **limits):
@@ -102,7 +56,7 @@ def client(listener, timeout=LIMIT):
 # --- a handler that cannot be built (issue 9, defect 4) -----------------------
 
 
-def test_a_failing_handler_factory_gives_back_what_admission_took(reactor, log):
+def test_a_failing_handler_factory_gives_back_what_admission_took(reactor, log, loop):
     """Building the handler raises after admission counted the connection:
     the count comes back, that connection is closed, an `error` is logged,
     and the listener keeps accepting (asyncio's _accept_connection2)."""
@@ -120,15 +74,15 @@ def test_a_failing_handler_factory_gives_back_what_admission_took(reactor, log):
     listener = stream_listener(reactor, service, factory)
     try:
         first = client(listener)
-        run_until(reactor, lambda: calls, "the first accept")
+        loop.run_until(lambda: calls, what="the first accept")
         # The refused connection is closed: the client reads EOF (or a reset).
-        run_until(reactor, lambda: service.admission.current == 0 and not service.connections)
+        loop.run_until(lambda: service.admission.current == 0 and not service.connections)
         try:
             assert first.recv(10) == b""
         except ConnectionResetError:
             pass
         first.close()
-        errors = log.named("error")
+        errors = log.fields("error")
         assert len(errors) == 1 and isinstance(errors[0]["exc_info"], RuntimeError)
         assert errors[0]["where"] == "echo.accept"
         assert service.errors == 1
@@ -136,10 +90,10 @@ def test_a_failing_handler_factory_gives_back_what_admission_took(reactor, log):
         # per_source = 1: this client IP is admitted again.
         second = client(listener)
         second.sendall(b"still accepting")
-        run_until(reactor, lambda: service.bytes_in + sum(c.bytes_in for c in service.connections) >= 15)
+        loop.run_until(lambda: service.bytes_in + sum(c.bytes_in for c in service.connections) >= 15)
         assert second.recv(100) == b"still accepting"
         second.close()
-        run_until(reactor, lambda: not service.connections)
+        loop.run_until(lambda: not service.connections)
         assert service.admission.current == 0
     finally:
         listener.close()
@@ -148,7 +102,7 @@ def test_a_failing_handler_factory_gives_back_what_admission_took(reactor, log):
 # --- the UDP admission path (issue 9, defect 10) --------------------------------
 
 
-def test_admitted_datagrams_are_not_formatted_to_text(reactor, log, monkeypatch):
+def test_admitted_datagrams_are_not_formatted_to_text(reactor, log, monkeypatch, loop):
     """The rate bucket is keyed by the sender's host as the kernel gives it:
     no "HOST:PORT" text is made and parsed back for a datagram that passes."""
     service = Service(service_of(rate=1000.0, burst=1000), reactor)
@@ -172,7 +126,7 @@ def test_admitted_datagrams_are_not_formatted_to_text(reactor, log, monkeypatch)
             sock.settimeout(LIMIT)
             for i in range(20):
                 sock.sendto(b"%d" % i, endpoint.sock.getsockname())
-                run_until(reactor, lambda i=i: service.requests > i)
+                loop.run_until(lambda i=i: service.requests > i)
                 assert sock.recv(100) == b"%d" % i
         assert [s.host for s in service.admission.sources(reactor.now)] == ["127.0.0.1"]
         assert formatted == []
@@ -180,7 +134,7 @@ def test_admitted_datagrams_are_not_formatted_to_text(reactor, log, monkeypatch)
         endpoint.close()
 
 
-def test_ipv4_senders_of_a_dual_stack_endpoint_share_their_ipv4_bucket(reactor, log):
+def test_ipv4_senders_of_a_dual_stack_endpoint_share_their_ipv4_bucket(reactor, log, loop):
     """A datagram from 127.0.0.1 to a "*" endpoint arrives as
     ::ffff:127.0.0.1: its bucket is 127.0.0.1's, and once it is empty the
     datagrams are dropped (`udp.drop reason=rate`, counted by reason)."""
@@ -200,14 +154,14 @@ def test_ipv4_senders_of_a_dual_stack_endpoint_share_their_ipv4_bucket(reactor, 
             target = ("127.0.0.1", sock.getsockname()[1])
             for i in range(3):
                 client.sendto(b"%d" % i, target)
-                run_until(reactor, lambda i=i: service.requests + service.udp_drops["rate"] > i)
+                loop.run_until(lambda i=i: service.requests + service.udp_drops["rate"] > i)
             assert client.recv(10) == b"0" and client.recv(10) == b"1"
             (source,) = service.admission.sources(reactor.now)
             assert source.host == "127.0.0.1" and source.connections == 0
             assert source.tokens is not None and source.tokens < 1
             assert service.udp_drops == {"rate": 1}
             assert service.snapshot()["rejected"] == 1
-            (drop,) = log.named("udp.drop")
+            (drop,) = log.fields("udp.drop")
             assert drop["reason"] == "rate" and drop["peer"] == f"127.0.0.1:{client.getsockname()[1]}"
     finally:
         endpoint.close()
@@ -260,7 +214,7 @@ def test_close_leaves_another_daemons_socket_at_its_path(reactor, log, tmp_path)
 
 
 @pytest.mark.parametrize("private", [True, False], ids=["c_accept", "public_accept"])
-def test_accept_with_and_without_the_private_c_level_calls(reactor, log, monkeypatch, private):
+def test_accept_with_and_without_the_private_c_level_calls(reactor, log, monkeypatch, private, loop):
     """`sock._accept` and `_socket.socket` are CPython internals: where they
     are missing the listener uses `socket.accept`, with the same result."""
     if not private:
@@ -271,15 +225,15 @@ def test_accept_with_and_without_the_private_c_level_calls(reactor, log, monkeyp
         assert (listener._c_accept is not None) == private
         with client(listener) as sock:
             sock.sendall(b"ping")
-            run_until(reactor, lambda: service.connections, "the connection accepted")
+            loop.run_until(lambda: service.connections, what="the connection accepted")
             (t,) = service.connections
             # The private path wraps the descriptor in the C type only.
             assert (type(t.sock) is not socket.socket) == private
             assert isinstance(t.sock, socket.socket) != private
-            run_until(reactor, lambda: t.bytes_out >= 4)
+            loop.run_until(lambda: t.bytes_out >= 4)
             assert sock.recv(10) == b"ping"
             assert t.host == "127.0.0.1" and t.peer == f"127.0.0.1:{sock.getsockname()[1]}"
-        run_until(reactor, lambda: not service.connections)
+        loop.run_until(lambda: not service.connections)
         assert service.connections_total == 1 and service.admission.current == 0
     finally:
         listener.close()
@@ -310,16 +264,16 @@ def test_unlink_if_ours_as_the_supervisor_calls_it(tmp_path):
 # --- the running state's views (runtime control, metrics) ------------------------
 
 
-def test_connections_view_refusals_by_reason_and_kill(reactor, log):
+def test_connections_view_refusals_by_reason_and_kill(reactor, log, loop):
     service = Service(service_of(per_source=2, max_connections=10), reactor)
     listener = stream_listener(reactor, service, raw.Discard)
     clients = []
     try:
         for _ in range(3):
             clients.append(client(listener))
-        run_until(reactor, lambda: len(service.connections) == 2 and service.rejected["per_source"] == 1)
+        loop.run_until(lambda: len(service.connections) == 2 and service.rejected["per_source"] == 1)
         clients[0].sendall(b"x" * 100)
-        run_until(reactor, lambda: sum(c.bytes_in for c in service.connections) == 100)
+        loop.run_until(lambda: sum(c.bytes_in for c in service.connections) == 100)
         views = service.open_connections(reactor.now)
         assert [v.service for v in views] == ["echo", "echo"]
         assert views[0].conn < views[1].conn
@@ -328,7 +282,7 @@ def test_connections_view_refusals_by_reason_and_kill(reactor, log):
         assert all(v.age_s >= 0 and v.idle_s >= 0 and v.bytes_out == 0 for v in views)
         assert service.rejected == {"per_source": 1}
         assert service.snapshot()["rejected"] == 1
-        (reject,) = log.named("conn.reject")
+        (reject,) = log.fields("conn.reject")
         assert reject["reason"] == "per_source" and reject["peer"].startswith("127.0.0.1:")
         (source,) = service.admission.sources(reactor.now)
         assert source.host == "127.0.0.1" and source.connections == 2 and source.tokens is None
@@ -336,7 +290,7 @@ def test_connections_view_refusals_by_reason_and_kill(reactor, log):
         assert service.kill(views[0].conn) is True
         assert service.kill(views[0].conn) is False  # gone now
         assert service.kill(10**9) is False
-        assert [f["reason"] for f in log.named("conn.close")] == ["killed"]
+        assert [f["reason"] for f in log.fields("conn.close")] == ["killed"]
         assert clients[0].recv(10) == b""
         assert [v.conn for v in service.open_connections(reactor.now)] == [views[1].conn]
         assert service.admission.per_source("127.0.0.1") == 1

@@ -14,7 +14,7 @@ import ssl
 
 import pytest
 from support.pki import Pki
-from support.transport import LogRecorder, Loop, Peer, Recorder, chargen_cycle, counting_pattern, make_service
+from support.transport import LogRecorder, Peer, Recorder, chargen_cycle, counting_pattern, make_service
 
 import evd.handlers.service as service_mod
 import evd.net.tls_records as tls_records
@@ -112,17 +112,7 @@ class TLSClient:
 
 @pytest.fixture
 def log(monkeypatch):
-    rec = LogRecorder()
-    monkeypatch.setattr(transport_mod, "log", rec)
-    monkeypatch.setattr(service_mod, "log", rec)
-    return rec
-
-
-@pytest.fixture
-def loop():
-    lp = Loop()
-    yield lp
-    lp.reactor.close()
+    return LogRecorder.record(monkeypatch, transport_mod, service_mod)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 from support.transport import (
     LIMIT,
     LogRecorder,
-    Loop,
     Peer,
     Recorder,
     chargen_cycle,
@@ -58,17 +57,7 @@ class RecordingEcho(handlers.Echo):
 
 @pytest.fixture
 def log(monkeypatch):
-    rec = LogRecorder()
-    monkeypatch.setattr(transport_mod, "log", rec)
-    monkeypatch.setattr(service_mod, "log", rec)
-    return rec
-
-
-@pytest.fixture
-def loop():
-    lp = Loop()
-    yield lp
-    lp.reactor.close()
+    return LogRecorder.record(monkeypatch, transport_mod, service_mod)
 
 
 @pytest.fixture

@@ -20,12 +20,12 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.transport import Loop
 
 from evd.commands.runner import Runner
 from evd.config.loader import parse
 from evd.handlers.framed import Context, Framed
 from evd.handlers.service import Service
-from evd.loop.reactor import Reactor
 from evd.loop.seams import Reason
 from evd.net.transport import StreamTransport
 from evd.proto.framing import Decoder, FrameError, encode
@@ -651,24 +651,6 @@ def test_any_json_object_gets_exactly_one_answer_never_an_exception(header, svc,
 
 
 # -- the handler on a real socketpair ------------------------------------------------------
-
-
-class Loop:
-    def __init__(self):
-        self.reactor = Reactor()
-        self.reactor.add_before_sleep(self._check)
-        self._until = None
-
-    def _check(self):
-        if self._until is not None and self._until():
-            self.reactor.stop()
-
-    def run_until(self, condition, limit: float = 5.0):
-        self._until = condition
-        guard = self.reactor.call_later(limit, self.reactor.stop)
-        self.reactor.run()
-        self.reactor.cancel(guard)
-        assert condition(), "timed out"
 
 
 def framed_connection(stats):

@@ -69,9 +69,10 @@ from servers import (
     workers_fork,
 )
 
-# The loads `--baseline` compares: the opened echo, connect and framed ones
-# (a baseline may predate the default-limit and TLS loads' configuration).
-BASELINE_LOADS = ("tcp64", "tcp1k", "connect", "udp64", "framed1", "framed16")
+# The loads `--baseline` compares: the opened echo, connect, TLS echo and
+# framed ones (a baseline may predate the default-limit loads'
+# configuration; tls64 needs one with `tls` listeners, 2026 on).
+BASELINE_LOADS = ("tcp64", "tcp1k", "connect", "udp64", "tls64", "framed1", "framed16")
 
 
 @dataclass

@@ -20,7 +20,7 @@ Records of its own, and the end
 -------------------------------
 Records TLS writes by itself (the handshake's flights, tickets, alerts) are
 sent at once; if the kernel is full and no plaintext is queued, the socket
-is watched for writability for them alone (`_send_own`).  An end or a
+is watched for writability for them alone (`_send_records`).  An end or a
 failure met in the same recv as records already answered (a client's
 "bye" and close_notify together) is read again on the loop's next turn,
 since the socket may never be readable again.
@@ -202,27 +202,24 @@ class TLSTransport(StreamTransport):
             self._reader()  # the records' recv_into answers the end at once
 
     def _send_records(self) -> None:
-        """Send records OpenSSL wrote on its own (handshake, alerts)."""
-        try:
-            if not self.records.push():
-                self._records_wait()
-        except OSError as exc:
-            self._os_error("send", exc)
-
-    def _records_wait(self) -> None:
-        """Records of our own wait for the kernel: with plaintext queued,
-        the queue's next send takes them first; else watch for them alone."""
-        if not self._out and not self.closed:
-            self.reactor.add_writer(self.fd, self._send_own)
-
-    def _send_own(self) -> None:
+        """Send records OpenSSL wrote on its own (the handshake's flights,
+        alerts); also the writer that waits for them (`_records_wait`)."""
         try:
             done = self.records.push()
         except OSError as exc:
             self._os_error("send", exc)
             return
-        if done and not self._out:
-            self.reactor.remove_writer(self.fd)
+        if done:
+            if not self._out:  # (no system call when it was not watching)
+                self.reactor.remove_writer(self.fd)
+        else:
+            self._records_wait()
+
+    def _records_wait(self) -> None:
+        """Records of our own wait for the kernel: with plaintext queued,
+        the queue's next send takes them first; else watch for them alone."""
+        if not self._out and not self.closed:
+            self.reactor.add_writer(self.fd, self._send_records)
 
     # -- closing ------------------------------------------------------------
 

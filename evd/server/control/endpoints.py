@@ -92,7 +92,9 @@ class Surfaces:
         factories: dict[str, HandlerFactory] = {CONTROL: lambda: Control(backend)}
         if any(name == METRICS for name, _ in socks):
             # HTTP and the exposition (h11, prometheus_client) are loaded
-            # only by a daemon that serves /metrics: a tenth of start-up.
+            # only by a daemon that serves /metrics: one that does not pays
+            # nothing for them (what they cost a start-up that does, measured:
+            # docs/performance/redesign.md).
             from evd.server.metrics.http import Scrape
 
             factories[METRICS] = lambda: Scrape(source)

@@ -25,7 +25,9 @@ The socket's contract, kept
   is whole; 0 at the peer's close_notify or the kernel's EOF.  A kernel EOF
   in the middle of a record is ECONNRESET.  The recv is at most
   `CIPHER_SIZE`, so that a record begun earlier and all this recv brings
-  always decrypt into the caller's 64 KiB.  Records that reading makes (TLS
+  usually decrypt into the caller's 64 KiB; when the buffer fills anyway,
+  the transport is told to read again at once (`ended_after_data`), since
+  the socket may bring nothing more.  Records that reading makes (TLS
   1.3 tickets, a key update's answer, an alert) are sent at once.
 - `send`: plaintext is taken once its ciphertext is all in the kernel.  If
   the kernel takes only part of it, the rest waits in `cipher` and `send`

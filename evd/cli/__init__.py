@@ -9,9 +9,11 @@ that needs them, so `evd call` does not load the daemon.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from evd import __version__
-from evd.cli import bench, call, completion, configure, ctl, lifecycle, logs, manual, switch
+from evd.cli import bench, call, completion, configure, ctl, failures, lifecycle, logs, manual, switch
+from evd.cli.failures import EX_OK
 from evd.config.model import DEFAULT_PATH
 
 # Every subcommand group, in the order `evd --help` lists them.
@@ -39,9 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argparse's own output ignores a closed pipe
     try:
         status: int = args.func(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is seen below
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if not failures.stdout_closed():
+            raise  # a socket's, not ours to hide
+        failures.stdout_gone()  # `evd ctl services | head -3`: the reader has what it wanted
+        return EX_OK
     return status

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 
 from evd.config import loader
@@ -47,3 +49,23 @@ def load_config(args: argparse.Namespace) -> Config | None:
     except ConfigError as exc:
         config_errors(exc)
         return None
+
+
+def stdout_closed() -> bool:
+    """Has the reader of stdout gone (a pipe whose read end is closed)?
+    poll says POLLERR on such a write end, and only on such."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no stdout at all
+        return False
+
+
+def stdout_gone() -> None:
+    """The reader of stdout left (`| head`): what is still buffered has
+    nowhere to go, so let the exit's flush write it to /dev/null instead
+    of raising BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

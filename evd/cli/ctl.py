@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, error, load_config
+from evd.cli.failures import EX_CONFIG, EX_FAIL, EX_OK, config_errors, error
+from evd.config import loader
+from evd.config.model import ConfigError
 
 DEFAULT_TIMEOUT = 10.0  # seconds: a reload binds a few sockets and reads a few files
 
@@ -52,21 +54,36 @@ def _words(args: argparse.Namespace) -> argparse.Namespace:
     return parser.parse_intermixed_args(args.words, namespace=args)
 
 
+def _socket_of(args: argparse.Namespace) -> str | int:
+    """The configuration's control.unix, or the exit status after saying
+    why there is none.  An operator in the middle of an edit must still be
+    able to ask the daemon: when the configuration does not load, the key
+    is taken from what can still be read (loader.salvage)."""
+    try:
+        config = loader.load(args.config)
+    except ConfigError as exc:
+        path = loader.salvage(args.config, "control", "unix")
+        if not path:
+            config_errors(exc)
+            error("the configuration has errors and no control.unix can be read from it; give --socket")
+            return EX_CONFIG
+        error(f"the configuration has errors (evd check-config lists them); using control.unix {path}")
+        return path
+    if not config.control.unix:
+        error(f"no control socket: set control.unix in {config.source}, or give --socket")
+        return EX_FAIL
+    return config.control.unix
+
+
 def cmd_ctl(args: argparse.Namespace) -> int:
     from evd.proto.control import EXIT_STATUS, Request
     from evd.server.control.verbs import parse
     from evd.tools import ctl
 
     args = _words(args)
-    path = args.socket
-    if path is None:
-        config = load_config(args)
-        if config is None:
-            return EX_CONFIG
-        path = config.control.unix
-        if not path:
-            error(f"no control socket: set control.unix in {config.source}, or give --socket")
-            return EX_FAIL
+    path = args.socket if args.socket is not None else _socket_of(args)
+    if not isinstance(path, str):
+        return path
     request = parse({"cmd": args.command, "args": args.args})
     if not isinstance(request, Request):  # checked here too: a clear usage line, no round trip
         error(request.message or "bad request")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -178,6 +179,57 @@ def load_all(path: str | None = None, replaced: Mapping[str, str] | None = None)
     except ConfigError as exc:
         raise origins.blame_all(exc) from None
     return Loaded(config, tuple(files), origins)
+
+
+def salvage(path: str | None, table: str, key: str) -> str | None:
+    """`table.key`, a string, as far as the files can still be read when
+    the whole does not load: `evd ctl` uses it to find the control socket
+    while the operator is in the middle of an edit.  The main file, then
+    its drop-ins if its `include` can still be read, the last file that
+    sets it winning (as in `load_all`); in a file that is not valid TOML,
+    the key's own line in its table.  None if no readable file sets it."""
+    resolved = resolve_path(path)
+    if resolved is None:
+        return None
+    files = [resolved]
+    try:
+        files += dropins.expand(include_of(resolved)[1], skip=resolved)
+    except ConfigError:
+        pass  # the main file alone, then
+    found = None
+    for file in files:
+        try:
+            value = _salvage_one(read_text(file), table, key)
+        except ConfigError:
+            continue
+        found = value if value is not None else found
+    return found
+
+
+def _salvage_one(text: str, table: str, key: str) -> str | None:
+    try:
+        value = tomllib.loads(text).get(table, {}).get(key)
+        return value if isinstance(value, str) else None
+    except (tomllib.TOMLDecodeError, AttributeError):
+        pass
+    header = re.compile(r"\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?")
+    line_of = re.compile(rf"\s*({re.escape(table)}\s*\.\s*)?{re.escape(key)}\s*=")
+    current, found = "", None
+    for line in text.splitlines():
+        if (opened := header.fullmatch(line)) is not None:
+            current = opened[1]
+            continue
+        match = line_of.match(line)
+        # `key = ...` under [table], or `table.key = ...` before any table
+        if match is None or (current, bool(match[1])) not in ((table, False), ("", True)):
+            continue
+        try:  # the line alone is a TOML document: its value, unescaped
+            document = tomllib.loads(line.strip())
+        except tomllib.TOMLDecodeError:
+            continue
+        value = document[table][key] if match[1] else document[key]
+        found = value if isinstance(value, str) else found
+    return found
 
 
 def load(path: str | None = None) -> Config:

@@ -353,3 +353,25 @@ def test_enable_now_when_the_socket_is_not_there(tmp_path):
     assert out.stderr.startswith(
         f"evd: cannot reload: evd is not running (nothing listens at {tmp_path}/ctl.sock, "
     )
+
+
+def test_a_configuration_in_the_middle_of_an_edit_still_finds_the_daemon(start_evd, tmp_path):
+    """`evd ctl -c FILE` while FILE has a syntax error (or a drop-in does):
+    control.unix is taken from what can still be read (issue 23, item 8)."""
+    evd = start_evd(CONFIG)
+    good = evd.config_path.read_text()
+    evd.config_path.write_text(good.replace("[control]\n", "[control\n[control]\n", 1))  # half-typed
+    out = run_ctl(evd, "info", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["pid"] == evd.proc.pid
+    assert "has errors" in out.stderr and str(evd.tmp / "ctl.sock") in out.stderr
+    dropin = tmp_path / "d" / "50-bad.toml"
+    dropin.parent.mkdir()
+    dropin.write_text("[services.echo\n")
+    evd.config_path.write_text(f'include = ["{dropin.parent}/*.toml"]\n' + good)
+    assert run_ctl(evd, "info").returncode == 0
+    # A socket nobody can read is still a configuration error, said so.
+    evd.config_path.write_text(good.replace(f'unix = "{evd.tmp}/ctl.sock"', "unix = [", 1))
+    out = run_ctl(evd, "info")
+    assert out.returncode == 78 and "give --socket" in out.stderr
+    assert evd.stop() == 0

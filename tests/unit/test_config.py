@@ -749,3 +749,30 @@ def test_proxy_protocol_is_for_streams():
     assert one_error('[services.echo]\nproxy_protocol = "yes"\n') == (
         "services.echo.proxy_protocol: expected a boolean, got string"
     )
+
+
+def test_salvage_reads_one_key_from_a_broken_file(tmp_path):
+    """What `evd ctl` falls back to (issue 23, item 8)."""
+    from evd.config.loader import salvage
+
+    main = tmp_path / "evd.toml"
+    cases = {
+        '[control]\nunix = "/run/a.sock"\n[services.echo\n': "/run/a.sock",
+        'control.unix = "/run/b.sock"\n[oops\n': "/run/b.sock",
+        "[control]\nmode = \"0600\"\nunix = '/run/c.sock' # literal\n[control\n": "/run/c.sock",
+        '[services.echo]\nunix = "/run/not-control.sock"\n[x\n': None,
+        "[control]\nunix = [\n": None,
+        '[metrics]\ncontrol.unix = "/run/metrics.control.unix"\n[x\n': None,
+        '[control]\nunix = "/run/good.sock"\n': "/run/good.sock",  # valid TOML, whatever else is wrong
+    }
+    for text, expected in cases.items():
+        main.write_text(text)
+        assert salvage(str(main), "control", "unix") == expected, text
+    # the drop-ins, read after the main file, win as they do in a load
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "50-ctl.toml").write_text('[control]\nunix = "/run/dropin.sock"\n')
+    main.write_text(f'include = ["{tmp_path}/d/*.toml"]\n[control]\nunix = "/run/main.sock"\n[broken\n')
+    assert salvage(str(main), "control", "unix") == "/run/main.sock"  # its include unreadable: itself
+    main.write_text(f'include = ["{tmp_path}/d/*.toml"]\n[control]\nunix = "/run/main.sock"\n')
+    (tmp_path / "d" / "60-broken.toml").write_text("[x\n")
+    assert salvage(str(main), "control", "unix") == "/run/dropin.sock"

@@ -21,7 +21,7 @@ KEY_LEN = 27
 # one C call (bytes.translate) instead of a regular expression, which
 # costs twice as much as the rest of the check.
 ZEROS = bytes.maketrans(b"123456789", b"000000000")
-_SHAPE = b"0000-00-00T00:00:00.000000Z"
+SHAPE = b"0000-00-00T00:00:00.000000Z"
 
 # debug < info < warning < error: `--level warning` shows warning and error.
 # structlog may also say "critical"/"exception" (above error); anything
@@ -60,7 +60,7 @@ def key_of(moment: datetime) -> str:
 def is_key(ts: bytes) -> bool:
     """Is `ts` a timestamp in evd's own spelling, with digits where the
     digits go and a date and time that exist (no 2026-02-30, no 24:00)?"""
-    if ts.translate(ZEROS) != _SHAPE:
+    if ts.translate(ZEROS) != SHAPE:
         return False
     try:
         datetime.fromisoformat(ts.decode("ascii"))

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import orjson
 
 from evd.tools.logs.entries import is_entry, to_event
-from evd.tools.logs.events import ZEROS, is_key, line_service, peer_ip, ts_key
+from evd.tools.logs.events import SHAPE, ZEROS, is_key, line_service, peer_ip, ts_key
 from evd.tools.logs.jsonform import Extras, PeerJson, SummaryJson
 from evd.tools.logs.reading import OVERLONG
 from evd.tools.logs.stats import CommandStats, ServiceStats, add, by_count, exit_key, merge_counts
@@ -47,8 +47,6 @@ CLOSE_AT_42 = b'", "level": "info", "event": "conn.close"'
 # Sort after every timestamp key: "no line yet", "no upper bound".
 NO_KEY = "\uffff"
 NO_KEY_B = b"\xff"
-# A timestamp's fraction, its digits made 0 (events.ZEROS).
-FRACTION = b".000000Z"
 
 Json = dict[str, object]
 
@@ -108,19 +106,20 @@ class Summary:
         raw_first, raw_last, count, skipped = self.raw_first, self.raw_last, self.lines, self.skipped
         services, peers, general = self.services, self.peers, self._general
         # The second of the last timestamp checked whole (is_key): the
-        # lines of one second, hundreds in a busy log, then only compare
-        # their first 19 bytes with it and check their fraction's shape.
+        # lines of one second, hundreds in a busy log, then only have their
+        # shape checked (one bytes.translate) and their second compared;
+        # the date and time are known to exist.
         second = self.second
         for line in lines:
             head = line[42:83]
             if head == CLOSE_AT_42 and line[:15] == PREFIX:
                 ts = line[15:42]
-                if ts[:19] != second or ts[19:].translate(ZEROS) != FRACTION:
-                    if not is_key(ts):  # not evd's spelling: what the general path says
-                        verdict = general(line)
-                        skipped += verdict is None
-                        continue
-                    second = ts[:19]
+                sec = ts[:19]
+                if ts.translate(ZEROS) != SHAPE or (sec != second and not is_key(ts)):
+                    verdict = general(line)  # not evd's spelling: what the general path says
+                    skipped += verdict is None
+                    continue
+                second = sec
                 if timed and not since_b <= ts < until_b:
                     continue
                 # Inline, because this is half of a busy log; the general
@@ -166,12 +165,12 @@ class Summary:
             elif head == OPEN_AT_42 and service is None and line[:15] == PREFIX:
                 # Its timestamp and its count are all a conn.open adds.
                 ts = line[15:42]
-                if ts[:19] != second or ts[19:].translate(ZEROS) != FRACTION:
-                    if not is_key(ts):
-                        verdict = general(line)
-                        skipped += verdict is None
-                        continue
-                    second = ts[:19]
+                sec = ts[:19]
+                if ts.translate(ZEROS) != SHAPE or (sec != second and not is_key(ts)):
+                    verdict = general(line)
+                    skipped += verdict is None
+                    continue
+                second = sec
                 if timed and not since_b <= ts < until_b:
                     continue
             else:

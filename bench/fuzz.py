@@ -37,11 +37,12 @@ with atheris.instrument_imports(include=["evd", "h11", "tomllib"]):
     from evd.config.model import ConfigError
     from evd.loop.reactor import Reactor
     from evd.loop.seams import Reason
-    from evd.proto.control import Answer, Request, parse
+    from evd.proto.control import Answer, Request
     from evd.proto.framing import Decoder, FrameError, encode
     from evd.proto.rules import rules_for
     from evd.proto.session import Session
     from evd.server.control.connection import Control
+    from evd.server.control.verbs import parse
     from evd.server.metrics.http import Scrape
     from evd.tools.logs import reading
     from evd.tools.logs.events import ts_key

@@ -27,11 +27,12 @@ from evd.config import loader
 from evd.config.model import Config, ConfigError
 from evd.loop.seams import Reason
 from evd.net.transport import StreamTransport
-from evd.proto.control import BAD_REQUEST, UNKNOWN_COMMAND, Answer, Request, parse
+from evd.proto.control import BAD_REQUEST, UNKNOWN_COMMAND, Answer, Request
 from evd.proto.framing import Decoder, FrameError, encode
 from evd.proto.rules import rules_for
 from evd.proto.session import Echo, Failure, Reply, Session, Start, Stats
 from evd.server.control.connection import Control
+from evd.server.control.verbs import parse
 from evd.server.metrics.http import Scrape
 from evd.tools.logs import reading
 from evd.tools.logs.events import ts_key

@@ -74,7 +74,6 @@ def framed(data: bytes) -> None:
             decoder.feed(piece)
             while (request := decoder.next_request()) is not None:
                 session.receive(*request, 1e9)
-                session.events.clear()
     except FrameError:
         pass
 

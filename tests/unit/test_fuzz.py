@@ -30,7 +30,7 @@ from evd.net.transport import StreamTransport
 from evd.proto.control import BAD_REQUEST, UNKNOWN_COMMAND, Answer, Request
 from evd.proto.framing import Decoder, FrameError, encode
 from evd.proto.rules import rules_for
-from evd.proto.session import Echo, Failure, Reply, Session, Start, Stats
+from evd.proto.session import AuthFail, AuthOk, Close, Echo, Failure, Reply, Session, Start, Stats
 from evd.server.control.connection import Control
 from evd.server.control.verbs import parse
 from evd.server.metrics.http import Scrape
@@ -79,9 +79,9 @@ def test_framed_bytes_get_actions_or_a_frame_error(stream, data):
         for chunk in chunks(data, stream):
             decoder.feed(chunk)
             while (request := decoder.next_request()) is not None:
-                action = session.receive(*request, 1e9)
+                action, *events = session.receive(*request, 1e9)
                 assert type(action) in (Reply, Echo, Failure, Start, Stats)
-                session.events.clear()
+                assert all(type(e) in (AuthOk, AuthFail, Close) for e in events)
     except FrameError as exc:
         assert exc.code == "bad_frame" and str(exc)
 

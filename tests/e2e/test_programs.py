@@ -430,3 +430,17 @@ def test_program_services_with_workers(start_evd):
     assert len(conns) == 6  # each connection its own id, whichever worker took it
     ends = [evd.wait_for("exec.end", conn=int(c)) for c in conns]
     assert all(e["exit"] == 0 for e in ends)
+
+
+def test_a_program_behind_a_proxy_sees_the_client_the_header_names(start_evd):
+    extra = 'proxy_protocol = true\nproxy_from = ["127.0.0.1/32"]\n'
+    evd = start_evd(program_config(service("env", ["/bin/sh", "-c", "read line; echo $line; env"], extra)))
+    with socket.create_connection(evd.addr("env"), timeout=WAIT) as sock:
+        # The header and the client's first line in one segment: the line is the program's.
+        sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40123 7\r\nfirst line\n")
+        out = recv_all(sock).decode()
+    lines = out.splitlines()
+    assert lines[0] == "first line"
+    env = dict(line.split("=", 1) for line in lines[1:] if "=" in line)
+    assert (env["REMOTE_ADDR"], env["REMOTE_PORT"]) == ("192.0.2.7", "40123")
+    assert evd.wait_for("exec.start", service="env")["peer"] == "192.0.2.7:40123"

@@ -108,10 +108,11 @@ def render(command: str, body: Body) -> list[str]:
                 c["bytes_in"],
                 c["bytes_out"],
                 c["worker"],
+                c.get("exec_pid"),  # a program service's child (SPEC section 14)
             ]
             for c in body["conns"]
         ]
-        return table(("CONN", "SERVICE", "PEER", "AGE_S", "IDLE_S", "IN", "OUT", "WORKER"), rows)
+        return table(("CONN", "SERVICE", "PEER", "AGE_S", "IDLE_S", "IN", "OUT", "WORKER", "EXEC_PID"), rows)
     if command == "sources":
         rows = [
             [s["service"], s["ip"], s["connections"], s["rejected"], s["tokens"], s["banned_for_s"]]

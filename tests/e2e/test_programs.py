@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.ctl import ask
+from support.ctl import ask, run_ctl
 from support.daemon import ROOT, WAIT, need, process_gone, recv_all
 from support.pki import Pki
 from test_tls import converse
@@ -397,6 +397,8 @@ def test_ctl_lists_a_program_connection_with_its_pid_and_kill_ends_its_group(sta
         assert answer.ok, answer
         (row,) = answer.body["conns"]
         assert row["conn"] == start["conn"] and row["exec_pid"] == start["exec_pid"]
+        text = run_ctl(evd, "conns").stdout.splitlines()
+        assert text[0].split()[-1] == "EXEC_PID" and text[1].split()[-1] == str(start["exec_pid"])
         assert ask(evd, "kill", str(start["conn"])).ok
         end = evd.wait_for("exec.end", conn=start["conn"])
         assert end["signal"] == 9

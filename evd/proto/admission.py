@@ -52,6 +52,29 @@ BANNED = "banned"
 PROXY = "proxy"  # not from a trusted proxy, or no valid PROXY header in time
 
 
+# (slot, workers) of this process.  Per-client limits need no sharing: the
+# kernel steers each client IP to one worker (server/sockets.py `steer`),
+# so that worker's count is the client's count.  max_connections is the
+# whole service's, so each worker takes its part of it.
+_SLOT: tuple[int, int] = (0, 1)
+
+
+def serve_as_worker(index: int, count: int) -> None:
+    """This process is worker `index` of `count`: see share_of."""
+    global _SLOT
+    _SLOT = (index, count)
+
+
+def share_of(total: int) -> int:
+    """This worker's part of a max_connections of `total`: the floor of an
+    even split, the remainder one each to the first slots, so the parts add
+    up to `total` exactly -- but never 0, or the clients steered to that
+    worker could never connect (with max_connections < workers the service
+    takes one per worker)."""
+    index, count = _SLOT
+    return max(1, total // count + (1 if index < total % count else 0))
+
+
 @dataclass(frozen=True, slots=True)
 class SourceView:
     """One client IP as admission sees it (`evd ctl sources`)."""
@@ -82,7 +105,7 @@ class Admission:
         self._proxy_from = service.proxy_from
         self._trusted.clear()
         limits: Limits = service.limits
-        self._max = limits.max_connections
+        self._max = share_of(limits.max_connections)
         self._per_source_max = limits.per_source
         self._rate = limits.rate
         self._burst = float(limits.burst)

@@ -72,6 +72,7 @@ from evd.handlers.service import number_connections
 from evd.log.logger import log
 from evd.loop.reactor import Reactor
 from evd.net.listeners import bound_identity, unlink_if_ours
+from evd.proto import admission
 from evd.server import preflight, reload_steps, signals
 from evd.server.control.drivers import WorkerEnd
 from evd.server.control.endpoints import SurfaceKey, Surfaces
@@ -286,6 +287,7 @@ class Supervisor:
         self, index: int, sockets: dict[ListenerKey, socket.socket], link: socket.socket
     ) -> int:
         number_connections(self.count, index, self.lives[index])
+        admission.serve_as_worker(index, self.count)
         reactor = Reactor()
         daemon = Daemon(
             self.config, self.machine, reactor, worker=(index, os.getpid()), log_overrides=self.log_overrides

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from support.ctl import CONFIG, WORKERS, ask, run_ctl
-from support.daemon import ROOT, WAIT, connect, recv_all, recv_exactly
+from support.daemon import ROOT, SPREAD, WAIT, connect, recv_all, recv_exactly
 
 from evd.proto.control import Request
 from evd.proto.framing import encode
@@ -262,8 +262,8 @@ def test_workers_every_command_covers_every_worker(start_evd):
     assert info["workers"] == 2 and info["pid"] == evd.proc.pid
     socks = []
     try:
-        for _ in range(40):  # enough that both workers hold some (2^-39 otherwise)
-            sock = connect(evd.addr("echo"))
+        for i in range(40):  # from two sources: both workers hold some
+            sock = connect(evd.addr("echo"), source=SPREAD[i % 2])
             socks.append(sock)
             echo_once(sock)
         conns = body(evd, "conns", "echo")["conns"]
@@ -292,8 +292,8 @@ def test_workers_every_command_covers_every_worker(start_evd):
         answer = ask(evd, "enable", "echo")
         assert answer.ok, answer
         served = set()
-        for _ in range(40):
-            with connect(evd.addr("echo")) as sock:
+        for i in range(40):
+            with connect(evd.addr("echo"), source=SPREAD[i % 2]) as sock:
                 echo_once(sock)
                 served.add(conn_of(evd, "echo", sock.getsockname()[1])["worker"])
         assert served == {0, 1}  # both workers took the new socket

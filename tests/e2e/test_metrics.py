@@ -15,7 +15,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.ctl import CONFIG, WORKERS, ask
-from support.daemon import WAIT, connect, need, recv_all, recv_exactly
+from support.daemon import SPREAD, WAIT, connect, need, recv_all, recv_exactly
 from support.metrics import scrape, value
 
 from evd.loop.reactor import Reactor
@@ -156,7 +156,7 @@ def test_a_stalled_scraper_blocks_no_one(start_evd):
 def test_workers_one_scrape_sums_all_and_counts_survive_a_new_generation(start_evd):
     evd = start_evd(WORKERS)
     first = {evd.wait_for("worker.start", worker=i)["worker_pid"] for i in (0, 1)}
-    socks = [connect(evd.addr("echo")) for _ in range(30)]
+    socks = [connect(evd.addr("echo"), source=SPREAD[i % 2]) for i in range(30)]
     try:
         for sock in socks:
             sock.sendall(b"hi")

@@ -12,18 +12,31 @@ from pathlib import Path
 import pytest
 from support.daemon import BASE_CONFIG, WAIT, connect, process_gone, recv_all, recv_exactly
 
+from evd.proto.framing import Decoder, encode
+from evd.server.sockets import worker_for
 from evd.server.supervisor import RESTART_DELAY, Worker, missing
 from evd.tools.client import Client
 
 WORKERS = BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 5.0\nworkers = 2")
-# Connections tried before concluding the kernel never picks a worker: with
-# two listening copies, 200 all landing on one is a 2^-199 event.
-TRIES = 200
 
 
-def stats(address: str) -> dict:
-    with Client(address, timeout=WAIT) as client:
-        return json.loads(client.call("stats").body)
+def stats(address: str, source: str = "127.0.0.1") -> dict:
+    """The framed `stats` answer to a client at `source`: the kernel steers
+    each client IP to one worker (server/sockets.py `steer`)."""
+    host, _, port = address.rpartition(":")
+    with socket.socket() as sock:
+        sock.settimeout(WAIT)
+        sock.bind((source, 0))
+        sock.connect((host, int(port)))
+        sock.sendall(encode({"svc": "stats"}))
+        decoder = Decoder(1 << 20, 1 << 24)
+        frames: list = []
+        while len(frames) < 2:  # the hello, then the answer
+            data = sock.recv(65536)
+            assert data, "closed before the stats answer"
+            decoder.feed(data)
+            frames.extend(decoder.frames())
+        return json.loads(frames[1].body)
 
 
 def worker_pids(evd) -> dict[int, int]:
@@ -45,11 +58,10 @@ def test_workers_share_every_port_and_stats_say_who_answered(start_evd, tmp_path
     pids = worker_pids(evd)
     framed = "{}:{}".format(*evd.addr("framed"))
     seen = {}
-    for _ in range(TRIES):
-        worker = stats(framed)["worker"]
+    for source in (f"127.0.0.{i}" for i in range(1, 10)):  # worker_for spreads these over both
+        worker = stats(framed, source)["worker"]
+        assert worker["index"] == worker_for(source, 2)
         seen[worker["index"]] = worker["pid"]
-        if len(seen) == 2:
-            break
     assert seen == pids
     # UDP and UNIX are served too; every worker listens at the same address.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -77,11 +89,9 @@ def test_a_killed_worker_is_restarted(start_evd):
     successor = evd.wait_for_since(mark, "worker.start", worker=0)["worker_pid"]
     assert successor != victim and not process_gone(successor, 0)
     framed = "{}:{}".format(*evd.addr("framed"))
-    for _ in range(TRIES):  # slot 0's socket was kept: the new worker serves it
-        if stats(framed)["worker"] == {"index": 0, "pid": successor}:
-            break
-    else:
-        pytest.fail(f"worker 0 (pid {successor}) never answered")
+    # Slot 0's socket was kept: the new worker serves its clients.
+    assert worker_for("127.0.0.1", 2) == 0
+    assert stats(framed, "127.0.0.1")["worker"] == {"index": 0, "pid": successor}
     assert echo(evd.addr("echo")) == b"hi"
     assert evd.stop() == 0
 

@@ -227,9 +227,16 @@ class EvdProcess:
         return self.proc.returncode
 
 
-def connect(address: tuple[str, int], timeout: float = WAIT) -> socket.socket:
-    sock = socket.create_connection(address, timeout=timeout)
-    return sock
+# Client addresses that the kernel steers to different workers (see
+# evd/server/sockets.py, worker_for): with workers = 2, 127.0.0.1 lands on
+# worker 0 and 127.0.0.2 on worker 1.  Tests that need both workers busy
+# connect from each in turn.
+SPREAD = ("127.0.0.1", "127.0.0.2")
+
+
+def connect(address: tuple[str, int], timeout: float = WAIT, source: str | None = None) -> socket.socket:
+    """A TCP connection to `address`, from `source` (an IP) if given."""
+    return socket.create_connection(address, timeout=timeout, source_address=(source, 0) if source else None)
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:

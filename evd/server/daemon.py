@@ -123,6 +123,9 @@ class Daemon:
         # Where listeners `evd ctl disable` closed were bound (server/control/daemon_verbs.py).
         self.disabled: dict[ListenerKey, Address] = {}
         self.closers: list[Callable[[], None]] = []  # at exit, while the loop is still there
+        # SIGUSR1: reopen the log; a worker's takes part in the supervisor's
+        # rotation instead (server/rotation.py).
+        self.on_usr1: Callable[[], None] = log.reopen
 
     def stats(self) -> dict[str, object]:
         """The framed `stats` body."""
@@ -247,7 +250,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             reactor.add_signal_handler(signum, functools.partial(self.shutdown, signum))
         reactor.add_signal_handler(signal.SIGHUP, self.reload)
-        reactor.add_signal_handler(signal.SIGUSR1, log.reopen)
+        reactor.add_signal_handler(signal.SIGUSR1, self.on_usr1)
         if self.worker:
             reactor.add_signal_handler(signals.RETIRE, self.retire)
         # Handlers are in place: whatever came while held is delivered now.

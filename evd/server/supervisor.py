@@ -42,7 +42,8 @@ and timers:
   Listeners added or removed: bind the new ones, start a new generation of
   workers, and retire the old one (SIGUSR2): it stops accepting and serves
   its open connections to their natural end.
-- SIGUSR1: reopen our log file, pass it on.
+- SIGUSR1: reopen the log file, every process in step so that a reader
+  following it loses nothing (server/rotation.py).
 
 Reconciling, not scheduling (gunicorn's `manage_workers`).  Nothing is ever
 "scheduled to start later": after every reap, after a reload and on a
@@ -79,6 +80,7 @@ from evd.server.control.endpoints import SurfaceKey, Surfaces
 from evd.server.control.fanout import Fanout
 from evd.server.daemon import Daemon, read_tls
 from evd.server.reload_plan import ListenerKey, Overrides, Plan, Result
+from evd.server.rotation import SupervisorRotation, WorkerRotation
 from evd.server.sockets import Slots, bind_slots, close_sockets
 from evd.system.pidfile import Pidfile
 from evd.system.systemd import Notifier
@@ -153,6 +155,7 @@ class Supervisor:
         # CPU seconds of every worker reaped: process_cpu_seconds_total keeps
         # them, as a counter must (their pids are gone from /proc).
         self.cpu_departed = 0.0
+        self.rotation = SupervisorRotation(self.reactor, self._signal_pids, self.manage)
 
     @property
     def live(self) -> dict[int, tuple[int, int]]:
@@ -210,6 +213,7 @@ class Supervisor:
             self.close_listener(key)
         os.close(self.lifeline_w)
         os.close(self.lifeline_r)
+        self.rotation.close()
 
     def close_listener(self, key: ListenerKey) -> None:
         self.log_listener("listener.close", key)
@@ -223,7 +227,7 @@ class Supervisor:
     def manage(self) -> None:
         """Start a worker on every slot of the current generation that has
         none (see the module's docstring)."""
-        if self.stopping:
+        if self.stopping or self.rotation.running:
             return
         for index in missing(self.workers.values(), self.generation, self.count, self.held, time.monotonic()):
             self.spawn(index)
@@ -267,6 +271,7 @@ class Supervisor:
             # Not handled here, and commands inherit the mask: unblock it.
             signals.release(frozenset({signal.SIGCHLD}))
             os.close(self.lifeline_w)
+            acks = self.rotation.close_in_child()
             if self.pidfile is not None:
                 self.pidfile.close()  # the lock stays with the supervisor's copy
             self.notifier.close()  # systemd hears from the main process only
@@ -276,7 +281,7 @@ class Supervisor:
                 for sock in socks:
                     if id(sock) not in keep:
                         sock.close()
-            code = self._serve_worker(index, mine, link)
+            code = self._serve_worker(index, mine, link, acks)
         except BaseException as exc:
             log.error("error", where="worker", worker=index, exc_info=exc)
         finally:
@@ -284,7 +289,7 @@ class Supervisor:
             os._exit(code)
 
     def _serve_worker(
-        self, index: int, sockets: dict[ListenerKey, socket.socket], link: socket.socket
+        self, index: int, sockets: dict[ListenerKey, socket.socket], link: socket.socket, acks: int
     ) -> int:
         number_connections(self.count, index, self.lives[index])
         admission.serve_as_worker(index, self.count)
@@ -293,6 +298,7 @@ class Supervisor:
             self.config, self.machine, reactor, worker=(index, os.getpid()), log_overrides=self.log_overrides
         )
         daemon.open(sockets)
+        daemon.on_usr1 = WorkerRotation(reactor, acks).signalled
         lifeline = self.lifeline_r
 
         def orphaned() -> None:
@@ -304,7 +310,8 @@ class Supervisor:
         reactor.add_reader(lifeline, orphaned)
         end = WorkerEnd(daemon, link)
         code = daemon.serve()
-        end.last_words()
+        if not end.link.closed:  # else the supervisor is gone: nobody to tell
+            end.last_words()
         return code
 
     def reap(self) -> None:
@@ -317,6 +324,7 @@ class Supervisor:
             if pid == 0:
                 break
             worker = self.workers.pop(pid, None)
+            self.rotation.gone(pid)
             if worker is not None:
                 self.cpu_departed += usage.ru_utime + usage.ru_stime
                 self._worker_exited(worker, os.waitstatus_to_exitcode(status))
@@ -375,8 +383,10 @@ class Supervisor:
         )
 
     def reopen_log(self) -> None:
-        log.reopen()
-        self._signal_workers(signal.SIGUSR1)
+        self.rotation.start(self.workers)
+
+    def _signal_pids(self, signum: int, pids: Iterable[int]) -> None:
+        self._signal_workers(signum, [self.workers[pid] for pid in pids if pid in self.workers])
 
     def reload(self) -> Result:
         """SIGHUP: the same plan as a single process's reload; logged and

@@ -54,7 +54,7 @@ LAYERS = {
     "server.metrics.exposition": 15,
     "server.metrics.snapshot": 18,
     # server/ -- the reload (shared steps, pure plan), signals, sockets, preflight
-    "server.reload_steps": 15, "server.signals": 15,
+    "server.reload_steps": 15, "server.signals": 15, "server.rotation": 15,
     "server.sockets": 16,
     "server.reload_plan": 19, "server.preflight": 19,
     # net/ -- sockets: listening and connected

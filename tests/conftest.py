@@ -1,7 +1,18 @@
 """The fixtures every layer of tests shares: a real `evd run` on free ports
-(tests/support/daemon.py has the helpers behind them)."""
+(tests/support/daemon.py has the helpers behind them).
+
+Workers are not a special case (STYLE 16): every end-to-end test that
+starts a daemon through these fixtures runs twice, as one process ([w1])
+and with `workers = 2` ([w2]), which the fixtures write into its
+configuration.  A test whose expected result differs with workers by
+design (worker pids, a listener.open per worker, process_* summed), or
+that sets `workers` itself, opts out with
+`@pytest.mark.no_workers_variant("why")` and runs once, as written.
+"""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from support.daemon import (
@@ -12,15 +23,50 @@ from support.daemon import (
     NotifySocket,
 )
 
+VARIANTS = [pytest.param(1, id="w1"), pytest.param(2, id="w2")]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "no_workers_variant(reason): run this end-to-end test once, as written, not also with workers = 2",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    if (
+        "evd_workers" in metafunc.fixturenames
+        and "/e2e/" in str(metafunc.definition.path)
+        and metafunc.definition.get_closest_marker("no_workers_variant") is None
+    ):
+        metafunc.parametrize("evd_workers", VARIANTS, indirect=True)
+
 
 @pytest.fixture
-def start_evd(tmp_path):
+def evd_workers(request) -> int:
+    """How many workers the fixtures' daemons run: 1, or 2 for a [w2] test."""
+    return getattr(request, "param", 1)
+
+
+def with_workers(config: str, workers: int) -> str:
+    """`config` with `workers` set, unless it sets workers itself."""
+    if workers == 1 or re.search(r"^\s*workers\s*=", config, re.MULTILINE):
+        return config
+    if re.search(r"^\[daemon\]\s*$", config, re.MULTILINE):
+        return re.sub(
+            r"^\[daemon\]\s*$", f"[daemon]\nworkers = {workers}", config, count=1, flags=re.MULTILINE
+        )
+    return f"{config.rstrip()}\n\n[daemon]\nworkers = {workers}\n"
+
+
+@pytest.fixture
+def start_evd(tmp_path, evd_workers):
     started: list[EvdProcess] = []
 
     def start(
         config: str = BASE_CONFIG, args=(), env=None, wait_ready=True, prefix=(), pass_fds=()
     ) -> EvdProcess:
-        evd = EvdProcess(tmp_path, config, args, env, prefix, pass_fds)
+        evd = EvdProcess(tmp_path, with_workers(config, evd_workers), args, env, prefix, pass_fds)
         started.append(evd)
         return evd.ready() if wait_ready else evd
 
@@ -38,8 +84,8 @@ def evd(start_evd) -> EvdProcess:
 
 
 @pytest.fixture
-def control(tmp_path):
-    ctl = Control(tmp_path)
+def control(tmp_path, evd_workers):
+    ctl = Control(tmp_path, lambda config: with_workers(config, evd_workers))
     yield ctl
     ctl.cleanup()
 

@@ -19,6 +19,9 @@ from evd.tools.client import Client
 
 WORKERS = BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 5.0\nworkers = 2")
 
+# These tests set `workers` themselves (tests/conftest.py).
+pytestmark = pytest.mark.no_workers_variant("sets workers itself")
+
 
 def stats(address: str, source: str = "127.0.0.1") -> dict:
     """The framed `stats` answer to a client at `source`: the kernel steers

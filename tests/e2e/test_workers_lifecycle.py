@@ -12,9 +12,13 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 from support.daemon import BASE_CONFIG, ROOT, SPREAD, WAIT, LogFile, connect, process_gone, recv_exactly
 
 WORKERS = BASE_CONFIG.replace("shutdown_timeout = 5.0", "shutdown_timeout = 5.0\nworkers = 2")
+
+# These tests set `workers` themselves (tests/conftest.py).
+pytestmark = pytest.mark.no_workers_variant("sets workers itself")
 
 
 def test_orphaned_workers_leave_quietly_with_one_line_saying_why(start_evd):

@@ -22,6 +22,9 @@ from evd.server.sockets import worker_for
 
 SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
 
+# These tests set `workers` themselves (tests/conftest.py).
+pytestmark = pytest.mark.no_workers_variant("sets workers itself")
+
 
 def config(workers: int, limits: str = "", framed: str = "", echo: str = "") -> str:
     text = BASE_CONFIG.replace("shutdown_timeout = 5.0", f"shutdown_timeout = 5.0\nworkers = {workers}")

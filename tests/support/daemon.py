@@ -333,15 +333,16 @@ class Control:
     """`evd start/stop/status/reload` on one configuration file; whatever it
     started is stopped at teardown (SIGTERM, then SIGKILL, by pid)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, adjust=lambda config: config):
         self.tmp = tmp
+        self.adjust = adjust  # the fixture's: workers = 2 for a [w2] test
         self.config_path = tmp / "evd.toml"
         self.pidfile = tmp / "evd.pid"
         self.log = LogFile(tmp / "evd.log")
         self.pids: list[int] = []
 
     def write(self, config: str, **extra) -> Path:
-        self.config_path.write_text(config.format(tmp=self.tmp, **extra))
+        self.config_path.write_text(self.adjust(config.format(tmp=self.tmp, **extra)))
         return self.config_path
 
     def __call__(self, *args, timeout: float = 3 * WAIT) -> subprocess.CompletedProcess:

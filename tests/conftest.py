@@ -7,7 +7,10 @@ and with `workers = 2` ([w2]), which the fixtures write into its
 configuration.  A test whose expected result differs with workers by
 design (worker pids, a listener.open per worker, process_* summed), or
 that sets `workers` itself, opts out with
-`@pytest.mark.no_workers_variant("why")` and runs once, as written.
+`@pytest.mark.no_workers_variant("why")` and runs once, as written.  A
+known defect with workers in someone else's area is marked
+`@pytest.mark.workers_defect("what, whose")`: its [w2] runs as a non-strict
+xfail until fixed (then drop the mark).
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ def start_evd(tmp_path, evd_workers):
     def start(
         config: str = BASE_CONFIG, args=(), env=None, wait_ready=True, prefix=(), pass_fds=()
     ) -> EvdProcess:
-        evd = EvdProcess(tmp_path, with_workers(config, evd_workers), args, env, prefix, pass_fds)
+        evd = EvdProcess(
+            tmp_path, config, args, env, prefix, pass_fds, adjust=lambda text: with_workers(text, evd_workers)
+        )
         started.append(evd)
         return evd.ready() if wait_ready else evd
 
@@ -85,7 +90,7 @@ def evd(start_evd) -> EvdProcess:
 
 @pytest.fixture
 def control(tmp_path, evd_workers):
-    ctl = Control(tmp_path, lambda config: with_workers(config, evd_workers))
+    ctl = Control(tmp_path, lambda text: with_workers(text, evd_workers))
     yield ctl
     ctl.cleanup()
 

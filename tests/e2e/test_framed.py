@@ -58,6 +58,7 @@ def test_hello_is_sent_first(evd):
     assert hello["auth"] == "none" and "nonce" not in hello
 
 
+@pytest.mark.no_workers_variant("stats name the answering worker's pid, not the supervisor's")
 def test_echo_time_stats_through_the_client(evd):
     with Client(framed(evd)) as client:
         echo = client.call("echo", b"\x00binary\xff", id=7)
@@ -423,6 +424,7 @@ def test_world_readable_key_file_is_refused(tmp_path):
 # -- evd call --------------------------------------------------------------------
 
 
+@pytest.mark.no_workers_variant("stats name the answering worker's pid, not the supervisor's")
 def test_evd_call_commands_and_exit_codes(evd):
     out = call(evd, "echo", "hello", "there")
     assert out.returncode == 0 and out.stdout == b"hello there"

@@ -300,6 +300,9 @@ def test_reload_adds_removes_and_survives_a_broken_config(start_evd, tmp_path):
     assert evd.stop() == 0
 
 
+@pytest.mark.workers_defect(
+    "config.reload ok is logged before the workers apply it (fanout.reload_workers does not wait)"
+)
 def test_reload_applies_log_level_and_commands(start_evd, tmp_path):
     evd = start_evd()
     changed = BASE_CONFIG.replace('level = "info"', 'level = "debug"').replace(
@@ -424,6 +427,7 @@ def hup_at_once(pidfile: Path) -> int:
     return pid
 
 
+@pytest.mark.no_workers_variant("sets workers itself")
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_and_sigusr1_right_after_the_pidfile_appears_do_not_kill_run(start_evd, tmp_path, workers):
     config = BASE_CONFIG if workers == 1 else WORKERS_CONFIG

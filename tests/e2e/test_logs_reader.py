@@ -283,6 +283,9 @@ class Show:
                 self.proc.wait(WAIT)
 
 
+@pytest.mark.no_workers_variant(
+    "conn ids step by workers + 1; test_workers_lifecycle follows rotations with workers"
+)
 def test_follow_across_a_logrotate_rename(start_evd, tmp_path):
     evd, log = start_logged(start_evd, tmp_path)
     echo = address(log, "echo")

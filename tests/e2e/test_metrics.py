@@ -153,6 +153,7 @@ def test_a_stalled_scraper_blocks_no_one(start_evd):
     assert evd.stop() == 0
 
 
+@pytest.mark.no_workers_variant("sets workers itself")
 def test_workers_one_scrape_sums_all_and_counts_survive_a_new_generation(start_evd):
     evd = start_evd(WORKERS)
     first = {evd.wait_for("worker.start", worker=i)["worker_pid"] for i in (0, 1)}

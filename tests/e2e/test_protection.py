@@ -123,6 +123,9 @@ def test_ipv4_mapped_peers_on_a_dual_stack_listener_match_ipv4_rules(start_evd):
 # -- limits ------------------------------------------------------------------------
 
 
+@pytest.mark.no_workers_variant(
+    "max_connections is split among workers and one client reaches one worker (docs/guide/workers.md)"
+)
 def test_max_connections(start_evd):
     evd = start_evd(with_service("echo", "max_connections = 3\n"))
     address = evd.addr("echo")
@@ -279,6 +282,7 @@ def test_chargen_reader_that_stops_reading_keeps_memory_bounded(evd):
 # -- descriptor exhaustion -----------------------------------------------------------
 
 
+@pytest.mark.no_workers_variant("limits the supervisor's descriptors; test_workers_steering starves a worker")
 def test_descriptor_exhaustion_backs_off_and_recovers(evd):
     address = evd.addr("echo")
     first = connect(address)

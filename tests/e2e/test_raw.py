@@ -33,6 +33,7 @@ def udp_request(address, payload: bytes, timeout: float = WAIT, family=socket.AF
 # -- logs and lifecycle --------------------------------------------------------
 
 
+@pytest.mark.no_workers_variant("a listener.open per worker as well as the supervisor's")
 def test_json_log_lines_and_listener_events(evd):
     start = evd.events[0]
     assert start["event"] == "daemon.start"
@@ -47,6 +48,7 @@ def test_json_log_lines_and_listener_events(evd):
     assert all(e["address"] != "127.0.0.1:0" for e in opened if e["proto"] != "unix")
 
 
+@pytest.mark.no_workers_variant("a listener.close per worker as well as the supervisor's")
 def test_sigterm_stops_cleanly_with_daemon_stop(evd):
     assert evd.stop(signal.SIGTERM) == 0
     stop = evd.wait_for("daemon.stop")

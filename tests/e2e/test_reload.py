@@ -46,6 +46,7 @@ def write_key(path, content: bytes = b"sekrit") -> bytes:
     return content
 
 
+@pytest.mark.no_workers_variant("sets workers itself")
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_reload_report_is_the_same_with_one_or_two_workers(start_evd, workers):
     """Issue 9 #7: switching discard on was `changed=["echo"]` with one

@@ -45,6 +45,7 @@ unix = ["{tmp}/framed.sock"]
 MINIMAL += services_off("daytime", "timefmt")
 
 
+@pytest.mark.no_workers_variant("STATUS= says how many workers serve")
 def test_notify_ready_reloading_stopping(start_evd, notify_socket):
     notify, address = notify_socket
     evd = start_evd(env={"NOTIFY_SOCKET": address})

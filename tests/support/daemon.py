@@ -101,13 +101,33 @@ def need(tool: str) -> str:
     return path
 
 
+class ConfigFile(type(Path())):
+    """A daemon's configuration file.  What a test writes to it passes
+    through `adjust` first, at start and for every reload after: the
+    fixtures' `workers = 2` stays in a rewritten file (tests/conftest.py)."""
+
+    def adjust(self, text: str) -> str:
+        return text
+
+    def write_text(self, data, *args, **kwargs):
+        return super().write_text(self.adjust(data), *args, **kwargs)
+
+
+def config_file(path: Path, adjust=None) -> ConfigFile:
+    config = ConfigFile(path)
+    if adjust is not None:
+        config.adjust = adjust
+    return config
+
+
 class EvdProcess:
     """`evd run` in the foreground.  `prefix` goes before the command (an
-    exec wrapper, say), `pass_fds` are inherited by it."""
+    exec wrapper, say), `pass_fds` are inherited by it; `adjust` rewrites
+    every configuration written (ConfigFile)."""
 
-    def __init__(self, tmp: Path, config: str, args=(), env=None, prefix=(), pass_fds=()):
+    def __init__(self, tmp: Path, config: str, args=(), env=None, prefix=(), pass_fds=(), adjust=None):
         self.tmp = tmp
-        self.config_path = tmp / "evd.toml"
+        self.config_path = config_file(tmp / "evd.toml", adjust)
         self.config_path.write_text(config.format(tmp=tmp))
         self.events: list[dict] = []
         self.raw: list[str] = []
@@ -333,16 +353,15 @@ class Control:
     """`evd start/stop/status/reload` on one configuration file; whatever it
     started is stopped at teardown (SIGTERM, then SIGKILL, by pid)."""
 
-    def __init__(self, tmp: Path, adjust=lambda config: config):
+    def __init__(self, tmp: Path, adjust=None):
         self.tmp = tmp
-        self.adjust = adjust  # the fixture's: workers = 2 for a [w2] test
-        self.config_path = tmp / "evd.toml"
+        self.config_path = config_file(tmp / "evd.toml", adjust)  # workers = 2 for a [w2] test
         self.pidfile = tmp / "evd.pid"
         self.log = LogFile(tmp / "evd.log")
         self.pids: list[int] = []
 
     def write(self, config: str, **extra) -> Path:
-        self.config_path.write_text(self.adjust(config.format(tmp=self.tmp, **extra)))
+        self.config_path.write_text(config.format(tmp=self.tmp, **extra))
         return self.config_path
 
     def __call__(self, *args, timeout: float = 3 * WAIT) -> subprocess.CompletedProcess:

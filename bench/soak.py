@@ -6,7 +6,7 @@
 One `evd run` (log to a file, control socket, metrics, TLS) and, all the
 time: --idle idle connections from four loopback sources; short `evd bench`
 rounds of tcp, udp, framed and TLS traffic (a few connections each, a round
-every few seconds: a moderate rate on a shared machine); a framed command
+every 8 s: a moderate rate on a shared machine); a framed command
 every 2 s; a scrape of /metrics every second, `promtool check metrics` on
 every 60th; `evd ctl info|services|conns|sources` every 5 s; a reload every
 10 s, alternating between adding and removing a listener (with workers:
@@ -302,7 +302,7 @@ class Soak:
         )
         held = self.hold_idle()
         threads = [
-            self.every(4.0, self.bench_round, "bench"),
+            self.every(8.0, self.bench_round, "bench"),
             self.every(2.0, self.command, "command"),
             self.every(1.0, self.scrape, "scrape"),
             self.every(5.0, self.ctl, "ctl"),

@@ -78,6 +78,9 @@ udp = []
 [services.time]
 enabled = false
 
+[services.timefmt]
+enabled = false
+
 [services.framed]
 tcp = ["127.0.0.1:0"]
 

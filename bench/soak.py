@@ -6,9 +6,9 @@
 One `evd run` (log to a file, control socket, metrics, TLS) and, all the
 time: --idle idle connections from four loopback sources; short `evd bench`
 rounds of tcp, udp, framed and TLS traffic (a few connections each, a round
-every 8 s: a moderate rate on a shared machine); a framed command
-every 2 s; a scrape of /metrics every second, `promtool check metrics` on
-every 60th; `evd ctl info|services|conns|sources` every 5 s; a reload every
+every 15 s: a moderate rate on a shared machine); a framed command
+every 5 s; a scrape of /metrics every second, `promtool check metrics` on
+every 60th; `evd ctl info|services|conns|sources` every 10 s; a reload every
 10 s, alternating between adding and removing a listener (with workers:
 a new generation every time); a logrotate (rename, SIGUSR1) every 5 minutes
 with `evd logs show -f` reading along; a new TLS certificate every 15
@@ -115,7 +115,9 @@ class Soak:
     def write_config(self) -> None:
         extra = ', "127.0.0.2:0"' if self.extra else ""
         text = CONFIG.format(tmp=self.tmp, workers=self.args.workers, extra=extra)
-        (self.tmp / "evd.toml").write_text(text)
+        # Atomically: `evd ctl` reads the file for the socket meanwhile.
+        (self.tmp / "evd.toml.new").write_text(text)
+        os.replace(self.tmp / "evd.toml.new", self.tmp / "evd.toml")
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -305,10 +307,10 @@ class Soak:
         )
         held = self.hold_idle()
         threads = [
-            self.every(8.0, self.bench_round, "bench"),
-            self.every(2.0, self.command, "command"),
+            self.every(15.0, self.bench_round, "bench"),
+            self.every(5.0, self.command, "command"),
             self.every(1.0, self.scrape, "scrape"),
-            self.every(5.0, self.ctl, "ctl"),
+            self.every(10.0, self.ctl, "ctl"),
             self.every(10.0, self.reload, "reload"),
             self.every(300.0, self.rotate_log, "logrotate") if self.args.minutes >= 5 else None,
             self.every(900.0, self.rotate_cert, "certificate") if self.args.minutes >= 15 else None,

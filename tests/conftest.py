@@ -34,15 +34,25 @@ def pytest_configure(config):
         "markers",
         "no_workers_variant(reason): run this end-to-end test once, as written, not also with workers = 2",
     )
+    config.addinivalue_line(
+        "markers",
+        "workers_defect(reason): a known defect with workers, another area's: [w2] is xfail (not strict)",
+    )
 
 
 def pytest_generate_tests(metafunc):
+    definition = metafunc.definition
     if (
         "evd_workers" in metafunc.fixturenames
-        and "/e2e/" in str(metafunc.definition.path)
-        and metafunc.definition.get_closest_marker("no_workers_variant") is None
+        and "/e2e/" in str(definition.path)
+        and definition.get_closest_marker("no_workers_variant") is None
     ):
-        metafunc.parametrize("evd_workers", VARIANTS, indirect=True)
+        variants = VARIANTS
+        defect = definition.get_closest_marker("workers_defect")
+        if defect is not None:
+            xfail = pytest.mark.xfail(reason=f"with workers: {defect.args[0]}", strict=False)
+            variants = [VARIANTS[0], pytest.param(2, id="w2", marks=xfail)]
+        metafunc.parametrize("evd_workers", variants, indirect=True)
 
 
 @pytest.fixture

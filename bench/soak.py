@@ -306,6 +306,8 @@ class Soak:
             stdin=subprocess.DEVNULL,
         )
         held = self.hold_idle()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # cut it short: still a report
+            signal.signal(signum, lambda *_: self.stop.set())
         threads = [
             self.every(15.0, self.bench_round, "bench"),
             self.every(5.0, self.command, "command"),

@@ -40,7 +40,7 @@ def test_orphaned_workers_leave_quietly_with_one_line_saying_why(start_evd):
 
 
 LOGGED = WORKERS.replace("[log]\n", '[log]\nfile = "{tmp}/evd.log"\n', 1)
-ROTATIONS = 6
+ROTATIONS = 10
 
 
 class Traffic:
@@ -93,7 +93,13 @@ def test_show_f_sees_every_line_once_across_rotations_with_workers(start_evd, tm
                 time.sleep(0.01)
             os.rename(log.path, tmp_path / f"evd.log.{n}")
             evd.send(signal.SIGUSR1)
-            LogFile(log.path).wait_for("log.reopen", pid=evd.proc.pid)
+            reopened = LogFile(log.path).wait_for("log.reopen", pid=evd.proc.pid)
+            # show -f follows a name: let it reach this file before the next
+            # rename, or it never sees this one (as tail -F would not).
+            deadline = time.monotonic() + WAIT
+            while canonical(json.dumps(reopened)) not in {canonical(line) for line in shown}:
+                assert time.monotonic() < deadline, "show -f did not reach the new file"
+                time.sleep(0.02)
     finally:
         traffic.stop()
         evd.stop()

@@ -319,9 +319,6 @@ def test_workers_every_command_covers_every_worker(start_evd):
 # -- evd enable --now ------------------------------------------------------------------
 
 
-@pytest.mark.workers_defect(
-    "issue 23 item 2: fanout.ask iterates the links while an exiting worker's is removed (branch verbs)"
-)
 def test_enable_now_reloads_through_the_control_socket(start_evd, tmp_path):
     config = f'include = ["{tmp_path}/evd.d/*.toml"]\n' + CONFIG
     evd = start_evd(config)

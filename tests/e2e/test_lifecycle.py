@@ -300,9 +300,6 @@ def test_reload_adds_removes_and_survives_a_broken_config(start_evd, tmp_path):
     assert evd.stop() == 0
 
 
-@pytest.mark.workers_defect(
-    "config.reload ok is logged before the workers apply it (fanout.reload_workers does not wait)"
-)
 def test_reload_applies_log_level_and_commands(start_evd, tmp_path):
     evd = start_evd()
     changed = BASE_CONFIG.replace('level = "info"', 'level = "debug"').replace(

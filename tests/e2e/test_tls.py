@@ -478,9 +478,6 @@ def test_a_client_certificate_authenticates_as_its_key(start_evd, pki):
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.workers_defect(
-    "a worker's enable does not call prepare_tls: KeyError in Daemon._tls (fanout.WorkerEnd, branch verbs)"
-)
 def test_ctl_enable_reads_the_tls_files_of_a_service_that_was_off(start_evd, pki, tmp_path):
     from support.ctl import SURFACES, run_ctl
 

@@ -202,6 +202,9 @@ def test_run_holds_the_pidfile_so_status_and_stop_work(start_evd, tmp_path):
     assert not (tmp_path / "evd.pid").exists()
 
 
+@pytest.mark.workers_defect(
+    "flaky under load, seen in [w1] too: `sleep 1` can end before `evd stop` has started"
+)
 def test_stop_exits_1_when_the_daemon_outlasts_the_timeout(control):
     control.write(logged_config(BASE_CONFIG))
     pid = control.start()
@@ -218,6 +221,9 @@ def test_stop_exits_1_when_the_daemon_outlasts_the_timeout(control):
 # -- SIGTERM: the drain ---------------------------------------------------------------
 
 
+@pytest.mark.no_workers_variant(
+    "the first listener.close is the supervisor's; a worker closes its copy a moment later"
+)
 def test_sigterm_lets_an_inflight_command_finish(start_evd, tmp_path):
     evd = start_evd()
     with Client(f"unix:{tmp_path}/framed.sock", timeout=WAIT) as client:
@@ -258,6 +264,7 @@ ECHO_AFTER = (
 )
 
 
+@pytest.mark.no_workers_variant("listener.open lines of the supervisor and the workers interleave")
 def test_reload_adds_removes_and_survives_a_broken_config(start_evd, tmp_path):
     evd = start_evd()
     steady = connect(evd.addr("echo"))  # on a listener the reload removes

@@ -67,6 +67,9 @@ def exchange(address, data: bytes) -> bytes:
 WAYS = {"spawner": f'cwd = "{ROOT}"\n', "subprocess": 'cwd = "/"\n'}
 
 
+@pytest.mark.no_workers_variant(
+    "counts the threads of the daemon's process; with workers the programs start in a worker"
+)
 @pytest.mark.parametrize("way", WAYS)
 def test_cat_is_an_echo_driven_by_nc(start_evd, way):
     nc = need("nc")

@@ -8,12 +8,16 @@ import os
 import signal
 import socket
 
+import pytest
 from support.ctl import WORKERS, ask
-from support.daemon import WAIT, connect, recv_all
+from support.daemon import SPREAD, WAIT, connect, recv_all
 from support.metrics import scrape, value
 
 UNIX_A = 'unix = ["{tmp}/echo.sock"]'
 UNIX_B = 'unix = ["{tmp}/echo-b.sock"]'
+
+# These tests set `workers` themselves (tests/conftest.py).
+pytestmark = pytest.mark.no_workers_variant("sets workers itself")
 
 
 def first_workers(evd) -> set[int]:
@@ -112,7 +116,8 @@ def test_listings_over_many_connections_come_whole_from_both_workers(start_evd):
     the supervisor merges them lazily; the answer is whole and in order."""
     evd = start_evd(WORKERS)
     first_workers(evd)
-    socks = [connect(evd.addr("echo")) for _ in range(300)]
+    # From two client addresses: steering sends each to one worker.
+    socks = [connect(evd.addr("echo"), source=SPREAD[i % 2]) for i in range(300)]
     try:
         for sock in socks:  # each one accepted and answering
             sock.sendall(b"x")
@@ -123,7 +128,7 @@ def test_listings_over_many_connections_come_whole_from_both_workers(start_evd):
         assert {row["worker"] for row in rows} == {0, 1}
         assert {row["peer"] for row in rows} == {"{}:{}".format(*s.getsockname()) for s in socks}
         sources = ask(evd, "sources", "echo").body["sources"]
-        assert [(r["ip"], r["connections"]) for r in sources] == [("127.0.0.1", 300)]
+        assert sorted((r["ip"], r["connections"]) for r in sources) == [(SPREAD[0], 150), (SPREAD[1], 150)]
     finally:
         for sock in socks:
             sock.close()

@@ -331,8 +331,15 @@ class Soak:
             self.proc.send_signal(signal.SIGTERM)
             code = self.proc.wait(60)
             time.sleep(3)  # show -f's backstop: it reads the last lines
-            follower.send_signal(signal.SIGINT)
-            follower.wait(30)
+            # SIGTERM: a background job started without job control ignores
+            # SIGINT, and the follower would never see it (the first hour lost
+            # its report so).
+            follower.terminate()
+            try:
+                follower.wait(30)
+            except subprocess.TimeoutExpired:
+                follower.kill()
+                follower.wait(30)
         return self.report(code)
 
     def report(self, code: int) -> int:

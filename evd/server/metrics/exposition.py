@@ -135,6 +135,31 @@ def lag_family(lag: Mapping[str, Any] | None) -> Metric:
 # -- process_* -----------------------------------------------------------------------
 
 
+class HighWater:
+    """A counter summed from parts that come and go never goes back.
+
+    `process_cpu_seconds_total` with workers is the live workers' /proc
+    figures plus what the reaped ones used (rusage).  A worker that exits
+    between the list of pids and the read of its /proc entry is in neither
+    sum for a moment, and the two clocks round differently (ticks against
+    microseconds), so the plain sum can dip by a little.  The value exposed
+    is the highest seen by this process.
+    """
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = 0.0
+
+    def __call__(self, value: float) -> float:
+        if value > self.seen:
+            self.seen = value
+        return self.seen
+
+
+CPU_SECONDS = HighWater()
+
+
 def process_families(pids: Iterable[int], cpu_departed: float = 0.0) -> Iterator[Metric]:
     """Summed over `pids`; the CPU also counts `cpu_departed`, what workers
     that have exited used (their pids are gone, their seconds are not: a
@@ -157,7 +182,7 @@ def process_families(pids: Iterable[int], cpu_departed: float = 0.0) -> Iterator
         start_time(pids[0]),
     )
     yield CounterMetricFamily(
-        "process_cpu_seconds", "Total user and system CPU time spent in seconds.", totals["cpu"]
+        "process_cpu_seconds", "Total user and system CPU time spent in seconds.", CPU_SECONDS(totals["cpu"])
     )
     yield GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", totals["fds"])
     yield GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.", max_fds())

@@ -202,17 +202,21 @@ def test_run_holds_the_pidfile_so_status_and_stop_work(start_evd, tmp_path):
     assert not (tmp_path / "evd.pid").exists()
 
 
-@pytest.mark.workers_defect(
-    "flaky under load, seen in [w1] too: `sleep 1` can end before `evd stop` has started"
-)
 def test_stop_exits_1_when_the_daemon_outlasts_the_timeout(control):
-    control.write(logged_config(BASE_CONFIG))
+    # The command waits at a FIFO until the test lets it go, so it outlasts
+    # `evd stop --timeout 0.1` however slowly that starts (a `sleep 1` did
+    # not, on a loaded machine).
+    gate = control.tmp / "gate"
+    os.mkfifo(gate)
+    control.write(logged_config(BASE_CONFIG) + f'[commands.wait]\nargv = ["cat", "{gate}"]\n')
     pid = control.start()
     with Client(f"unix:{control.tmp}/framed.sock", timeout=WAIT) as client:
-        client.send({"svc": "command", "name": "sleep", "args": ["1"]})
-        control.log.wait_for("command.start", name="sleep")
+        client.send({"svc": "command", "name": "wait"})
+        control.log.wait_for("command.start", name="wait")
         out = control("stop", "--timeout", "0.1")  # the drain waits for the command
         assert out.returncode == 1 and f"pid {pid} did not stop within 0.1 s" in out.stderr
+        with open(gate, "wb"):  # cat opens the FIFO, reads EOF and exits 0
+            pass
         assert client.recv().header["exit"] == 0
     assert process_gone(pid)
     assert control("stop").returncode == 0

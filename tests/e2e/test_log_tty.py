@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from support.daemon import ROOT, WAIT
+from support.daemon import ROOT, SPREAD, WAIT
 
 CONFIG = """\
 [daemon]
@@ -28,6 +28,9 @@ workers = 2
 [log]
 level = "info"
 format = "json"
+
+[limits]
+rate = 0.0
 
 [services.echo]
 tcp = ["127.0.0.1:0"]
@@ -79,9 +82,9 @@ class Terminal:
                 pass
 
 
-def echo(address: tuple[str, int], count: int) -> None:
+def echo(address: tuple[str, int], count: int, source: str) -> None:
     for _ in range(count):
-        with socket.create_connection(address, timeout=WAIT) as sock:
+        with socket.create_connection(address, timeout=WAIT, source_address=(source, 0)) as sock:
             sock.sendall(b"x" * 32)
             got = b""
             while len(got) < 32:
@@ -99,14 +102,17 @@ def test_two_workers_on_a_terminal_on_hold_write_whole_lines(tmp_path: Path):
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=tty.slave, cwd=ROOT,
     )  # fmt: skip
     try:
-        tty.read_for(lambda data: data.count(b'"daemon.ready"') >= 1 and data.count(b'"worker.ready"') >= 0
+        tty.read_for(lambda data: data.count(b'"daemon.ready"') >= 1
                      and data.count(b'"listener.open"') >= 1)  # fmt: skip
         opened = next(json.loads(line) for line in tty.lines() if b'"listener.open"' in line)
         host, _, port = opened["address"].rpartition(":")
         address = (host, int(port))
         # The reader stops: the terminal's buffer fills, writes go part way.
+        # Clients from both SPREAD addresses, so that both workers write
+        # (the kernel steers one client address to one worker).
         clients = [
-            threading.Thread(target=echo, args=(address, CONNECTIONS // CLIENTS)) for _ in range(CLIENTS)
+            threading.Thread(target=echo, args=(address, CONNECTIONS // CLIENTS, SPREAD[i % 2]))
+            for i in range(CLIENTS)
         ]
         for client in clients:
             client.start()

@@ -120,9 +120,7 @@ def start(name: str, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     # cwd "/": where systemd and `evd start` run a daemon, and the programs'
     # default cwd, so evd starts them by posix_spawn (commands/child.py,
     # `plain`); from any other cwd it must fork to chdir.
-    proc = subprocess.Popen(
-        [*pinned(0), *argv], cwd="/", stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([*pinned(0), *argv], cwd="/", stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
     return proc, port
 

@@ -163,41 +163,22 @@ class EvdProcess:
 
     def wait_for(self, event: str, timeout: float = WAIT, **fields) -> dict:
         """The first logged `event` whose fields match, waiting if need be."""
-        deadline = time.monotonic() + timeout
-        for seen in self.events:
-            if seen.get("event") == event and all(seen.get(k) == v for k, v in fields.items()):
-                return seen
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(
-                    f"no {event} {fields} within {timeout}s; log:\n" + "\n".join(self.raw[-30:])
-                )
-            try:
-                item = self._queue.get(timeout=left)
-            except queue.Empty:
-                continue
-            if item is None:
-                self._queue.put(None)
-                raise AssertionError(
-                    f"evd exited before {event} {fields}; log:\n" + "\n".join(self.raw[-30:])
-                )
-            self.events.append(item)
-            if item.get("event") == event and all(item.get(k) == v for k, v in fields.items()):
-                return item
+        return self.wait_for_since(0, event, timeout, **fields)
 
     def wait_for_since(self, mark: int, event: str, timeout: float = WAIT, **fields) -> dict:
         """Like wait_for, among the events from index `mark` of `events` on
         (take the mark with len(drain_events()) before causing the event)."""
         deadline = time.monotonic() + timeout
+        index = mark
         while True:
-            for seen in self.events[mark:]:
+            for seen in self.events[index:]:
                 if seen.get("event") == event and all(seen.get(k) == v for k, v in fields.items()):
                     return seen
+            index = max(index, len(self.events))
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(
-                    f"no new {event} {fields} within {timeout}s; log:\n" + "\n".join(self.raw[-30:])
+                    f"no {event} {fields} within {timeout}s; log:\n" + "\n".join(self.raw[-30:])
                 )
             try:
                 item = self._queue.get(timeout=left)

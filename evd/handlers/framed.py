@@ -95,7 +95,6 @@ class Framed:
         "decoder",
         "session",
         "runs",
-        "debug",
         "last_out",
         "partial_since",
         "_batch",
@@ -112,7 +111,6 @@ class Framed:
         self.context = context
         self.decoder = Decoder(limits.max_header, limits.max_body)
         self.runs: dict[int, Run] = {}  # this connection's running commands
-        self.debug = log.enabled("debug")
         self.last_out = 0  # size of the last response, for the request log
         self.partial_since: float | None = None  # when the frame now arriving began
         self._batch: list[Buffer] | None = None  # responses of the frames being processed
@@ -199,7 +197,7 @@ class Framed:
                     return
                 transport.requests += 1
                 header, body = request
-                if self.debug:
+                if log.debug_on:  # read per request: a reload may change it
                     steps = self._logged(header, body, now)
                 else:
                     steps = _NOTHING

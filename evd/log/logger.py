@@ -69,7 +69,10 @@ class Log:
         # For the per-connection events: skip building their fields at all
         # when info is filtered out (the connect path at level warning).
         self.info_on = self.enabled("info")
-        self.debug: LogMethod = logger.debug if self.enabled("debug") else _nothing
+        # Read per request by the framed handler: a reload's level reaches
+        # connections already open.
+        self.debug_on = self.enabled("debug")
+        self.debug: LogMethod = logger.debug if self.debug_on else _nothing
         self.info: LogMethod = logger.info if self.info_on else _nothing
         self.warning: LogMethod = logger.warning if self.enabled("warning") else _nothing
         self.error: LogMethod = logger.error

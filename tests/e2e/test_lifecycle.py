@@ -325,6 +325,25 @@ def test_reload_applies_log_level_and_commands(start_evd, tmp_path):
     assert evd.stop() == 0
 
 
+def test_a_reloaded_log_level_reaches_connections_already_open(start_evd, tmp_path):
+    """A framed connection opened at `info` logs its requests once a reload
+    has set `debug` (it once kept the level it was opened with)."""
+    evd = start_evd()
+    with Client(f"unix:{tmp_path}/framed.sock", timeout=WAIT) as client:
+        assert client.call("echo", body=b"before").body == b"before"
+        opened = evd.wait_for("conn.open", service="framed")
+        evd.config_path.write_text(
+            BASE_CONFIG.replace('level = "info"', 'level = "debug"').format(tmp=tmp_path)
+        )
+        evd.send(signal.SIGHUP)
+        evd.wait_for("config.reload", ok=True)
+        if opened["pid"] != evd.proc.pid:  # workers: the one serving this connection has reloaded
+            evd.wait_for("worker.reload", pid=opened["pid"], ok=True)
+        assert client.call("echo", body=b"after").body == b"after"
+        evd.wait_for("request", svc="echo", conn=opened["conn"])
+    assert evd.stop() == 0
+
+
 def test_reload_that_removes_a_listener_keeps_the_hmac_key(start_evd, tmp_path):
     """Regression: a loop over removed listeners once overwrote the key."""
     key = b"sekrit key"

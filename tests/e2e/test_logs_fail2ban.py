@@ -5,7 +5,6 @@ configuration."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import re
@@ -17,15 +16,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support.daemon import ROOT, WAIT, LogFile, need, recv_all, services_off
-
-from evd.tools.client import Client, ServerError
+from support.daemon import ROOT, WAIT, LogFile, need, services_off
+from support.failures import BANNING, SERVICES, dial, ipv6_loopback, refused, wrong_auth
 
 FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "evd.conf"
 JAIL = ROOT / "etc" / "fail2ban" / "jail.d" / "evd.conf"
-BANNING = ("access", "rate", "per_source", "banned")  # what the filter counts
-
-CONFIG = """\
+CONFIG = (
+    """\
 [daemon]
 pidfile = "{tmp}/evd.pid"
 
@@ -34,52 +31,14 @@ level = "info"
 format = "json"
 file = "{tmp}/evd.log"
 
-[limits]
-rate = 0.0
-auth_ban = 60.0
-
-[services.echo]
-tcp = ["127.0.0.1:0", "[::1]:0"]
-udp = []
-only_from = ["10.0.0.0/8"]
-
-[services.discard]
-enabled = true
-tcp = ["127.0.0.1:0"]
-udp = []
-max_connections = 1
-
-[services.framed]
-tcp = ["127.0.0.1:0", "[::1]:0"]
-key_file = "{tmp}/key"
 """
+    + SERVICES
+)
 CONFIG += services_off("daytime", "time", "timefmt")
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 def listeners(log: LogFile, service: str) -> list[str]:
     return [e["address"] for e in log.find("listener.open", service=service, proto="tcp")]
-
-
-def wrong_auth(address: str, times: int) -> None:
-    with Client(address, timeout=WAIT) as client:
-        for _ in range(times):
-            with pytest.raises(ServerError):
-                client.call("auth", mac=hmac.new(b"wrong", b"nonce", "sha256").hexdigest())
-
-
-def refused(address: str) -> None:
-    host, _, port = address.rpartition(":")
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=WAIT) as sock:
-        recv_all(sock)
 
 
 @pytest.fixture
@@ -104,8 +63,7 @@ def failures_log(start_evd, tmp_path) -> Path:
     # filter must leave that one alone (the service was full, the client
     # did nothing wrong)
     discard = listeners(log, "discard")[0]
-    host, _, port = discard.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=WAIT):
+    with socket.create_connection(dial(discard), timeout=WAIT):
         log.wait_for("conn.open", service="discard")
         refused(discard)
         log.wait_for("conn.reject", reason="max_connections")

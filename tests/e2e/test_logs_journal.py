@@ -22,12 +22,14 @@ from pathlib import Path
 
 import pytest
 from support.daemon import ROOT, WAIT, need
+from support.failures import BANNING, SERVICES, dial, ipv6_loopback, refused, wrong_auth
 from support.journald import Journald, real_journald
 
 from evd.log.logger import Log
 from evd.tools.logs.summary import CLOSE_AT_42
 
-CONFIG = """\
+CONFIG = (
+    """\
 [daemon]
 pidfile = "{tmp}/evd.pid"
 shutdown_timeout = 2.0
@@ -37,21 +39,9 @@ level = "info"
 format = "journal"
 journal_socket = "{socket}"
 
-[limits]
-rate = 0.0
-auth_ban = 60.0
-
-[services.echo]
-tcp = ["127.0.0.1:0", "[::1]:0"]
-udp = []
-only_from = ["10.0.0.0/8"]
-
-[services.discard]
-enabled = true
-tcp = ["127.0.0.1:0"]
-udp = []
-max_connections = 1
-
+"""
+    + SERVICES
+    + """
 [services.daytime]
 tcp = ["127.0.0.1:0"]
 udp = []
@@ -60,14 +50,10 @@ udp = []
 enabled = false
 [services.timefmt]
 enabled = false
-
-[services.framed]
-tcp = ["127.0.0.1:0", "[::1]:0"]
-key_file = "{tmp}/key"
 """
+)
 FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "evd-journal.conf"
 JAIL = ROOT / "etc" / "fail2ban" / "jail.d" / "evd-journal.conf"
-BANNING = ("access", "rate", "per_source", "banned")
 
 
 def evd(*args: str, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -82,40 +68,7 @@ def evd(*args: str, stdin: bytes | None = None, env: dict | None = None) -> subp
     )
 
 
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-def address_of(entry: dict) -> tuple[str, int]:
-    host, _, port = entry["EVD_ADDRESS"].rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def refused(address: tuple[str, int]) -> None:
-    with socket.create_connection(address, timeout=WAIT) as sock:
-        sock.settimeout(WAIT)
-        while sock.recv(4096):
-            pass
-
-
-def wrong_auth(address: tuple[str, int], times: int) -> None:
-    import hmac
-
-    from evd.tools.client import Client, ServerError
-
-    host, port = address
-    with Client(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", timeout=WAIT) as client:
-        for _ in range(times):
-            with pytest.raises(ServerError):
-                client.call("auth", mac=hmac.new(b"wrong", b"nonce", "sha256").hexdigest())
-
-
-def daytime(address: tuple[str, int]) -> None:
+def daytime(address: str) -> None:
     refused(address)  # daytime answers and closes: one conn.close reason=eof
 
 
@@ -144,7 +97,7 @@ def written(tmp_path_factory) -> Iterator[tuple[Journald, int]]:
             pid = f"_PID={proc.pid}"
             journald.query("EVD_EVENT=daemon.ready", pid)
             opened = journald.query("EVD_EVENT=listener.open", pid, want=6)
-            where = {(e["EVD_SERVICE"], ":" in address_of(e)[0]): address_of(e) for e in opened}
+            where = {(e["EVD_SERVICE"], e["EVD_ADDRESS"].startswith("[")): e["EVD_ADDRESS"] for e in opened}
             for _ in range(3):
                 daytime(where["daytime", False])
             wrong_auth(where["framed", False], 3)  # three: closed and banned
@@ -153,7 +106,7 @@ def written(tmp_path_factory) -> Iterator[tuple[Journald, int]]:
             wrong_auth(where["framed", True], 2)
             refused(where["echo", False])  # not in only_from
             refused(where["echo", True])
-            with socket.create_connection(where["discard", False], timeout=WAIT):
+            with socket.create_connection(dial(where["discard", False]), timeout=WAIT):
                 journald.query("EVD_EVENT=conn.open", "EVD_SERVICE=discard", pid)
                 refused(where["discard", False])  # full: max_connections, not the client's doing
                 journald.query("EVD_EVENT=conn.reject", "EVD_REASON=max_connections", pid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,27 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VENV = HERE / ".venv"
 VENV_PY = VENV / "bin" / "python"
+
+# The built-in services a single-service benchmark turns off (echo is on by
+# default and each script configures it; discard and chargen are off).
+OTHERS_OFF = """\
+[services.daytime]
+enabled = false
+[services.time]
+enabled = false
+[services.timefmt]
+enabled = false
+[services.framed]
+enabled = false
+"""
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (for a server that cannot
+    be given port 0: a peer, or a configuration written before the start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def ensure_venv(script: str) -> None:

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchenv import OTHERS_OFF, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -51,21 +53,8 @@ unix = "{tmp}/ctl.sock"
 [services.echo]
 tcp = ["127.0.0.1:{port}"]
 udp = []
-[services.daytime]
-enabled = false
-[services.time]
-enabled = false
-[services.timefmt]
-enabled = false
-[services.framed]
-enabled = false
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+CONFIG += OTHERS_OFF
 
 
 def start(src: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], tuple[str, int]]:

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchenv import OTHERS_OFF, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 LOADGEN = Path(os.environ.get("LOADGEN", "/tmp/loadgen"))
 
@@ -54,21 +56,8 @@ rate = 0.0
 [services.echo]
 tcp = ["127.0.0.1:{port}"]
 udp = []
-[services.daytime]
-enabled = false
-[services.time]
-enabled = false
-[services.timefmt]
-enabled = false
-[services.framed]
-enabled = false
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+CONFIG += OTHERS_OFF
 
 
 def start(tmp: Path, level: str) -> tuple[subprocess.Popen, int]:

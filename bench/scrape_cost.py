@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchenv import OTHERS_OFF, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """\
 [daemon]
@@ -42,21 +44,8 @@ tcp = ["127.0.0.1:{metrics}"]
 [services.echo]
 tcp = ["127.0.0.1:{echo}"]
 udp = []
-[services.daytime]
-enabled = false
-[services.time]
-enabled = false
-[services.timefmt]
-enabled = false
-[services.framed]
-enabled = false
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+CONFIG += OTHERS_OFF
 
 
 def wait_connectable(port: int, deadline: float) -> None:

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchenv import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -43,12 +45,6 @@ rate = 0.0
 tcp = ["127.0.0.1:{port}"]
 udp = []
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def round_of(tree: Path, modes: list[str], duration: float) -> dict[str, float]:

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchenv import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 # ../shared/bench/loadgen.c from the main checkout; two levels up from a worktree.
 LOADGEN_SOURCES = [up / "shared" / "bench" / "loadgen.c" for up in (ROOT.parent, ROOT.parent.parent)]
@@ -76,12 +78,6 @@ exec = ["{program}"]
 tcp = ["127.0.0.1:{port}"]
 """
 BUILT_IN = ("echo", "discard", "chargen", "daytime", "time", "timefmt", "framed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -122,21 +121,6 @@ def test_console_format_writes_one_line_per_event(tmp_path):
     log.info("conn.open", service="echo", peer="127.0.0.1:1", conn=7)
     text = path.read_text()
     assert text.count("\n") == 1 and "conn.open" in text and "conn=7" in text and " info " in text
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_never_tears_a_line(tiny_tmpfs):

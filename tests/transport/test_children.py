@@ -41,11 +41,16 @@ def start(procs, argv, **kwargs):
 
 def read_pids(proc, count):
     """`count` pids the process prints, one a line, within LIMIT."""
-    pids = []
-    while len(pids) < count:
-        assert select.select([proc.stdout], [], [], LIMIT)[0], "no pid printed"
-        pids.append(int(proc.stdout.readline()))
-    return pids
+    # Read the descriptor itself: a buffered readline may take both lines at
+    # once, and a select on the descriptor would then wait for a third.
+    fd = proc.stdout.fileno()
+    data = b""
+    while data.count(b"\n") < count:
+        assert select.select([fd], [], [], LIMIT)[0], "no pid printed"
+        chunk = os.read(fd, 4096)
+        assert chunk, "the process ended before printing its pids"
+        data += chunk
+    return [int(line) for line in data.split(b"\n")[:count]]
 
 
 def test_stat_reads_a_name_with_spaces_and_parentheses(procs, tmp_path):

@@ -267,6 +267,7 @@ class Child:
         self._timeout: Timer | None = None
         self._kill_timer: Timer | None = None  # SIGKILL due, after a SIGTERM
         self._give_up_timer: Timer | None = None
+        self._sigkilled = False  # evd sent the group SIGKILL
         if proc is None:
             deathsig = owner.deathsig if self.parent_death else children.NONE
             proc = spawn(launch, deathsig, stdin=stdin, stdout=stdout)
@@ -384,6 +385,8 @@ class Child:
     def _signal(self, signum: int) -> bool:
         """Signal the group and every process found belonging to the child;
         False if nobody was there."""
+        if signum == signal.SIGKILL:
+            self._sigkilled = True
         hit = killpg(self.pid, signum)
         pipes = {os.fstat(fd).st_ino for fd in self._pipes}
         found = children.related(self.pid, pipes=pipes)
@@ -465,6 +468,10 @@ class Child:
     @property
     def signal(self) -> int | None:
         code = self.proc.returncode
+        if code is None and self._sigkilled:
+            # Finished with the SIGKILL sent but not yet seen (the kernel
+            # had not ended it when evd looked): nothing else can end it.
+            return int(signal.SIGKILL)
         return -code if code is not None and code < 0 else None
 
     def duration_ms(self) -> float:

@@ -9,10 +9,12 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from evd.commands.child import PIPE, Launch, Spawned, SpawnError, spawn
+from evd.commands.child import PIPE, Child, Launch, Spawned, SpawnError, spawn
+from evd.loop.reactor import Reactor
 from evd.system import children
 
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -75,3 +77,41 @@ def test_a_program_that_cannot_start_is_a_spawn_error(program):
         pytest.skip(f"{program} is absent")
     with pytest.raises(SpawnError):
         spawn(Launch((program,), ENV, os.getcwd()), children.NONE, stdin=subprocess.DEVNULL, stdout=PIPE)
+
+
+class Finished(Child):
+    """A child that remembers what it reported when it finished."""
+
+    def _finished(self):
+        self.reported = (self.exit, self.signal)
+
+
+def test_a_child_ended_by_sigkill_reports_it_even_before_the_kernel_has_ended_it():
+    """`evd ctl kill` of a program's connection SIGKILLs its group and logs
+    exec.end at once.  When the kernel had not yet ended the process at
+    that look (CI saw it, loaded), exec.end said signal=null."""
+    reactor = Reactor()
+    reaped = []
+    owner = SimpleNamespace(
+        reactor=reactor, deathsig=children.NONE, reap_later=reaped.append, linger=lambda child, on: None
+    )
+    proc = spawn(Launch(("/bin/sleep", "10"), ENV, os.getcwd()), children.NONE, stdin=PIPE, stdout=PIPE)
+    proc.stdin.close()
+    real_poll, looks = proc.poll, []
+
+    def late_poll():  # the first look comes before the kernel is done
+        looks.append(1)
+        return None if len(looks) == 1 else real_poll()
+
+    proc.poll = late_poll
+    try:
+        launch = Launch(("/bin/sleep", "10"), ENV, os.getcwd())
+        child = Finished(owner, launch, stdin=PIPE, stdout=PIPE, timeout=0, proc=proc)
+        child.kill_now("killed")
+        late_poll()  # the first look, as reap_later makes it: nothing yet
+        child.end_now()
+        assert child.reported == (None, signal.SIGKILL) and reaped == [proc]
+    finally:
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        assert real_poll() == -signal.SIGKILL
+        reactor.close()

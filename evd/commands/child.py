@@ -267,7 +267,7 @@ class Child:
         self._timeout: Timer | None = None
         self._kill_timer: Timer | None = None  # SIGKILL due, after a SIGTERM
         self._give_up_timer: Timer | None = None
-        self._sigkilled = False  # evd sent the group SIGKILL
+        self._killed_now = False  # kill_now: SIGKILLed, and finished without waiting
         if proc is None:
             deathsig = owner.deathsig if self.parent_death else children.NONE
             proc = spawn(launch, deathsig, stdin=stdin, stdout=stdout)
@@ -385,8 +385,6 @@ class Child:
     def _signal(self, signum: int) -> bool:
         """Signal the group and every process found belonging to the child;
         False if nobody was there."""
-        if signum == signal.SIGKILL:
-            self._sigkilled = True
         hit = killpg(self.pid, signum)
         pipes = {os.fstat(fd).st_ino for fd in self._pipes}
         found = children.related(self.pid, pipes=pipes)
@@ -415,6 +413,7 @@ class Child:
             self.reason = reason
         self.reactor.cancel(self._kill_timer)
         self._kill_timer = None
+        self._killed_now = True
         self._signal(signal.SIGKILL)
 
     def end_now(self) -> None:
@@ -468,9 +467,11 @@ class Child:
     @property
     def signal(self) -> int | None:
         code = self.proc.returncode
-        if code is None and self._sigkilled:
-            # Finished with the SIGKILL sent but not yet seen (the kernel
-            # had not ended it when evd looked): nothing else can end it.
+        if code is None and self._killed_now:
+            # `kill_now` finishes without waiting: the kernel may not have
+            # ended it yet when evd looked, but SIGKILL is what ends it.
+            # (A process that outlives a SIGKILL it was given a grace for
+            # has no status: `_hard_kill`.)
             return int(signal.SIGKILL)
         return -code if code is not None and code < 0 else None
 

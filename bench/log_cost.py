@@ -119,6 +119,10 @@ def micro(connections: int = 50_000) -> None:
         def remove_writer(self, fd: int) -> None: ...
         def call_later(self, delay: float, callback: object) -> None: ...
 
+    class Conn:  # what the two lines read of a transport
+        peer, conn_id, bytes_in, bytes_out = "127.0.0.1:40000", 0, 64, 64
+        log_ident: str | None = None
+
     with tempfile.TemporaryDirectory() as folder:
         log = Log()
         log.configure("info", "json", f"{folder}/evd.log")
@@ -126,9 +130,9 @@ def micro(connections: int = 50_000) -> None:
             with log.batched(Loop()):
                 started = time.process_time()
                 for i in range(connections):
-                    log.info("conn.open", service="echo", peer="127.0.0.1:40000", conn=i, proto="tcp")
-                    log.info("conn.close", service="echo", peer="127.0.0.1:40000", conn=i, duration_ms=0.123,
-                             bytes_in=64, bytes_out=64, reason="eof")  # fmt: skip
+                    conn = Conn()
+                    log.conn_open(conn, "echo", i, "tcp", {})
+                    log.conn_close(conn, "echo", 0.123, "eof", {})
                     if i % every == 0:
                         log.sink.flush()
                 spent = time.process_time() - started

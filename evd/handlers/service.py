@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from evd.config.addresses import SockAddr, fold_mapped, peer_text, sockaddr_text
 from evd.config.model import ServiceConfig
-from evd.log.logger import log
+from evd.log.logger import NOTHING_MORE, log
 from evd.loop.seams import Connection, Reason
 from evd.proto.admission import ACCESS, PROXY, RATE, Admission
 
@@ -216,8 +216,12 @@ class Service:
         # A TLS connection is announced by its transport once the handshake
         # is done: its client is known then, and a failed handshake is
         # `tls.fail`, not a connection (net/tls.py).
-        if log.info_on and conn.proto != "tls":
-            self.announce(conn, conn_id)
+        if log.info_on:
+            proto = conn.proto
+            if conn.proxy is None and proto != "tls":  # the common case, per connection
+                log.conn_open(conn, self.name, conn_id, proto, NOTHING_MORE)
+            elif proto != "tls":
+                self.announce(conn, conn_id)
         return conn_id
 
     def announce(self, conn: Connection, conn_id: int, **extra: object) -> None:
@@ -226,7 +230,7 @@ class Service:
         if log.info_on:
             if conn.proxy is not None:
                 extra["proxy"] = conn.proxy
-            log.info("conn.open", service=self.name, peer=conn.peer, conn=conn_id, proto=conn.proto, **extra)
+            log.conn_open(conn, self.name, conn_id, conn.proto, extra)
 
     def closed(self, conn: Connection) -> None:
         """The transport's close: the slot goes back, the counts fold in."""

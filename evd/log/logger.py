@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import structlog
@@ -32,7 +32,7 @@ from evd.log.journal import JournalTarget
 from evd.log.sink import Sink, Target, Watcher
 from evd.log.targets import ATOMIC_WRITE, FileTarget, StderrTarget, describe
 
-__all__ = ["ATOMIC_WRITE", "FORMATS", "LEVELS", "Log", "log"]
+__all__ = ["ATOMIC_WRITE", "FORMATS", "LEVELS", "NOTHING_MORE", "Log", "log"]
 
 LEVELS = render.LEVELS
 FORMATS = render.FORMATS
@@ -40,6 +40,10 @@ DEFAULT_BUFFER = 4 * 1024 * 1024  # SPEC: log.buffer
 DEFAULT_JOURNAL = "/run/systemd/journal/socket"
 
 LogMethod = render.LogMethod
+Logged = render.Logged
+NOTHING_MORE = render.NOTHING_MORE
+ConnOpen = render.ConnOpen
+ConnClose = render.ConnClose
 
 
 def _nothing(event: str, /, **fields: Any) -> None:
@@ -76,6 +80,10 @@ class Log:
         self.info: LogMethod = logger.info if self.info_on else _nothing
         self.warning: LogMethod = logger.warning if self.enabled("warning") else _nothing
         self.error: LogMethod = logger.error
+        self.conn_open: ConnOpen = self._conn_open
+        self.conn_close: ConnClose = self._conn_close
+        if self.format == "json" and self.info_on:
+            self.conn_open, self.conn_close = render.json_conn_lines(self.sink.write)
         fast = {"json": render.fast_json, "journal": render.fast_journal}.get(self.format)
         if fast is not None:
             write = self.sink.write
@@ -83,6 +91,32 @@ class Log:
                 self.debug = render.shortcut("debug", logger.debug, write, fast)
             if self.info_on:
                 self.info = render.shortcut("info", logger.info, write, fast)
+
+    # -- the two lines of every connection -----------------------------------------
+
+    def _conn_open(
+        self, conn: Logged, service: str, conn_id: int, proto: str, extra: Mapping[str, Any]
+    ) -> None:
+        """conn.open: service, peer, conn, proto, then `extra`.  (`conn_id`:
+        the transport is told its id after this.)"""
+        self.info("conn.open", service=service, peer=conn.peer, conn=conn_id, proto=proto, **extra)
+
+    def _conn_close(
+        self, conn: Logged, service: str, duration_ms: float, reason: str, extra: Mapping[str, Any]
+    ) -> None:
+        """conn.close: service, peer, conn, duration_ms, bytes_in, bytes_out,
+        reason, then `extra`."""
+        self.info(
+            "conn.close",
+            service=service,
+            peer=conn.peer,
+            conn=conn.conn_id,
+            duration_ms=duration_ms,
+            bytes_in=conn.bytes_in,
+            bytes_out=conn.bytes_out,
+            reason=reason,
+            **extra,
+        )
 
     def _render_dropped(self, count: int, first: str) -> Any:
         return render.run_chain(self._chain, "warning", "log.dropped", {"count": count, "first": first})

@@ -28,7 +28,8 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, MutableMapping
 from json.encoder import encode_basestring
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import structlog
 
@@ -177,21 +178,32 @@ def fast_json(level: str, event: str, fields: dict[str, Any]) -> str:
     Only for fields without `_CHAIN_KEYS` (see `shortcut`)."""
     if "pid" in fields:  # the chain keeps pid's place but takes the caller's value
         return _encode({"timestamp": stamp(), "level": level, "event": event, "pid": _pid, **fields})
+    head = _heads.get((level, event)) or _head(level, event)
+    return '{"timestamp": "' + stamp() + head + _fields(fields) + "}"
+
+
+def _head(level: str, event: str) -> str:
+    """`", "level": …, "event": …, "pid": …` for (level, event), made once."""
     head = _heads.get((level, event))
     if head is None:
         head = _heads[level, event] = (
             f'", "level": "{level}", "event": {encode_basestring(event)}, "pid": {_pid}'
         )
-    line = '{"timestamp": "' + stamp() + head
+    return head
+
+
+def _fields(fields: Mapping[str, Any]) -> str:
+    """`, "key": value` for each field, as the chain's encoder writes it."""
+    line = ""
     keys = _keys
     for key, value in fields.items():
         kind = type(value)
         if kind is str:
             text = encode_basestring(value)
         elif kind is int:
-            text = int.__repr__(value)
+            text = repr(value)
         elif kind is float and -_INF < value < _INF:
-            text = float.__repr__(value)
+            text = repr(value)
         elif isinstance(value, str):  # a StrEnum, such as a close reason
             text = encode_basestring(value)
         else:  # NaN and infinities, None, bools, containers, others
@@ -200,7 +212,82 @@ def fast_json(level: str, event: str, fields: dict[str, Any]) -> str:
         if prefix is None:
             prefix = keys[key] = ", " + encode_basestring(key) + ": "
         line += prefix + text  # one string grown in place: no list, no join
-    return line + "}"
+    return line
+
+
+# -- conn.open and conn.close in JSON: a line per connection each -----------------
+#
+# Every connection logs both, so they are made from the connection's own
+# part, `"service": …, "peer": …, "conn": …`, rendered once at conn.open
+# (`ident`) and reused by conn.close, then the few fields of each event in
+# a fixed order.  Same bytes as the chain (tests/unit/test_logline.py).
+
+
+class Logged(Protocol):
+    """A connection, as its conn.open and conn.close lines see it."""
+
+    # What the log made of the connection at conn.open (JSON: its part of
+    # both lines, `"service": …, "peer": …, "conn": …`); None until then.
+    log_ident: str | None
+
+    @property
+    def peer(self) -> str: ...
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+
+
+# conn.open or conn.close with no fields beyond its own.
+NOTHING_MORE: Mapping[str, Any] = MappingProxyType({})
+ConnOpen = Callable[[Logged, str, int, str, Mapping[str, Any]], None]
+ConnClose = Callable[[Logged, str, float, str, Mapping[str, Any]], None]
+
+
+def json_conn_lines(write: Callable[[str], None]) -> tuple[ConnOpen, ConnClose]:
+    """`log.conn_open` and `log.conn_close` in JSON, writing to `write`.
+
+    Each is one f-string, with everything it needs at hand (this module's
+    globals, the held timestamp): `!r` of an int or a float is what the
+    chain's encoder writes for it, and cheaper than float.__repr__."""
+
+    def conn_open(conn: Logged, service: str, conn_id: int, proto: str, extra: Mapping[str, Any]) -> None:
+        name = _names.get(service)
+        if name is None:
+            name = _names[service] = encode_basestring(service)
+        made = conn.log_ident = (
+            f'"service": {name}, "peer": {encode_basestring(conn.peer)}, "conn": {conn_id!r}'
+        )
+        head = _heads.get(_OPEN) or _head(*_OPEN)
+        more = _fields(extra) if extra else ""
+        write(
+            f'{{"timestamp": "{_held or stamp()}{head}, {made}, "proto": {encode_basestring(proto)}{more}}}'
+        )
+
+    def conn_close(
+        conn: Logged, service: str, duration_ms: float, reason: str, extra: Mapping[str, Any]
+    ) -> None:
+        made = conn.log_ident
+        if made is None:  # opened while the level was above info
+            name = encode_basestring(service)
+            made = f'"service": {name}, "peer": {encode_basestring(conn.peer)}, "conn": {conn.conn_id!r}'
+        head = _heads.get(_CLOSE) or _head(*_CLOSE)
+        more = _fields(extra) if extra else ""
+        write(
+            f'{{"timestamp": "{_held or stamp()}{head}, {made}, "duration_ms": {duration_ms!r}, '
+            f'"bytes_in": {conn.bytes_in!r}, "bytes_out": {conn.bytes_out!r}, '
+            f'"reason": {encode_basestring(reason)}{more}}}'
+        )
+
+    return conn_open, conn_close
+
+
+_OPEN = ("info", "conn.open")
+_CLOSE = ("info", "conn.close")
+# Service names, JSON-encoded: a handful, seen on every connection.
+_names: dict[str, str] = {}
 
 
 # The start of a line after its timestamp, per (level, event); it holds the

@@ -136,6 +136,7 @@ class Connection(Protocol):
     bytes_out: int
     requests: int
     opened: float  # reactor time of the accept
+    log_ident: str | None  # what the log made of it at conn.open (evd/log/logger.py)
 
     @property
     def peer(self) -> str: ...

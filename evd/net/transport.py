@@ -124,6 +124,7 @@ class StreamTransport:
         "_closing",
         "closed",
         "close_reason",
+        "log_ident",
         "__weakref__",
     )
 
@@ -161,6 +162,7 @@ class StreamTransport:
         self._closing = False  # close once the queue is empty
         self.closed = False
         self.close_reason = Reason.DONE  # meaningful once closing
+        self.log_ident: str | None = None  # the log's, from conn.open (log.conn_open)
         limits = service.config.limits
         self._high = limits.write_high
         self._low = limits.write_low
@@ -482,22 +484,9 @@ class StreamTransport:
         # counting, and the cyclic GC has nothing to find on the connect path.
         self.protocol = _GONE
         self._reader = _noop
-        if self.announced:
-            self._log_close(reason, extra)
-
-    def _log_close(self, reason: Reason, extra: dict[str, object]) -> None:
-        if log.info_on:
-            log.info(
-                "conn.close",
-                service=self.service.name,
-                peer=self.peer,
-                conn=self.conn_id,
-                duration_ms=round((self.reactor.now - self.opened) * 1000, 3),
-                bytes_in=self.bytes_in,
-                bytes_out=self.bytes_out,
-                reason=reason,
-                **extra,
-            )
+        if self.announced and log.info_on:
+            duration_ms = round((self.reactor.now - self.opened) * 1000, 3)
+            log.conn_close(self, self.service.name, duration_ms, reason, extra)
 
     # -- the error ladder ---------------------------------------------------
 

@@ -10,6 +10,7 @@ import socket
 from evd.config.model import Limits, ServiceConfig
 from evd.handlers.base import Handler
 from evd.handlers.service import Service
+from evd.log.logger import Log
 from evd.loop.reactor import Reactor
 from evd.net.transport import RECV_SIZE
 
@@ -65,6 +66,9 @@ class LogRecorder:
     info = _record("info")
     warning = _record("warning")
     error = _record("error")
+    # The two lines of every connection, as evd.log.Log makes them from info.
+    conn_open = Log._conn_open
+    conn_close = Log._conn_close
 
     def named(self, event):
         return [(level, fields) for level, e, fields in self.events if e == event]

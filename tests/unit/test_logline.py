@@ -98,6 +98,54 @@ def test_the_events_of_a_connection_in_particular(monkeypatch_clock):
         assert render.fast_json("info", event, fields) == through_the_chain("info", event, fields)
 
 
+class Conn:
+    """What conn.open and conn.close read of a transport."""
+
+    def __init__(self, peer: str, conn_id: int, bytes_in: int, bytes_out: int):
+        self.peer, self.conn_id, self.bytes_in, self.bytes_out = peer, conn_id, bytes_in, bytes_out
+        self.log_ident: str | None = None
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+extras = st.dictionaries(st.sampled_from(["proxy", "client_cn", "error"]), st.text(), max_size=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    service=st.text(min_size=1),
+    peer=st.text(),
+    conn_id=st.integers(min_value=0),
+    sizes=st.tuples(st.integers(min_value=0), st.integers(min_value=0)),
+    duration=finite,
+    reason=st.sampled_from(list(Reason)) | st.text(),
+    proto=st.sampled_from(["tcp", "unix", "tls"]),
+    open_extra=extras,
+    close_extra=extras,
+    opened_at_info=st.booleans(),
+)
+def test_the_lines_of_a_connection_are_the_chains(
+    monkeypatch_clock, service, peer, conn_id, sizes, duration, reason, proto, open_extra, close_extra,
+    opened_at_info,
+):  # fmt: skip
+    """log.conn_open / log.conn_close in JSON (the connection's part made once,
+    at conn.open, and kept on it for conn.close) give the chain's bytes; a
+    connection opened while the level was warning has no part kept."""
+    written: list[str] = []
+    conn_open, conn_close = render.json_conn_lines(written.append)
+    conn = Conn(peer, conn_id, *sizes)
+    opened = {"service": service, "peer": peer, "conn": conn_id, "proto": proto, **open_extra}
+    if opened_at_info:
+        conn_open(conn, service, conn_id, proto, open_extra)
+        assert written.pop(0) == through_the_chain("info", "conn.open", opened)
+        assert conn.log_ident is not None
+    conn_close(conn, service, duration, reason, close_extra)
+    closed = {
+        "service": service, "peer": peer, "conn": conn_id, "duration_ms": duration,
+        "bytes_in": sizes[0], "bytes_out": sizes[1], "reason": reason, **close_extra,
+    }  # fmt: skip
+    assert written == [through_the_chain("info", "conn.close", closed)]
+
+
 def test_a_close_reason_enum_is_its_text(monkeypatch_clock):
     """Transports close with `Reason`, a StrEnum: in a line and in a journal
     entry it reads as its text, as the chain renders it."""

@@ -37,8 +37,11 @@ from evd.log import journal
 
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("json", "console", "journal")
-# Logged per connection (or per request at debug): worth a renderer of their own.
-FAST_EVENTS = frozenset({"conn.open", "conn.close", "request"})
+# Logged per connection, program or command (or per request at debug): worth
+# a renderer of their own.
+FAST_EVENTS = frozenset(
+    {"conn.open", "conn.close", "request", "exec.start", "exec.end", "command.start", "command.end"}
+)
 # Fields the chain itself sets: a caller passing one takes the chain's path,
 # so that the short cut never has to imitate how the chain overrides it.
 _CHAIN_KEYS = frozenset({"timestamp", "level", "exc_info"})
@@ -204,9 +207,15 @@ def _fields(fields: Mapping[str, Any]) -> str:
             text = repr(value)
         elif kind is float and -_INF < value < _INF:
             text = repr(value)
+        elif value is None:
+            text = "null"
+        elif kind is bool:
+            text = "true" if value else "false"
         elif isinstance(value, str):  # a StrEnum, such as a close reason
             text = encode_basestring(value)
-        else:  # NaN and infinities, None, bools, containers, others
+        elif kind is list and all(type(item) is str for item in value):  # an argv
+            text = "[" + ", ".join(map(encode_basestring, value)) + "]"
+        else:  # NaN and infinities, other containers, others
             text = _encode(value)
         prefix = keys.get(key)
         if prefix is None:

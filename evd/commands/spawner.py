@@ -46,23 +46,27 @@ RESTORED = (13, 25)  # SIGPIPE, SIGXFSZ
 
 
 class _Libc:
-    """The few libc functions, typed once."""
+    """The few libc functions, typed once.  Only posix_spawn itself, which
+    waits for the child's exec, releases the GIL: the others take
+    microseconds, and a GIL released and taken back around each of them
+    made the loop and a worker trade the GIL (and, on one CPU, the CPU)
+    a dozen times per program started."""
 
     def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
+        waits = ctypes.CDLL(None, use_errno=True)  # releases the GIL around a call
+        quick = ctypes.PyDLL(None)  # keeps it
         p, i, s = ctypes.c_void_p, ctypes.c_int, ctypes.c_short
         argv = ctypes.POINTER(ctypes.c_char_p)
-        self.spawn = self._fn(libc.posix_spawn, [ctypes.POINTER(i), ctypes.c_char_p, p, p, argv, argv])
-        self.fa_init = self._fn(libc.posix_spawn_file_actions_init, [p])
-        self.fa_dup2 = self._fn(libc.posix_spawn_file_actions_adddup2, [p, i, i])
-        self.fa_destroy = self._fn(libc.posix_spawn_file_actions_destroy, [p])
-        self.attr_init = self._fn(libc.posix_spawnattr_init, [p])
-        self.attr_flags = self._fn(libc.posix_spawnattr_setflags, [p, s])
-        self.attr_mask = self._fn(libc.posix_spawnattr_setsigmask, [p, p])
-        self.attr_default = self._fn(libc.posix_spawnattr_setsigdefault, [p, p])
-        self.attr_destroy = self._fn(libc.posix_spawnattr_destroy, [p])
-        self.sigempty = self._fn(libc.sigemptyset, [p])
-        self.sigadd = self._fn(libc.sigaddset, [p, i])
+        self.spawn = self._fn(waits.posix_spawn, [ctypes.POINTER(i), ctypes.c_char_p, p, p, argv, argv])
+        self.fa_init = self._fn(quick.posix_spawn_file_actions_init, [p])
+        self.fa_dup2 = self._fn(quick.posix_spawn_file_actions_adddup2, [p, i, i])
+        self.fa_destroy = self._fn(quick.posix_spawn_file_actions_destroy, [p])
+        self.attr_init = self._fn(quick.posix_spawnattr_init, [p])
+        self.attr_flags = self._fn(quick.posix_spawnattr_setflags, [p, s])
+        self.attr_mask = self._fn(quick.posix_spawnattr_setsigmask, [p, p])
+        self.attr_default = self._fn(quick.posix_spawnattr_setsigdefault, [p, p])
+        self.sigempty = self._fn(quick.sigemptyset, [p])
+        self.sigadd = self._fn(quick.sigaddset, [p, i])
 
     @staticmethod
     def _fn(fn: Any, argtypes: list[Any]) -> Any:
@@ -75,29 +79,41 @@ def _c_strings(items: Sequence[bytes]) -> ctypes.Array[ctypes.c_char_p]:
     return (ctypes.c_char_p * (len(items) + 1))(*items, None)
 
 
-def posix_spawn(libc: _Libc, argv: Sequence[bytes], env: Sequence[bytes], stdio: Sequence[int]) -> int:
-    """The child's pid, started in its own session with descriptors 0, 1, 2
-    from `stdio`, an empty signal mask and RESTORED at their defaults;
-    OSError if it could not start.  Blocks until the child has exec'd."""
-    actions, attr = ctypes.create_string_buffer(OPAQUE), ctypes.create_string_buffer(OPAQUE)
+def spawn_attributes(libc: _Libc) -> ctypes.Array[ctypes.c_char]:
+    """What every child gets, made once per worker: its own session, an
+    empty signal mask, RESTORED at their defaults."""
+    attr = ctypes.create_string_buffer(OPAQUE)
     mask, default = ctypes.create_string_buffer(OPAQUE), ctypes.create_string_buffer(OPAQUE)
-    libc.fa_init(actions)
     libc.attr_init(attr)
+    libc.sigempty(mask)
+    libc.sigempty(default)
+    for signum in RESTORED:
+        libc.sigadd(default, signum)
+    libc.attr_mask(attr, mask)  # copied into attr
+    libc.attr_default(attr, default)
+    libc.attr_flags(attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)
+    return attr
+
+
+def posix_spawn(
+    libc: _Libc,
+    argv: Sequence[bytes],
+    env: Sequence[bytes],
+    stdio: Sequence[int],
+    attr: ctypes.Array[ctypes.c_char],
+) -> int:
+    """The child's pid, started with `attr` (spawn_attributes) and
+    descriptors 0, 1, 2 from `stdio`; OSError if it could not start.
+    Blocks until the child has exec'd."""
+    actions = ctypes.create_string_buffer(OPAQUE)
+    libc.fa_init(actions)
     try:
         for target, fd in enumerate(stdio):
             libc.fa_dup2(actions, fd, target)
-        libc.sigempty(mask)
-        libc.sigempty(default)
-        for signum in RESTORED:
-            libc.sigadd(default, signum)
-        libc.attr_mask(attr, mask)
-        libc.attr_default(attr, default)
-        libc.attr_flags(attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)
         pid = ctypes.c_int(0)
         err = libc.spawn(ctypes.byref(pid), argv[0], actions, attr, _c_strings(argv), _c_strings(env))
     finally:
         libc.fa_destroy(actions)
-        libc.attr_destroy(attr)
     if err:
         raise OSError(err, os.strerror(err))
     return pid.value
@@ -153,10 +169,11 @@ class Spawner:
     def _work(self) -> None:
         libc = self._libc
         assert libc is not None
+        attr = spawn_attributes(libc)
         while True:
             request = self._todo.get()
             try:
-                request.result = posix_spawn(libc, request.argv, request.env, request.stdio)
+                request.result = posix_spawn(libc, request.argv, request.env, request.stdio, attr)
             except OSError as exc:
                 request.result = exc
             self._finished.append(request)

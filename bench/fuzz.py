@@ -39,6 +39,8 @@ with atheris.instrument_imports(include=["evd", "h11", "tomllib"]):
     from evd.loop.seams import Reason
     from evd.proto.control import Answer, Request
     from evd.proto.framing import Decoder, FrameError, encode
+    from evd.proto.proxy import NEED_MORE, Header, Refused, v1_header, v2_header
+    from evd.proto.proxy import parse as parse_proxy
     from evd.proto.rules import rules_for
     from evd.proto.session import Session
     from evd.server.control.connection import Control
@@ -76,6 +78,24 @@ def framed(data: bytes) -> None:
                 session.receive(*request, 1e9)
     except FrameError:
         pass
+
+
+def proxy(data: bytes) -> None:
+    """The PROXY header parser, as a connection's bytes arrive: every
+    prefix gets a verdict, a header's length is within what was read, a
+    header read stays that header and a refusal stays a refusal (its
+    reason may name a later fault: the connection is closed at the first)."""
+    verdict: object = NEED_MORE
+    for end in range(len(data) + 1):
+        result = parse_proxy(data[:end])
+        assert result is NEED_MORE or isinstance(result, Header | Refused), result
+        if isinstance(result, Header):
+            assert 0 < result.length <= end
+        if isinstance(verdict, Header):
+            assert result == verdict, (verdict, result)
+        elif isinstance(verdict, Refused):
+            assert isinstance(result, Refused), (verdict, result)
+        verdict = result
 
 
 def control(data: bytes) -> None:
@@ -206,6 +226,11 @@ SEEDS: dict[str, list[bytes]] = {
         encode({"svc": "command", "name": "greet", "args": ["a"]}) + encode({"svc": "stats"}),
         encode({"svc": "auth", "key": "ops", "mac": "00" * 32}),
     ],
+    "proxy": [
+        v1_header(("192.0.2.1", 5), ("198.51.100.2", 7)) + b"hello",
+        v2_header(("2001:db8::1", 5), tlvs=((0x01, b"h2"), (0x20, bytes(5)))) + b"hello",
+        b"PROXY UNKNOWN\r\n",
+    ],
     "control": [b'{"cmd": "info"}', b'{"cmd": "set", "args": ["echo", "rate", "5"]}', b'{"cmd": "conns"}'],
     "control_socket": [encode({"cmd": "info"}) + encode({"cmd": "kill", "args": ["1"]})],
     "http": [
@@ -234,6 +259,7 @@ SEEDS: dict[str, list[bytes]] = {
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "framed": framed,
+    "proxy": proxy,
     "control": control,
     "control_socket": control_socket,
     "http": http,

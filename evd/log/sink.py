@@ -229,6 +229,11 @@ class Sink:
         if self.target.datagram:
             self._size -= LINE_OVERHEAD
             return queue.popleft()
+        if self._size <= self.target.chunk:  # the usual flush: every line fits, no count needed
+            self._size -= LINE_OVERHEAD * len(queue)
+            data = b"".join(queue)
+            queue.clear()
+            return data
         parts = [queue.popleft()]
         room = self.target.chunk - len(parts[0])
         while queue and len(queue[0]) <= room:

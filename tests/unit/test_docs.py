@@ -60,7 +60,7 @@ def test_the_readme_summary_is_the_performance_pages_figures() -> None:
 
 def test_the_readme_is_a_quick_start_with_cis_test_command() -> None:
     lines = README.read_text().splitlines()
-    assert len(lines) <= 180, "README.md is the quick start: the manual is docs/"
+    assert len(lines) <= 200, "README.md is the quick start: the manual is docs/"
     marker = lines.index("<!-- test-command -->")
     assert lines[marker + 1] == "```sh" and lines[marker + 3] == "```"
     assert re.search(r"python -m pytest", lines[marker + 2])

@@ -63,16 +63,44 @@ def _socket_of(args: argparse.Namespace) -> str | int:
         config = loader.load(args.config)
     except ConfigError as exc:
         path = loader.salvage(args.config, "control", "unix")
-        if not path:
-            config_errors(exc)
-            error("the configuration has errors and no control.unix can be read from it; give --socket")
-            return EX_CONFIG
-        error(f"the configuration has errors (evd check-config lists them); using control.unix {path}")
-        return path
+        if path:
+            error(f"the configuration has errors (evd check-config lists them); using control.unix {path}")
+            return path
+        found = _socket_of_pidfile(args)
+        if found:
+            error(f"the configuration has errors (evd check-config lists them); using {found[1]}")
+            return found[0]
+        config_errors(exc)
+        error(
+            "the configuration has errors, no control.unix can be read from it and the pidfile's "
+            "daemon has no control socket; give --socket"
+        )
+        return EX_CONFIG
     if not config.control.unix:
         error(f"no control socket: set control.unix in {config.source}, or give --socket")
         return EX_FAIL
     return config.control.unix
+
+
+def _socket_of_pidfile(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The control socket of the daemon the pidfile names (daemon.pidfile as
+    far as it can be read, else its default): its UNIX listener that
+    answers as that daemon, and how it was found; None if there is none."""
+    from evd.config.model import DaemonConfig
+    from evd.system.pidfile import PidfileError, probe
+    from evd.tools import ctl
+
+    pidfile = loader.salvage(args.config, "daemon", "pidfile") or DaemonConfig().pidfile
+    try:
+        state = probe(pidfile)
+    except PidfileError:
+        return None
+    if not state.running or state.pid is None:
+        return None
+    found = ctl.control_socket_of(state.pid, args.timeout)
+    if found is None:
+        return None
+    return found, f"{found}, the control socket of pid {state.pid} (from {pidfile})"
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:

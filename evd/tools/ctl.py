@@ -10,13 +10,14 @@ prints the answer object itself.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from evd.proto.control import Answer, Body, Request
-from evd.proto.framing import Decoder, encode
+from evd.proto.framing import Decoder, FrameError, encode
 
 # Answers list connections: allow what a daemon with many may send.
 MAX_BODY = 1 << 30
@@ -41,6 +42,49 @@ def request(path: str, command: Request, timeout: float) -> Answer:
             decoder.feed(data)
     body = json.loads(frame.body) if frame.body else None
     return Answer.from_wire(frame.header, body)
+
+
+# -- finding the daemon without its configuration --------------------------------
+
+# /proc/net/unix: a listening socket has __SO_ACCEPTCON in its flags.
+_LISTENING = 0x10000
+
+
+def listening_sockets(pid: int) -> list[str]:
+    """The paths of the UNIX sockets process `pid` listens on, from /proc
+    (its descriptors' socket inodes, named in /proc/PID/net/unix)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        with open(f"/proc/{pid}/net/unix") as table:
+            rows = [line.split() for line in table.readlines()[1:]]
+    except OSError:  # gone, or not ours to look at
+        return []
+    return [
+        row[7]
+        for row in rows
+        if len(row) >= 8 and int(row[3], 16) & _LISTENING and row[6] in inodes and row[7].startswith("/")
+    ]
+
+
+def control_socket_of(pid: int, timeout: float) -> str | None:
+    """The control socket of the evd with pid `pid`: the one of its UNIX
+    listeners that answers `info` as that very daemon (a service's UNIX
+    listener does not).  None if there is none."""
+    for path in listening_sockets(pid):
+        try:
+            answer = request(path, Request("info"), min(timeout, 1.0))
+        except (OSError, FrameError, ValueError):
+            continue
+        if answer.ok and isinstance(answer.body, dict) and answer.body.get("pid") == pid:
+            return path
+    return None
 
 
 # -- for a person ----------------------------------------------------------------

@@ -377,8 +377,17 @@ def test_a_configuration_in_the_middle_of_an_edit_still_finds_the_daemon(start_e
     dropin.write_text("[services.echo\n")
     evd.config_path.write_text(f'include = ["{dropin.parent}/*.toml"]\n' + good)
     assert run_ctl(evd, "info").returncode == 0
-    # A socket nobody can read is still a configuration error, said so.
-    evd.config_path.write_text(good.replace(f'unix = "{evd.tmp}/ctl.sock"', "unix = [", 1))
+    # A control.unix nobody can read: the pidfile's daemon, by its UNIX
+    # listener that answers as that daemon (echo's, also UNIX here, does not).
+    unreadable = good.replace(f'unix = "{evd.tmp}/ctl.sock"', "unix = [", 1)
+    assert "echo.sock" in unreadable
+    evd.config_path.write_text(unreadable)
+    out = run_ctl(evd, "info", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["pid"] == evd.proc.pid
+    assert f"the control socket of pid {evd.proc.pid}" in out.stderr and "ctl.sock" in out.stderr
+    # Neither: still a configuration error, said so.
+    evd.config_path.write_text(unreadable.replace(f'"{evd.tmp}/evd.pid"', '"/nonexistent/evd.pid"'))
     out = run_ctl(evd, "info")
     assert out.returncode == 78 and "give --socket" in out.stderr
     assert evd.stop() == 0

@@ -68,6 +68,7 @@ rate = 0.0
 tcp = ["127.0.0.1:0"]
 udp = ["127.0.0.1:0"]
 tls = ["127.0.0.1:0"]
+idle_timeout = 0.0  # the idle connections are held the whole run
 tls_cert = "{tmp}/cert.pem"
 tls_key = "{tmp}/key.pem"
 
@@ -154,9 +155,12 @@ class Soak:
 
     # -- the loads ---------------------------------------------------------------
 
-    def every(self, period: float, what, name: str) -> threading.Thread:
+    def every(self, period: float, what, name: str, first: float = 0.0) -> threading.Thread:
+        """`what` every `period` seconds, the first time after `first`."""
+
         def run() -> None:
-            next_at = time.monotonic()
+            next_at = time.monotonic() + first
+            self.stop.wait(first)
             while not self.stop.is_set():
                 try:
                     what()
@@ -284,6 +288,19 @@ class Soak:
         return held
 
     def check_idle(self, held: list[socket.socket]) -> None:
+        for sock in held:  # every one still open: nothing to read, no EOF
+            sock.setblocking(False)
+            try:
+                closed = sock.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                closed = False
+            except OSError:
+                closed = True
+            finally:
+                sock.settimeout(30)
+            if closed:
+                self.fail("idle", "an idle connection was closed")
+                return
         for sock in held[:: max(1, len(held) // 20)]:  # a sample of them still answer
             try:
                 sock.sendall(b"i")
@@ -305,17 +322,25 @@ class Soak:
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
         )
+        # show -f must have the file open before anything can rotate it:
+        # wait for the first line it shows (daemon.start).
+        deadline = time.monotonic() + 60
+        while not (self.tmp / "shown").stat().st_size:
+            if time.monotonic() > deadline or follower.poll() is not None:
+                raise SystemExit("evd logs show -f did not start following")
+            time.sleep(0.1)
         held = self.hold_idle()
         for signum in (signal.SIGINT, signal.SIGTERM):  # cut it short: still a report
             signal.signal(signum, lambda *_: self.stop.set())
+        minutes = self.args.minutes
         threads = [
             self.every(15.0, self.bench_round, "bench"),
             self.every(5.0, self.command, "command"),
             self.every(1.0, self.scrape, "scrape"),
             self.every(10.0, self.ctl, "ctl"),
             self.every(10.0, self.reload, "reload"),
-            self.every(300.0, self.rotate_log, "logrotate") if self.args.minutes >= 5 else None,
-            self.every(900.0, self.rotate_cert, "certificate") if self.args.minutes >= 15 else None,
+            self.every(300.0, self.rotate_log, "logrotate", first=300.0) if minutes >= 5 else None,
+            self.every(900.0, self.rotate_cert, "certificate", first=900.0) if minutes >= 15 else None,
             self.every(10.0, self.sample, "sample"),
             self.every(30.0, lambda: self.check_idle(held), "idle"),
         ]

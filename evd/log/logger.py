@@ -15,6 +15,9 @@ written at once, waiting at most a second in all.
 
 Rendering (render.py): structlog's chain for every event, except the
 per-connection ones in JSON, which have a direct renderer of the same bytes.
+Every connection's two lines go through `conn_open` and `conn_close`: in
+JSON, one f-string each, the connection's own part made once at conn.open
+and kept on the transport for conn.close; in other formats, `info`.
 """
 
 from __future__ import annotations

@@ -136,6 +136,17 @@ def test_a_stalled_stderr_pipe_stops_nobody(tmp_path):
     assert rows[-1]["event"] == "daemon.stop"  # the exit drain wrote the rest
 
 
+def holds(pid: int, path) -> bool:
+    """Process `pid` has a descriptor on `path` (deleted or not)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(path)):
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
 def test_a_vanished_log_directory_is_told_once_it_is_back(tmp_path):
     folder = tmp_path / "logs"
     folder.mkdir()
@@ -143,8 +154,18 @@ def test_a_vanished_log_directory_is_told_once_it_is_back(tmp_path):
     proc = start(tmp_path, stderr=subprocess.DEVNULL, log_file=str(log_file), buffer=8192)
     try:
         wait_connectable(tmp_path / "echo.sock", proc)
+        deadline = time.monotonic() + WAIT
+        while b'"conn.close"' not in log_file.read_bytes():  # the probe's lines are in the old file
+            assert time.monotonic() < deadline, "the probe's conn.close was never written"
+            time.sleep(0.05)
         shutil.rmtree(folder)
         proc.send_signal(signal.SIGUSR1)  # reopen: no directory
+        # Until evd has tried it, lines still go to the deleted file; once it
+        # has, it lets that file go: wait for that before counting lines.
+        deadline = time.monotonic() + WAIT
+        while holds(proc.pid, log_file):
+            assert time.monotonic() < deadline, "evd kept the deleted log file after SIGUSR1"
+            time.sleep(0.05)
         served = 200  # more than 8 KiB of lines: some are dropped
         for _ in range(served):
             echo_once(tmp_path / "echo.sock")

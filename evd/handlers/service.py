@@ -216,11 +216,10 @@ class Service:
         # A TLS connection is announced by its transport once the handshake
         # is done: its client is known then, and a failed handshake is
         # `tls.fail`, not a connection (net/tls.py).
-        if log.info_on:
-            proto = conn.proto
-            if conn.proxy is None and proto != "tls":  # the common case, per connection
+        if log.info_on and (proto := conn.proto) != "tls":
+            if conn.proxy is None:  # the common case: no `extra` to build
                 log.conn_open(conn, self.name, conn_id, proto, NOTHING_MORE)
-            elif proto != "tls":
+            else:
                 self.announce(conn, conn_id)
         return conn_id
 

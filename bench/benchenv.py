@@ -34,8 +34,11 @@ enabled = false
 
 def free_port() -> int:
     """A loopback TCP port nothing listens on now (for a server that cannot
-    be given port 0: a peer, or a configuration written before the start)."""
+    be given port 0: a peer, or a configuration written before the start).
+    SO_REUSEADDR, as the servers bind: after a connect-mode run every
+    ephemeral port may be in TIME_WAIT, which a plain bind refuses."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

@@ -120,7 +120,7 @@ def micro(connections: int = 50_000) -> None:
         def call_later(self, delay: float, callback: object) -> None: ...
 
     class Conn:  # what the two lines read of a transport
-        peer, conn_id, bytes_in, bytes_out = "127.0.0.1:40000", 0, 64, 64
+        host, port, peer, conn_id, bytes_in, bytes_out = "127.0.0.1", 40000, "127.0.0.1:40000", 0, 64, 64
         log_ident: str | None = None
 
     with tempfile.TemporaryDirectory() as folder:
@@ -132,7 +132,7 @@ def micro(connections: int = 50_000) -> None:
                 for i in range(connections):
                     conn = Conn()
                     log.conn_open(conn, "echo", i, "tcp", {})
-                    log.conn_close(conn, "echo", 0.123, "eof", {})
+                    log.conn_close(conn, "echo", 123, "eof", {})
                     if i % every == 0:
                         log.sink.flush()
                 spent = time.process_time() - started

@@ -86,7 +86,7 @@ class Log:
         self.conn_open: ConnOpen = self._conn_open
         self.conn_close: ConnClose = self._conn_close
         if self.format == "json" and self.info_on:
-            self.conn_open, self.conn_close = render.json_conn_lines(self.sink.write)
+            self.conn_open, self.conn_close = render.json_conn_lines(self.sink.put)
         fast = {"json": render.fast_json, "journal": render.fast_journal}.get(self.format)
         if fast is not None:
             write = self.sink.write
@@ -105,16 +105,16 @@ class Log:
         self.info("conn.open", service=service, peer=conn.peer, conn=conn_id, proto=proto, **extra)
 
     def _conn_close(
-        self, conn: Logged, service: str, duration_ms: float, reason: str, extra: Mapping[str, Any]
+        self, conn: Logged, service: str, micros: int, reason: str, extra: Mapping[str, Any]
     ) -> None:
-        """conn.close: service, peer, conn, duration_ms, bytes_in, bytes_out,
-        reason, then `extra`."""
+        """conn.close: service, peer, conn, duration_ms (`micros` / 1000),
+        bytes_in, bytes_out, reason, then `extra`."""
         self.info(
             "conn.close",
             service=service,
             peer=conn.peer,
             conn=conn.conn_id,
-            duration_ms=duration_ms,
+            duration_ms=micros / 1000,
             bytes_in=conn.bytes_in,
             bytes_out=conn.bytes_out,
             reason=reason,

@@ -56,6 +56,7 @@ def _refresh_pid() -> None:
     global _pid
     _pid = os.getpid()
     _heads.clear()
+    _conn_heads.clear()
 
 
 # getpid() is a system call; cache it, and refresh it in forked workers.
@@ -236,11 +237,14 @@ class Logged(Protocol):
     """A connection, as its conn.open and conn.close lines see it."""
 
     # What the log made of the connection at conn.open (JSON: its part of
-    # both lines, `"service": …, "peer": …, "conn": …`); None until then.
+    # both lines, `"127.0.0.1:5555", "conn": 7`: the peer's value and the
+    # conn); None until then.
     log_ident: str | None
+    host: str | None  # the client's IP, None for a UNIX client
+    port: int
 
     @property
-    def peer(self) -> str: ...
+    def peer(self) -> str: ...  # its text for the log: made of host and port
     @property
     def conn_id(self) -> int: ...
     @property
@@ -252,51 +256,78 @@ class Logged(Protocol):
 # conn.open or conn.close with no fields beyond its own.
 NOTHING_MORE: Mapping[str, Any] = MappingProxyType({})
 ConnOpen = Callable[[Logged, str, int, str, Mapping[str, Any]], None]
-ConnClose = Callable[[Logged, str, float, str, Mapping[str, Any]], None]
+# conn.close takes its duration in whole microseconds: the line's
+# `duration_ms` is micros / 1000, which the chain writes as that float's
+# repr.
+ConnClose = Callable[[Logged, str, int, str, Mapping[str, Any]], None]
+
+# `.123`, `.12`, `.1`, `.0`: the end of repr(k / 1000) for k % 1000 (the
+# shortest text of the float nearest k/1000 is that decimal, trailing
+# zeros cut, below 1e16).  float.__repr__ and round(x, 3) each cost as much
+# as the rest of the line.
+_MS_FRACTION = [f".{k:03d}".rstrip("0").ljust(2, "0") for k in range(1000)]
+_MS_EXACT = 10**15  # below it, every k / 1000 reads as its decimal
+
+
+def ms_text(micros: int) -> str:
+    """repr(micros / 1000) for a duration in whole microseconds."""
+    if 0 <= micros < _MS_EXACT:
+        return f"{micros // 1000}{_MS_FRACTION[micros % 1000]}"
+    return repr(micros / 1000)
 
 
 def json_conn_lines(write: Callable[[str], None]) -> tuple[ConnOpen, ConnClose]:
-    """`log.conn_open` and `log.conn_close` in JSON, writing to `write`.
+    """`log.conn_open` and `log.conn_close` in JSON, each line with its
+    newline (a stream's line: JSON never goes to the journal), to `write`.
 
     Each is one f-string, with everything it needs at hand (this module's
-    globals, the held timestamp): `!r` of an int or a float is what the
-    chain's encoder writes for it, and cheaper than float.__repr__."""
+    globals, the held timestamp): `!r` of an int is what the chain's
+    encoder writes for it, and the duration's text is `ms_text`'s."""
 
     def conn_open(conn: Logged, service: str, conn_id: int, proto: str, extra: Mapping[str, Any]) -> None:
-        name = _names.get(service)
-        if name is None:
-            name = _names[service] = encode_basestring(service)
-        made = conn.log_ident = (
-            f'"service": {name}, "peer": {encode_basestring(conn.peer)}, "conn": {conn_id!r}'
+        heads = _conn_heads.get(service) or _conn_head(service)
+        host = conn.host  # conn.peer, without its calls:
+        peer = (
+            '"unix"'
+            if host is None
+            else encode_basestring(f"[{host}]:{conn.port}" if ":" in host else f"{host}:{conn.port}")
         )
-        head = _heads.get(_OPEN) or _head(*_OPEN)
+        made = conn.log_ident = f'{peer}, "conn": {conn_id!r}'
         more = _fields(extra) if extra else ""
-        write(
-            f'{{"timestamp": "{_held or stamp()}{head}, {made}, "proto": {encode_basestring(proto)}{more}}}'
-        )
+        proto = encode_basestring(proto)
+        write(f'{{"timestamp": "{_held or stamp()}{heads[0]}{made}, "proto": {proto}{more}}}\n')
 
-    def conn_close(
-        conn: Logged, service: str, duration_ms: float, reason: str, extra: Mapping[str, Any]
-    ) -> None:
+    def conn_close(conn: Logged, service: str, micros: int, reason: str, extra: Mapping[str, Any]) -> None:
+        heads = _conn_heads.get(service) or _conn_head(service)
         made = conn.log_ident
         if made is None:  # opened while the level was above info
-            name = encode_basestring(service)
-            made = f'"service": {name}, "peer": {encode_basestring(conn.peer)}, "conn": {conn.conn_id!r}'
-        head = _heads.get(_CLOSE) or _head(*_CLOSE)
+            made = f'{encode_basestring(conn.peer)}, "conn": {conn.conn_id!r}'
         more = _fields(extra) if extra else ""
+        # ms_text(micros), without the call:
+        ms = f"{micros // 1000}{_MS_FRACTION[micros % 1000]}" if 0 <= micros < _MS_EXACT else ms_text(micros)
         write(
-            f'{{"timestamp": "{_held or stamp()}{head}, {made}, "duration_ms": {duration_ms!r}, '
+            f'{{"timestamp": "{_held or stamp()}{heads[1]}{made}, "duration_ms": {ms}, '
             f'"bytes_in": {conn.bytes_in!r}, "bytes_out": {conn.bytes_out!r}, '
-            f'"reason": {encode_basestring(reason)}{more}}}'
+            f'"reason": {encode_basestring(reason)}{more}}}\n'
         )
 
     return conn_open, conn_close
 
 
-_OPEN = ("info", "conn.open")
-_CLOSE = ("info", "conn.close")
-# Service names, JSON-encoded: a handful, seen on every connection.
-_names: dict[str, str] = {}
+# Per service, conn.open's and conn.close's text from after the timestamp
+# to the peer's value (`", "level": "info", "event": "conn.open", "pid": 7,
+# "service": "echo", "peer": `): a handful, seen on every connection.  They
+# hold the pid, so a forked worker starts afresh.
+_conn_heads: dict[str, tuple[str, str]] = {}
+
+
+def _conn_head(service: str) -> tuple[str, str]:
+    name = encode_basestring(service)
+    opened, closed = (
+        f'{_head("info", event)}, "service": {name}, "peer": ' for event in ("conn.open", "conn.close")
+    )
+    heads = _conn_heads[service] = (opened, closed)
+    return heads
 
 
 # The start of a line after its timestamp, per (level, event); it holds the

@@ -131,6 +131,7 @@ class Connection(Protocol):
     conn_id: int
     protocol: Handler  # the daemon's sweep and drain ask it (stalled, drain)
     host: str | None  # the peer's IP (IPv4-mapped folded); None for UNIX peers
+    port: int  # the peer's port (0 for UNIX peers)
     proxy: str | None  # behind the PROXY protocol: the proxy's IP:PORT ("unix"); host is the client
     bytes_in: int
     bytes_out: int

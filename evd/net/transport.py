@@ -485,8 +485,8 @@ class StreamTransport:
         self.protocol = _GONE
         self._reader = _noop
         if self.announced and log.info_on:
-            duration_ms = round((self.reactor.now - self.opened) * 1000, 3)
-            log.conn_close(self, self.service.name, duration_ms, reason, extra)
+            micros = int((self.reactor.now - self.opened) * 1_000_000 + 0.5)
+            log.conn_close(self, self.service.name, micros, reason, extra)
 
     # -- the error ladder ---------------------------------------------------
 

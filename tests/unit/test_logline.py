@@ -12,6 +12,7 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evd.config.addresses import peer_text
 from evd.log import render
 from evd.loop.seams import Reason
 
@@ -101,22 +102,27 @@ def test_the_events_of_a_connection_in_particular(monkeypatch_clock):
 class Conn:
     """What conn.open and conn.close read of a transport."""
 
-    def __init__(self, peer: str, conn_id: int, bytes_in: int, bytes_out: int):
-        self.peer, self.conn_id, self.bytes_in, self.bytes_out = peer, conn_id, bytes_in, bytes_out
+    def __init__(self, host: str | None, port: int, conn_id: int, bytes_in: int, bytes_out: int):
+        self.host, self.port, self.conn_id = host, port, conn_id
+        self.bytes_in, self.bytes_out = bytes_in, bytes_out
         self.log_ident: str | None = None
 
+    @property
+    def peer(self) -> str:
+        return peer_text(self.host, self.port)
 
-finite = st.floats(allow_nan=False, allow_infinity=False)
+
 extras = st.dictionaries(st.sampled_from(["proxy", "client_cn", "error"]), st.text(), max_size=2)
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     service=st.text(min_size=1),
-    peer=st.text(),
+    host=st.none() | st.ip_addresses().map(str) | st.text(),
+    port=st.integers(min_value=0, max_value=65535),
     conn_id=st.integers(min_value=0),
     sizes=st.tuples(st.integers(min_value=0), st.integers(min_value=0)),
-    duration=finite,
+    micros=st.integers(min_value=0, max_value=10**17),
     reason=st.sampled_from(list(Reason)) | st.text(),
     proto=st.sampled_from(["tcp", "unix", "tls"]),
     open_extra=extras,
@@ -124,7 +130,7 @@ extras = st.dictionaries(st.sampled_from(["proxy", "client_cn", "error"]), st.te
     opened_at_info=st.booleans(),
 )
 def test_the_lines_of_a_connection_are_the_chains(
-    monkeypatch_clock, service, peer, conn_id, sizes, duration, reason, proto, open_extra, close_extra,
+    monkeypatch_clock, service, host, port, conn_id, sizes, micros, reason, proto, open_extra, close_extra,
     opened_at_info,
 ):  # fmt: skip
     """log.conn_open / log.conn_close in JSON (the connection's part made once,
@@ -132,18 +138,31 @@ def test_the_lines_of_a_connection_are_the_chains(
     connection opened while the level was warning has no part kept."""
     written: list[str] = []
     conn_open, conn_close = render.json_conn_lines(written.append)
-    conn = Conn(peer, conn_id, *sizes)
+    conn = Conn(host, port, conn_id, *sizes)
+    peer = peer_text(host, port)
     opened = {"service": service, "peer": peer, "conn": conn_id, "proto": proto, **open_extra}
     if opened_at_info:
         conn_open(conn, service, conn_id, proto, open_extra)
-        assert written.pop(0) == through_the_chain("info", "conn.open", opened)
+        assert written.pop(0) == through_the_chain("info", "conn.open", opened) + "\n"
         assert conn.log_ident is not None
-    conn_close(conn, service, duration, reason, close_extra)
+    conn_close(conn, service, micros, reason, close_extra)
     closed = {
-        "service": service, "peer": peer, "conn": conn_id, "duration_ms": duration,
+        "service": service, "peer": peer, "conn": conn_id, "duration_ms": micros / 1000,
         "bytes_in": sizes[0], "bytes_out": sizes[1], "reason": reason, **close_extra,
     }  # fmt: skip
-    assert written == [through_the_chain("info", "conn.close", closed)]
+    assert written == [through_the_chain("info", "conn.close", closed) + "\n"]
+
+
+@given(st.integers(min_value=0, max_value=10**18))
+def test_a_duration_in_microseconds_reads_as_the_floats_repr(micros):
+    """conn.close's `duration_ms` is made from whole microseconds without
+    float.__repr__ (render.ms_text): the same text, to 10**18 µs."""
+    assert render.ms_text(micros) == repr(micros / 1000)
+
+
+def test_every_fraction_of_a_millisecond_reads_as_the_floats_repr():
+    for micros in (*range(0, 3000), *range(10**15 - 1000, 10**15 + 1000)):
+        assert render.ms_text(micros) == repr(micros / 1000)
 
 
 def test_a_close_reason_enum_is_its_text(monkeypatch_clock):

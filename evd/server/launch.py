@@ -299,7 +299,7 @@ def _detach_and_serve(launch: Launch, write_end: int) -> int:
         reporter.say(f"error {exc}")
         code = 1
     reporter.say("error the daemon stopped before it was ready")
-    log.sink.flush()
+    log.sink.write_all()
     return code
 
 

@@ -128,7 +128,7 @@ class SupervisorRotation:
             self._timer = None
         self.waiting = None
         log.reopen()
-        log.sink.flush()  # our log.reopen first in the new file
+        log.sink.write_all()  # our log.reopen first in the new file
         self.signal_workers(signal.SIGUSR1, self.held)
         self.held = set()
         self.on_done()
@@ -160,7 +160,7 @@ class WorkerRotation:
             self._release()
 
     def _hold(self) -> None:
-        log.sink.flush()  # the last lines for the old file
+        log.sink.write_all()  # the last lines for the old file
         self.real = log.sink.target
         log.sink.target = HeldTarget(self.real)
         try:
@@ -179,4 +179,4 @@ class WorkerRotation:
         log.reopen()
         if self.real is not None:
             log.sink.target, self.real = self.real, None
-            log.sink.flush()
+            log.sink.write_all()

@@ -238,7 +238,7 @@ class Supervisor:
 
     def spawn(self, index: int) -> None:
         """Fork worker `index` of the current generation."""
-        log.sink.flush()  # else the child would write our pending lines again
+        log.sink.write_all()  # else the child would write our pending lines again
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_FOR_FORK)
         ours, theirs = self.fanout.pair()
         try:
@@ -285,7 +285,7 @@ class Supervisor:
         except BaseException as exc:
             log.error("error", where="worker", worker=index, exc_info=exc)
         finally:
-            log.sink.flush()
+            log.sink.write_all()
             os._exit(code)
 
     def _serve_worker(

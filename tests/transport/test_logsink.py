@@ -168,6 +168,109 @@ def test_a_lone_surrogate_does_not_lose_the_batch():
     assert got == [json.loads(text) for text in lines]  # the escape reads back as the same string
 
 
+# -- connection lines wait a little --------------------------------------------
+
+
+class Timers:
+    """What the sink asks of a reactor, with the timers kept to fire by hand."""
+
+    def __init__(self):
+        self.timers: list[tuple[float, object]] = []
+
+    def add_writer(self, fd, callback):
+        raise AssertionError("a target that takes everything needs no writer")
+
+    def remove_writer(self, fd):
+        pass
+
+    def call_later(self, delay, callback):
+        self.timers.append((delay, callback))
+
+    def fire(self):
+        due, self.timers = self.timers, []
+        for _, callback in due:
+            callback()
+
+
+def coalescing(out, loop):
+    sink = Sink(out, 1 << 20, dropped_note)
+    sink.batching = True
+    sink.attach(loop)
+    return sink
+
+
+def test_connection_lines_wait_for_the_timer_and_no_longer():
+    out, loop = Recording(), Timers()
+    sink = coalescing(out, loop)
+    sink.put(line(1) + "\n")
+    sink.put(line(2) + "\n")
+    sink.flush()
+    sink.flush()  # a second iteration sets no second timer
+    assert out.writes == []
+    assert [delay for delay, _ in loop.timers] == [logsink.COALESCE_DELAY]
+    loop.fire()
+    assert b"".join(out.writes) == f"{line(1)}\n{line(2)}\n".encode()
+    sink.put(line(3) + "\n")
+    sink.flush()  # the next wait has its own timer
+    assert len(loop.timers) == 1
+
+
+def test_connection_lines_go_out_once_they_fill_a_block():
+    out, loop = Recording(), Timers()
+    sink = coalescing(out, loop)
+    count = 0
+    while sink._size < logsink.COALESCE_BYTES:
+        sink.put(line(count) + "\n")
+        count += 1
+    sink.flush()
+    rows = [json.loads(text) for text in b"".join(out.writes).decode().splitlines()]
+    assert [row["conn"] for row in rows] == list(range(count))
+
+
+def test_any_other_line_goes_out_with_its_iteration_and_takes_the_waiting_ones():
+    out, loop = Recording(), Timers()
+    sink = coalescing(out, loop)
+    sink.put(line(1) + "\n")
+    sink.write(line(2))  # a reject, a reload's result: not kept waiting
+    sink.put(line(3) + "\n")
+    sink.flush()
+    rows = [json.loads(text) for text in b"".join(out.writes).decode().splitlines()]
+    assert [row["conn"] for row in rows] == [1, 2, 3]
+    sink.put(line(4) + "\n")
+    sink.flush()  # connection lines alone wait again
+    assert b'"conn": 4' not in b"".join(out.writes)
+
+
+def test_waiting_lines_are_written_at_exit(tmp_path):
+    path = tmp_path / "evd.log"
+    sink = coalescing(FileTarget(str(path)), Timers())
+    sink.put(line(1) + "\n")
+    sink.flush()
+    assert path.read_text() == ""
+    sink.close()
+    assert path.read_text() == line(1) + "\n"
+
+
+def test_a_forked_worker_waits_on_its_own_loops_timer():
+    """The parent's timer is not in the worker's reactor: a worker that
+    kept the parent's `timer set` would hold its lines until some other
+    line came (a new generation's conn.close lines never came)."""
+    out, parent = Recording(), Timers()
+    sink = coalescing(out, parent)
+    sink.put(line(1) + "\n")
+    sink.flush()
+    assert len(parent.timers) == 1
+    sink.after_fork()
+    worker = Timers()
+    sink.batching = True
+    sink.attach(worker)
+    sink.put(line(2) + "\n")
+    sink.flush()
+    assert len(worker.timers) == 1
+    worker.fire()
+    assert b"".join(out.writes) == f"{line(2)}\n".encode()
+
+
 # -- a pipe that stops being read ----------------------------------------------
 
 

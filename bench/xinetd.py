@@ -113,9 +113,8 @@ def start(name: str, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
         off = "".join(f"[services.{s}]\nenabled = false\n" for s in BUILT_IN)
         conf.write_text(EVD_CONF.format(off=off, **fill))
         argv = [sys.executable, "-m", "evd", "run", "-c", str(conf)]
-    # cwd "/": where systemd and `evd start` run a daemon, and the programs'
-    # default cwd, so evd starts them by posix_spawn (commands/child.py,
-    # `plain`); from any other cwd it must fork to chdir.
+    # cwd "/": where systemd and `evd start` run a daemon.  (evd's spawner
+    # starts the programs from any cwd: posix_spawn enters theirs.)
     proc = subprocess.Popen([*pinned(0), *argv], cwd="/", stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
     return proc, port

@@ -22,6 +22,7 @@ are daemon threads: an exiting evd does not wait for them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import queue
 import threading
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from evd.commands.child import Launch
 from evd.loop.reactor import Reactor
 
 # Enough workers for the programs that start at once to overlap their execs.
@@ -61,6 +63,9 @@ class _Libc:
         self.fa_init = self._fn(quick.posix_spawn_file_actions_init, [p])
         self.fa_dup2 = self._fn(quick.posix_spawn_file_actions_adddup2, [p, i, i])
         self.fa_destroy = self._fn(quick.posix_spawn_file_actions_destroy, [p])
+        # glibc 2.29 and later: the child's working directory, set before exec.
+        chdir = getattr(quick, "posix_spawn_file_actions_addchdir_np", None)
+        self.fa_chdir = None if chdir is None else self._fn(chdir, [p, ctypes.c_char_p])
         self.attr_init = self._fn(quick.posix_spawnattr_init, [p])
         self.attr_flags = self._fn(quick.posix_spawnattr_setflags, [p, s])
         self.attr_mask = self._fn(quick.posix_spawnattr_setsigmask, [p, p])
@@ -101,13 +106,19 @@ def posix_spawn(
     env: Sequence[bytes],
     stdio: Sequence[int],
     attr: ctypes.Array[ctypes.c_char],
+    cwd: bytes | None = None,
 ) -> int:
-    """The child's pid, started with `attr` (spawn_attributes) and
-    descriptors 0, 1, 2 from `stdio`; OSError if it could not start.
+    """The child's pid, started with `attr` (spawn_attributes), in `cwd`
+    (None: ours), with descriptors 0, 1, 2 from `stdio`; OSError if it
+    could not start (a `cwd` that is not a directory: ENOENT, ENOTDIR...).
     Blocks until the child has exec'd."""
     actions = ctypes.create_string_buffer(OPAQUE)
     libc.fa_init(actions)
     try:
+        if cwd is not None:
+            if libc.fa_chdir is None:
+                raise OSError(errno.ENOSYS, "posix_spawn cannot change directory here (glibc < 2.29)")
+            libc.fa_chdir(actions, cwd)
         for target, fd in enumerate(stdio):
             libc.fa_dup2(actions, fd, target)
         pid = ctypes.c_int(0)
@@ -128,6 +139,7 @@ class _Request:
     argv: list[bytes]
     env: list[bytes]
     stdio: tuple[int, int, int]  # the worker's own duplicates, closed by the loop
+    cwd: bytes | None
     done: Done
     result: int | OSError | None = None
 
@@ -139,13 +151,41 @@ class Spawner:
     def __init__(self, reactor: Reactor):
         self.reactor = reactor
         self._libc: _Libc | None = None
+        self._chdir: bool | None = None  # posix_spawn can set the child's directory
         self._todo: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        # This iteration's requests, handed to the workers as the loop goes
+        # to wait (`_hand_over`), when it lets the GIL go anyway: a worker
+        # woken at once would only find the GIL taken and sleep again, two
+        # context switches for nothing per program.
+        self._batch: list[_Request] = []
         self._finished: deque[_Request] = deque()
         self._wake_r = self._wake_w = -1
 
-    def start(self, argv: Sequence[str], env: dict[str, str], stdio: Sequence[int], done: Done) -> None:
+    def can_start(self, launch: Launch) -> bool:
+        """Whether `launch` is the spawner's to start: no user or group to
+        switch to, an absolute path (posix_spawnp would search evd's PATH,
+        not the child's), and a directory posix_spawn can enter (glibc 2.29
+        and later) or ours."""
+        if self._chdir is None:
+            self._chdir = hasattr(ctypes.PyDLL(None), "posix_spawn_file_actions_addchdir_np")
+        return (
+            launch.uid is None
+            and launch.gid is None
+            and os.path.isabs(launch.argv[0])
+            and (self._chdir or launch.cwd == os.getcwd())
+        )
+
+    def start(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str],
+        stdio: Sequence[int],
+        done: Done,
+        cwd: str | None = None,
+    ) -> None:
         """Start `argv` (an absolute path first) with `env` and `stdio`
-        (duplicated here: the caller may close its own at once)."""
+        (duplicated here: the caller may close its own at once), in `cwd`
+        (None: evd's own)."""
         if self._libc is None:
             self._start_workers()
         dups = tuple(os.dup(fd) for fd in stdio)
@@ -153,9 +193,16 @@ class Spawner:
             [a.encode() for a in argv],
             [f"{k}={v}".encode() for k, v in env.items()],
             (dups[0], dups[1], dups[2]),
+            None if cwd is None else os.fsencode(cwd),
             done,
         )
-        self._todo.put(request)
+        self._batch.append(request)
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            for request in batch:
+                self._todo.put(request)
 
     def _start_workers(self) -> None:
         self._libc = _Libc()
@@ -163,6 +210,7 @@ class Spawner:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.reactor.add_reader(self._wake_r, self._on_wake)
+        self.reactor.add_before_sleep(self._hand_over)
         for n in range(WORKERS):
             threading.Thread(target=self._work, name=f"evd-spawn-{n}", daemon=True).start()
 
@@ -173,7 +221,9 @@ class Spawner:
         while True:
             request = self._todo.get()
             try:
-                request.result = posix_spawn(libc, request.argv, request.env, request.stdio, attr)
+                request.result = posix_spawn(
+                    libc, request.argv, request.env, request.stdio, attr, request.cwd
+                )
             except OSError as exc:
                 request.result = exc
             self._finished.append(request)

@@ -42,7 +42,7 @@ import signal
 from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING
 
-from evd.commands.child import PIPE, Child, Launch, Owner, Process, Spawned, SpawnError, killpg, plain
+from evd.commands.child import PIPE, Child, Launch, Owner, Process, Spawned, SpawnError, killpg
 from evd.commands.spawner import Spawner
 from evd.handlers.base import Handler
 from evd.log.logger import log
@@ -178,7 +178,7 @@ class Program(Handler):
             if not relay:
                 os.set_blocking(transport.fd, True)  # the child's stdin: read as any file
             spawner = self.programs.spawner
-            if spawner is not None and plain(launch):
+            if spawner is not None and spawner.can_start(launch):
                 self._spawn(spawner)
                 return
             child = ProgramChild(
@@ -206,8 +206,9 @@ class Program(Handler):
                 stdio = (in_r, out_w, err_w)
             else:
                 stdio = (self.transport.fd, self.transport.fd, err_w)
+            launch = self.launch
             spawner.start(
-                self.launch.argv, dict(self.launch.env), stdio, functools.partial(self._spawned, ours)
+                launch.argv, dict(launch.env), stdio, functools.partial(self._spawned, ours), launch.cwd
             )
         except BaseException:
             for fd in ours:

@@ -6,6 +6,7 @@ Python sockets).  Expected values come from SPEC 14, not from evd's code.
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -61,10 +62,19 @@ def exchange(address, data: bytes) -> bytes:
         return recv_all(sock)
 
 
-# evd's working directory in these tests: a program whose cwd it is starts
-# through the spawner, off the loop (commands/spawner.py); one elsewhere
-# through subprocess (commands/child.py).  Both must serve alike.
-WAYS = {"spawner": f'cwd = "{ROOT}"\n', "subprocess": 'cwd = "/"\n'}
+# The two ways a program starts: through the spawner, off the loop
+# (commands/spawner.py), in any directory; through subprocess
+# (commands/child.py) when it runs as a user of its own, which the spawner
+# cannot switch to: here evd's own user, which only root may name.  Both
+# must serve alike.
+WAY_CONFIG = {"spawner": 'cwd = "/"\n', "subprocess": f'user = "{pwd.getpwuid(os.geteuid()).pw_name}"\n'}
+WAYS = [
+    "spawner",
+    pytest.param(
+        "subprocess",
+        marks=pytest.mark.skipif(os.geteuid() != 0, reason="a program with a user of its own needs root"),
+    ),
+]
 
 
 @pytest.mark.no_workers_variant(
@@ -73,7 +83,7 @@ WAYS = {"spawner": f'cwd = "{ROOT}"\n', "subprocess": 'cwd = "/"\n'}
 @pytest.mark.parametrize("way", WAYS)
 def test_cat_is_an_echo_driven_by_nc(start_evd, way):
     nc = need("nc")
-    evd = start_evd(program_config(service("cat", ["/bin/cat"], WAYS[way])))
+    evd = start_evd(program_config(service("cat", ["/bin/cat"], WAY_CONFIG[way])))
     host, port = evd.addr("cat")
     out = subprocess.run(
         [nc, "-N", host, str(port)], input=b"hello, program\n", capture_output=True, timeout=WAIT
@@ -140,9 +150,20 @@ def test_a_program_that_ignores_sigterm_is_killed_after_the_timeout(start_evd, t
     assert process_gone(end["exec_pid"])
 
 
+@pytest.mark.no_workers_variant("counts the threads of the daemon's process")
+def test_the_spawner_starts_a_program_in_its_cwd(start_evd, tmp_path):
+    """A `cwd` that is not evd's own still starts off the loop: posix_spawn
+    enters it (posix_spawn_file_actions_addchdir_np) before exec."""
+    (tmp_path / "here").mkdir()
+    evd = start_evd(program_config(service("where", ["/bin/pwd"], f'cwd = "{tmp_path / "here"}"\n')))
+    assert Path(f"/proc/{evd.proc.pid}/cwd").resolve() != tmp_path / "here"
+    assert exchange(evd.addr("where"), b"") == f"{tmp_path / 'here'}\n".encode()
+    assert len(os.listdir(f"/proc/{evd.proc.pid}/task")) > 1  # the spawner's workers started it
+
+
 @pytest.mark.parametrize("way", WAYS)
 def test_a_program_that_exits_at_once_closes_the_connection(start_evd, way):
-    evd = start_evd(program_config(service("quick", ["/bin/sh", "-c", "exit 3"], WAYS[way])))
+    evd = start_evd(program_config(service("quick", ["/bin/sh", "-c", "exit 3"], WAY_CONFIG[way])))
     with socket.create_connection(evd.addr("quick"), timeout=WAIT) as sock:
         assert recv_all(sock) == b""
     end = evd.wait_for("exec.end", service="quick")
@@ -153,7 +174,7 @@ def test_a_program_that_exits_at_once_closes_the_connection(start_evd, way):
 @pytest.mark.parametrize("way", WAYS)
 def test_a_program_gone_after_start_is_an_error_and_a_closed_connection(start_evd, tmp_path, way):
     path = script(tmp_path, "vanishing.sh", "echo never\n")
-    evd = start_evd(program_config(service("vanishing", [path], WAYS[way])))
+    evd = start_evd(program_config(service("vanishing", [path], WAY_CONFIG[way])))
     os.unlink(path)
     with socket.create_connection(evd.addr("vanishing"), timeout=WAIT) as sock:
         assert recv_all(sock) == b""
@@ -282,7 +303,7 @@ def zombies_of(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("way", WAYS)
 def test_500_connections_at_once_all_answered_nothing_left(start_evd, way):
-    evd = start_evd(program_config(service("cat", ["/bin/cat"], WAYS[way])))
+    evd = start_evd(program_config(service("cat", ["/bin/cat"], WAY_CONFIG[way])))
     fds = Path(f"/proc/{evd.proc.pid}/fd")
     # One connection first: evd's lazily opened descriptors are open now.
     assert exchange(evd.addr("cat"), b"warm\n") == b"warm\n"
@@ -327,7 +348,7 @@ def pki(tmp_path):
 
 @pytest.mark.parametrize("way", WAYS)
 def test_cat_over_tls_with_openssl_s_client(start_evd, pki, way):
-    evd = start_evd(program_config(tls_service("cat", ["/bin/cat"], WAYS[way])))
+    evd = start_evd(program_config(tls_service("cat", ["/bin/cat"], WAY_CONFIG[way])))
     host, port = evd.addr("cat", "tls")
     s_client = [need("openssl"), "s_client", "-connect", f"{host}:{port}", "-CAfile", str(pki.cafile)]
     s_client += ["-verify_return_error", "-quiet", "-no_ign_eof"]
@@ -343,7 +364,7 @@ def test_tls_relay_carries_more_than_a_pipe_holds_and_keeps_stderr(start_evd, pk
     # The program reads what it wants (a client's EOF is s_client's test):
     # 300 kB is more than a pipe holds, so the relay waits for the child.
     path = script(tmp_path, "count.sh", 'head -c 300000 | wc -c\necho "$REMOTE_ADDR" >&2\n')
-    evd = start_evd(program_config(tls_service("count", [path], WAYS[way])))
+    evd = start_evd(program_config(tls_service("count", [path], WAY_CONFIG[way])))
     sock = socket.create_connection(evd.addr("count", "tls"), timeout=WAIT)
     with pki.client_context().wrap_socket(sock, server_hostname="127.0.0.1") as tls:
         tls.sendall(b"x" * 300_000)
@@ -426,7 +447,8 @@ def test_a_program_service_added_by_a_reload_serves(start_evd):
 
 
 def test_program_services_with_workers(start_evd):
-    evd = start_evd(program_config(service("env", ["/usr/bin/env"], WAYS["spawner"]), daemon="workers = 2\n"))
+    config = program_config(service("env", ["/usr/bin/env"], WAY_CONFIG["spawner"]), daemon="workers = 2\n")
+    evd = start_evd(config)
     conns = set()
     for _ in range(6):
         with socket.create_connection(evd.addr("env"), timeout=WAIT) as sock:

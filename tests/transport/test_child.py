@@ -5,6 +5,7 @@ session, exactly its environment, default signal dispositions, its status
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from evd.commands.child import PIPE, Child, Launch, Spawned, SpawnError, spawn
+from evd.commands.spawner import Spawner
 from evd.loop.reactor import Reactor
 from evd.system import children
 
@@ -114,4 +116,59 @@ def test_a_child_ended_by_sigkill_reports_it_even_before_the_kernel_has_ended_it
     finally:
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
         assert real_poll() == -signal.SIGKILL
+        reactor.close()
+
+
+def spawned_by_the_spawner(launch: Launch) -> tuple[int | OSError, bytes]:
+    """Start `launch` through the spawner's threads, its stdout a pipe:
+    the result the loop was told, and what the child wrote."""
+    reactor = Reactor()
+    spawner = Spawner(reactor)
+    out_r, out_w = os.pipe()
+    results: list[int | OSError] = []
+
+    def done(result: int | OSError) -> None:
+        results.append(result)
+        reactor.stop()
+
+    try:
+        assert spawner.can_start(launch)
+        with open(os.devnull, "rb") as null:
+            spawner.start(launch.argv, dict(launch.env), (null.fileno(), out_w, out_w), done, launch.cwd)
+        os.close(out_w)
+        reactor.call_later(10.0, reactor.stop)
+        reactor.run()
+        assert results, "the spawner never answered"
+        out = b""
+        while chunk := os.read(out_r, 65536):
+            out += chunk
+        if isinstance(results[0], int):
+            os.waitpid(results[0], 0)
+        return results[0], out
+    finally:
+        os.close(out_r)
+        reactor.close()
+
+
+def test_the_spawner_starts_a_program_in_a_directory_not_ours(tmp_path):
+    """posix_spawn enters `cwd` before exec (glibc's addchdir_np): any
+    directory is the spawner's, not only evd's own."""
+    assert os.getcwd() != str(tmp_path)
+    pid, out = spawned_by_the_spawner(Launch(("/bin/pwd",), ENV, str(tmp_path)))
+    assert isinstance(pid, int) and out == f"{tmp_path}\n".encode()
+
+
+def test_the_spawner_reports_a_directory_it_cannot_enter(tmp_path):
+    result, out = spawned_by_the_spawner(Launch(("/bin/pwd",), ENV, str(tmp_path / "gone")))
+    assert isinstance(result, OSError) and result.errno == errno.ENOENT and out == b""
+
+
+def test_the_spawner_leaves_a_user_switch_to_subprocess():
+    reactor = Reactor()
+    try:
+        spawner = Spawner(reactor)
+        assert spawner.can_start(Launch(("/bin/pwd",), ENV, "/"))
+        assert not spawner.can_start(Launch(("/bin/pwd",), ENV, "/", uid=0, gid=0))
+        assert not spawner.can_start(Launch(("pwd",), ENV, "/"))  # a PATH search: evd's, not the child's
+    finally:
         reactor.close()

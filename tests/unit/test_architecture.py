@@ -68,7 +68,8 @@ LAYERS = {
     # commands/ -- running programs: the runner and one child's life
     "commands.runner": 35,
     "commands.process": 36,
-    "commands.child": 37, "commands.spawner": 37,
+    "commands.spawner": 37,  # starts what a child.Launch says
+    "commands.child": 38,
     # proto/ -- sans-IO protocol and service logic, bookkeeping
     "proto.session": 40,
     "proto.rules": 41,

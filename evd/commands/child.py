@@ -477,3 +477,7 @@ class Child:
 
     def duration_ms(self) -> float:
         return round((time.monotonic() - self.started) * 1000, 3)
+
+    def micros(self) -> int:
+        """How long it has run, in whole microseconds (exec.end's duration)."""
+        return int((time.monotonic() - self.started) * 1_000_000 + 0.5)

@@ -252,14 +252,7 @@ class Program(Handler):
     def _started(self, child: ProgramChild) -> None:
         self.child = child
         transport = self.transport
-        log.info(
-            "exec.start",
-            service=self.service.name,
-            conn=transport.conn_id,
-            argv=list(self.launch.argv),
-            exec_pid=child.pid,
-            peer=transport.peer,
-        )
+        log.exec_start(self.service.name, transport.conn_id, self.launch.argv, child.pid, transport.peer)
         if not self._relay:
             transport.hand_off()  # the child has it; evd keeps nothing
             return
@@ -363,25 +356,17 @@ class Program(Handler):
 
     def _log_end(self, child: ProgramChild | None, error: str | None = None) -> None:
         transport = self.transport
-        fields: dict[str, object] = {
-            "service": self.service.name,
-            "conn": transport.conn_id,
-            "argv": list(self.launch.argv),
-            "peer": transport.peer,
-        }
+        name, argv = self.service.name, self.launch.argv
         if child is None:
-            log.warning("exec.end", **fields, exec_pid=None, error=error)
+            log.warning(
+                "exec.end", service=name, conn=transport.conn_id, argv=list(argv), peer=transport.peer,
+                exec_pid=None, error=error,
+            )  # fmt: skip
             return
-        log.info(
-            "exec.end",
-            **fields,
-            exec_pid=child.pid,
-            exit=child.exit,
-            signal=child.signal,
-            timed_out=child.timed_out,
-            duration_ms=child.duration_ms(),
-            stderr_tail=child.tail.decode("utf-8", "replace"),
-        )
+        log.exec_end(
+            name, transport.conn_id, argv, transport.peer, child.pid, child.exit, child.signal,
+            child.timed_out, child.micros(), child.tail.decode("utf-8", "replace"),
+        )  # fmt: skip
 
 
 def _file(fd: int, mode: str) -> IO[bytes]:

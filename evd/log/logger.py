@@ -47,6 +47,8 @@ Logged = render.Logged
 NOTHING_MORE = render.NOTHING_MORE
 ConnOpen = render.ConnOpen
 ConnClose = render.ConnClose
+ExecStart = render.ExecStart
+ExecEnd = render.ExecEnd
 
 
 def _nothing(event: str, /, **fields: Any) -> None:
@@ -85,8 +87,11 @@ class Log:
         self.error: LogMethod = logger.error
         self.conn_open: ConnOpen = self._conn_open
         self.conn_close: ConnClose = self._conn_close
+        self.exec_start: ExecStart = self._exec_start
+        self.exec_end: ExecEnd = self._exec_end
         if self.format == "json" and self.info_on:
             self.conn_open, self.conn_close = render.json_conn_lines(self.sink.put)
+            self.exec_start, self.exec_end = render.json_exec_lines(self.sink.put)
         fast = {"json": render.fast_json, "journal": render.fast_journal}.get(self.format)
         if fast is not None:
             write = self.sink.write
@@ -119,6 +124,41 @@ class Log:
             bytes_out=conn.bytes_out,
             reason=reason,
             **extra,
+        )
+
+    # -- the two lines of every program connection -----------------------------------
+
+    def _exec_start(self, service: str, conn_id: int, argv: tuple[str, ...], pid: int, peer: str) -> None:
+        """exec.start: service, conn, argv, exec_pid, peer."""
+        self.info("exec.start", service=service, conn=conn_id, argv=list(argv), exec_pid=pid, peer=peer)
+
+    def _exec_end(
+        self,
+        service: str,
+        conn_id: int,
+        argv: tuple[str, ...],
+        peer: str,
+        pid: int,
+        exit: int | None,
+        signal: int | None,
+        timed_out: bool,
+        micros: int,
+        stderr_tail: str,
+    ) -> None:
+        """exec.end: service, conn, argv, peer, exec_pid, exit, signal,
+        timed_out, duration_ms (`micros` / 1000), stderr_tail."""
+        self.info(
+            "exec.end",
+            service=service,
+            conn=conn_id,
+            argv=list(argv),
+            peer=peer,
+            exec_pid=pid,
+            exit=exit,
+            signal=signal,
+            timed_out=timed_out,
+            duration_ms=micros / 1000,
+            stderr_tail=stderr_tail,
         )
 
     def _render_dropped(self, count: int, first: str) -> Any:

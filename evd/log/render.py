@@ -57,6 +57,7 @@ def _refresh_pid() -> None:
     _pid = os.getpid()
     _heads.clear()
     _conn_heads.clear()
+    _exec_heads.clear()
 
 
 # getpid() is a system call; cache it, and refresh it in forked workers.
@@ -335,6 +336,76 @@ def _conn_head(service: str) -> tuple[str, str]:
 _heads: dict[tuple[str, str], str] = {}
 # `, "key": ` per field name: the few names of the per-connection events.
 _keys: dict[str, str] = {}
+
+
+# -- exec.start and exec.end in JSON: a line each per program connection ---------
+#
+# A program service logs both for every connection, beside its conn.open and
+# conn.close: one f-string each, from the service's head and the program's
+# argv, each rendered once.  Same bytes as the chain (tests/unit/test_logline.py).
+
+# service, conn, argv, exec_pid, peer
+ExecStart = Callable[[str, int, tuple[str, ...], int, str], None]
+# service, conn, argv, peer, exec_pid, exit, signal, timed_out, duration in
+# whole microseconds (`duration_ms` = micros / 1000), stderr_tail
+ExecEnd = Callable[[str, int, tuple[str, ...], str, int, int | None, int | None, bool, int, str], None]
+
+# Per service: exec.start's and exec.end's text after the timestamp up to
+# the service's value (pid inside: a forked worker starts afresh).
+_exec_heads: dict[str, tuple[str, str]] = {}
+# Each program's argv as a JSON list: a handful, from the configuration.
+_argvs: dict[tuple[str, ...], str] = {}
+
+
+def _exec_head(service: str) -> tuple[str, str]:
+    name = encode_basestring(service)
+    started, ended = (f'{_head("info", event)}, "service": {name}' for event in ("exec.start", "exec.end"))
+    heads = _exec_heads[service] = (started, ended)
+    return heads
+
+
+def _argv(argv: tuple[str, ...]) -> str:
+    text = _argvs[argv] = "[" + ", ".join(map(encode_basestring, argv)) + "]"
+    return text
+
+
+def json_exec_lines(write: Callable[[str], None]) -> tuple[ExecStart, ExecEnd]:
+    """`log.exec_start` and `log.exec_end` in JSON, each line with its
+    newline, to `write` (as `json_conn_lines`)."""
+
+    def exec_start(service: str, conn_id: int, argv: tuple[str, ...], pid: int, peer: str) -> None:
+        heads = _exec_heads.get(service) or _exec_head(service)
+        write(
+            f'{{"timestamp": "{_held or stamp()}{heads[0]}, "conn": {conn_id!r}, '
+            f'"argv": {_argvs.get(argv) or _argv(argv)}, "exec_pid": {pid!r}, '
+            f'"peer": {encode_basestring(peer)}}}\n'
+        )
+
+    def exec_end(
+        service: str,
+        conn_id: int,
+        argv: tuple[str, ...],
+        peer: str,
+        pid: int,
+        exit: int | None,
+        signal: int | None,
+        timed_out: bool,
+        micros: int,
+        stderr_tail: str,
+    ) -> None:
+        heads = _exec_heads.get(service) or _exec_head(service)
+        # ms_text(micros), without the call:
+        ms = f"{micros // 1000}{_MS_FRACTION[micros % 1000]}" if 0 <= micros < _MS_EXACT else ms_text(micros)
+        write(
+            f'{{"timestamp": "{_held or stamp()}{heads[1]}, "conn": {conn_id!r}, '
+            f'"argv": {_argvs.get(argv) or _argv(argv)}, "peer": {encode_basestring(peer)}, '
+            f'"exec_pid": {pid!r}, "exit": {"null" if exit is None else repr(exit)}, '
+            f'"signal": {"null" if signal is None else repr(signal)}, '
+            f'"timed_out": {"true" if timed_out else "false"}, "duration_ms": {ms}, '
+            f'"stderr_tail": {encode_basestring(stderr_tail)}}}\n'
+        )
+
+    return exec_start, exec_end
 
 
 _INF = float("inf")

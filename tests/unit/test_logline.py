@@ -230,3 +230,38 @@ def through_the_journal_chain(level: str, event: str, fields: dict) -> bytes:
 )
 def test_the_direct_journal_entry_is_the_chains(monkeypatch_clock, event, fields, level):
     assert render.fast_journal(level, event, fields) == through_the_journal_chain(level, event, fields)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    service=st.text(min_size=1),
+    conn_id=st.integers(min_value=0),
+    argv=st.lists(st.text(), min_size=1, max_size=4).map(tuple),
+    pid=st.integers(min_value=1),
+    peer=st.text(),
+    exit=st.none() | st.integers(min_value=0, max_value=255),
+    signum=st.none() | st.integers(min_value=1, max_value=64),
+    timed_out=st.booleans(),
+    micros=st.integers(min_value=0, max_value=10**17),
+    tail=st.text(),
+)
+def test_the_lines_of_a_program_are_the_chains(
+    monkeypatch_clock, service, conn_id, argv, pid, peer, exit, signum, timed_out, micros, tail
+):
+    """log.exec_start / log.exec_end in JSON give the chain's bytes, line
+    for line, twice (the second time from the cached head and argv)."""
+    written: list[str] = []
+    exec_start, exec_end = render.json_exec_lines(written.append)
+    started = {"service": service, "conn": conn_id, "argv": list(argv), "exec_pid": pid, "peer": peer}
+    ended = {
+        "service": service, "conn": conn_id, "argv": list(argv), "peer": peer, "exec_pid": pid, "exit": exit,
+        "signal": signum, "timed_out": timed_out, "duration_ms": micros / 1000, "stderr_tail": tail,
+    }  # fmt: skip
+    for _ in range(2):
+        exec_start(service, conn_id, argv, pid, peer)
+        exec_end(service, conn_id, argv, peer, pid, exit, signum, timed_out, micros, tail)
+        assert written == [
+            through_the_chain("info", "exec.start", started) + "\n",
+            through_the_chain("info", "exec.end", ended) + "\n",
+        ]
+        written.clear()

@@ -22,17 +22,18 @@ as the target takes it without waiting:
 
 (The stderr and file targets are in log/targets.py.)
 
-The two lines of every connection (`put`: conn.open and conn.close) may
-wait a little on purpose: while the loop runs and nothing else is queued,
-they go out once COALESCE_BYTES are queued or the oldest has waited
-COALESCE_DELAY, whichever comes first, not at the end of every iteration.
-A busy server then writes one 64 KiB block where it wrote a few hundred
-bytes per iteration: at 14k connections a second that was a third of what
-logging cost (docs/performance/logging.md).  Any other line (`write`: a
-reject, an error, a reload's result) goes out at the end of its iteration
-as before, and takes the waiting lines with it, in order.  A daemon killed
-with SIGKILL loses at most that much of its connection lines; any other
-exit writes them.
+The lines of every connection (`put`: conn.open and conn.close, and a
+program's exec.start and exec.end) may wait a little on purpose: while the
+loop runs and nothing else is queued, they go out once COALESCE_BYTES are
+queued or the oldest has waited COALESCE_DELAY, whichever comes first, not
+at the end of every iteration. A busy server then writes one 64 KiB block
+where it wrote a few hundred bytes per iteration: at 14k connections a
+second that was a third of what logging cost
+(docs/performance/logging.md). Any other line (`write`: a reject, an
+error, a reload's result) goes out at the end of its iteration as before,
+and takes the waiting lines with it, in order. A daemon killed with
+SIGKILL loses at most that much of its connection lines; any other exit
+writes them.
 
 Lines that cannot go out wait, in order, up to `limit` bytes (log.buffer,
 each line counted with its Python overhead, so the figure bounds memory).

@@ -54,6 +54,9 @@ IPPROTO_TCP, TCP_NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 INHERITS_NODELAY = sys.platform.startswith("linux")
 
 ACCEPT_BATCH = 64
+# At close, the backlog is taken in at most this many batches (a listen
+# backlog is 4096 at most by default: somaxconn).
+BACKLOG_BATCHES = 64
 # Long enough to let descriptors free up, short enough that a recovered
 # daemon serves again within a blink.
 BACKOFF = 0.1
@@ -248,12 +251,24 @@ class StreamListener(Listener):
             self._nodelay_each = not INHERITS_NODELAY
 
     def close(self) -> None:
+        """Stop listening.  What the kernel accepted meanwhile is taken
+        first and served like any open connection (a SIGTERM lets it
+        finish): closed in the backlog, each would be reset, and a proxy
+        that had connected could not send its request elsewhere."""
         if self._backoff_timer is not None:
             self.reactor.cancel(self._backoff_timer)
             self._backoff_timer = None
+        else:
+            for _ in range(BACKLOG_BATCHES):
+                if not self._accept_batch():
+                    break
         super().close()
 
     def _on_read(self) -> None:
+        self._accept_batch()
+
+    def _accept_batch(self) -> bool:
+        """Accept up to ACCEPT_BATCH connections; True if more may wait."""
         c_accept = self._c_accept
         family = self._family
         conn: CSocket
@@ -265,15 +280,16 @@ class StreamListener(Listener):
                 else:
                     conn, sockaddr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as exc:
                 if exc.errno in _OUT_OF_DESCRIPTORS:
                     self._back_off(exc)
-                    return
+                    return False
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up before we got to it
                 raise
             self._admit(conn, sockaddr)
+        return True
 
     def _back_off(self, exc: OSError) -> None:
         now = self.reactor.now

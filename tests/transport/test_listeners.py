@@ -298,3 +298,29 @@ def test_connections_view_refusals_by_reason_and_kill(reactor, log, loop):
         for c in clients:
             c.close()
         listener.close()
+
+
+# --- closing while clients wait in the backlog ---------------------------------
+
+
+def test_closing_serves_the_connections_the_kernel_already_accepted(reactor, log, loop):
+    """A listener closed with connections in its backlog (SIGTERM, a
+    reload, a retiring worker) takes them first and serves them: closed
+    unaccepted, each would be reset, a lost request for a client behind a
+    proxy that had already connected."""
+    service = Service(service_of(), reactor)
+    listener = stream_listener(reactor, service, raw.Echo)
+    clients = [client(listener) for _ in range(5)]  # the loop never ran: all in the backlog
+    try:
+        for n, sock in enumerate(clients):
+            sock.sendall(b"request %d" % n)
+        listener.close()
+        assert len(service.connections) == 5
+        for sock in clients:
+            sock.shutdown(socket.SHUT_WR)
+        loop.run_until(lambda: not service.connections, what="the five echoes")
+        for n, sock in enumerate(clients):
+            assert sock.recv(100) == b"request %d" % n
+    finally:
+        for sock in clients:
+            sock.close()

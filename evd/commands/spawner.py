@@ -185,7 +185,8 @@ class Spawner:
     ) -> None:
         """Start `argv` (an absolute path first) with `env` and `stdio`
         (duplicated here: the caller may close its own at once), in `cwd`
-        (None: evd's own)."""
+        (None: evd's own; entered by the child only where it is not ours,
+        so an older glibc starts what `can_start` accepted)."""
         if self._libc is None:
             self._start_workers()
         dups = tuple(os.dup(fd) for fd in stdio)
@@ -193,7 +194,7 @@ class Spawner:
             [a.encode() for a in argv],
             [f"{k}={v}".encode() for k, v in env.items()],
             (dups[0], dups[1], dups[2]),
-            None if cwd is None else os.fsencode(cwd),
+            None if cwd is None or cwd == os.getcwd() else os.fsencode(cwd),
             done,
         )
         self._batch.append(request)

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from evd.commands import spawner as spawner_module
 from evd.commands.child import PIPE, Child, Launch, Spawned, SpawnError, spawn
 from evd.commands.spawner import Spawner
 from evd.loop.reactor import Reactor
@@ -119,11 +120,13 @@ def test_a_child_ended_by_sigkill_reports_it_even_before_the_kernel_has_ended_it
         reactor.close()
 
 
-def spawned_by_the_spawner(launch: Launch) -> tuple[int | OSError, bytes]:
+def spawned_by_the_spawner(launch: Launch, chdir: bool | None = None) -> tuple[int | OSError, bytes]:
     """Start `launch` through the spawner's threads, its stdout a pipe:
-    the result the loop was told, and what the child wrote."""
+    the result the loop was told, and what the child wrote.  `chdir`
+    False: as on a glibc without posix_spawn_file_actions_addchdir_np."""
     reactor = Reactor()
     spawner = Spawner(reactor)
+    spawner._chdir = chdir
     out_r, out_w = os.pipe()
     results: list[int | OSError] = []
 
@@ -172,3 +175,25 @@ def test_the_spawner_leaves_a_user_switch_to_subprocess():
         assert not spawner.can_start(Launch(("pwd",), ENV, "/"))  # a PATH search: evd's, not the child's
     finally:
         reactor.close()
+
+
+def test_without_addchdir_a_program_in_our_own_cwd_still_starts(monkeypatch, tmp_path):
+    """An older glibc: the spawner takes only programs in evd's own cwd, and
+    starts them without asking posix_spawn to change directory."""
+
+    class OldLibc(spawner_module._Libc):
+        def __init__(self):
+            super().__init__()
+            self.fa_chdir = None
+
+    monkeypatch.setattr(spawner_module, "_Libc", OldLibc)
+    monkeypatch.chdir(tmp_path)
+    reactor = Reactor()
+    try:
+        spawner = Spawner(reactor)
+        spawner._chdir = False
+        assert not spawner.can_start(Launch(("/bin/pwd",), ENV, "/"))
+    finally:
+        reactor.close()
+    pid, out = spawned_by_the_spawner(Launch(("/bin/pwd",), ENV, str(tmp_path)), chdir=False)
+    assert isinstance(pid, int) and out == f"{tmp_path}\n".encode()

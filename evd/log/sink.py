@@ -24,12 +24,12 @@ as the target takes it without waiting:
 
 The lines of every connection (`put`: conn.open and conn.close, and a
 program's exec.start and exec.end) may wait a little on purpose: while the
-loop runs and nothing else is queued, they go out once COALESCE_BYTES are
-queued or the oldest has waited COALESCE_DELAY, whichever comes first, not
-at the end of every iteration. A busy server then writes one 64 KiB block
-where it wrote a few hundred bytes per iteration: at 14k connections a
-second that was a third of what logging cost
-(docs/performance/logging.md). Any other line (`write`: a reject, an
+loop runs and nothing else is queued, they go out once COALESCE_BYTES (or
+half of log.buffer) are queued or the oldest has waited COALESCE_DELAY,
+whichever comes first, not at the end of every iteration. A busy server
+then writes one 64 KiB block where it wrote a few hundred bytes per
+iteration: at 14k connections a second that was a third of what logging
+cost (docs/performance/logging.md). Any other line (`write`: a reject, an
 error, a reload's result) goes out at the end of its iteration as before,
 and takes the waiting lines with it, in order. A daemon killed with
 SIGKILL loses at most that much of its connection lines; any other exit
@@ -197,7 +197,12 @@ class Sink:
         next_iteration()
         if self._paused or not (self._queue or self._out or self._dropped):
             return
-        if not self._urgent and self._size < COALESCE_BYTES and self._watcher is not None:
+        if (
+            not self._urgent
+            and self._size < COALESCE_BYTES
+            and self._size * 2 < self.limit  # a small log.buffer must not fill while lines wait
+            and self._watcher is not None
+        ):
             if not self._due_set:
                 self._due_set = True
                 self._watcher.call_later(COALESCE_DELAY, self._due)

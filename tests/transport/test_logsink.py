@@ -227,6 +227,21 @@ def test_connection_lines_go_out_once_they_fill_a_block():
     assert [row["conn"] for row in rows] == list(range(count))
 
 
+def test_connection_lines_wait_for_no_more_than_half_a_small_buffer():
+    """log.buffer below the block: lines that waited for a full block would
+    fill the buffer and be dropped while the log could take them."""
+    out, loop = Recording(), Timers()
+    sink = Sink(out, 8192, dropped_note)
+    sink.batching = True
+    sink.attach(loop)
+    count = 0
+    while sink._size * 2 < 8192:
+        sink.put(line(count) + "\n")
+        count += 1
+    sink.flush()
+    assert len(b"".join(out.writes).splitlines()) == count and sink.dropped_total == 0
+
+
 def test_any_other_line_goes_out_with_its_iteration_and_takes_the_waiting_ones():
     out, loop = Recording(), Timers()
     sink = coalescing(out, loop)

@@ -394,8 +394,7 @@ def json_exec_lines(write: Callable[[str], None]) -> tuple[ExecStart, ExecEnd]:
         stderr_tail: str,
     ) -> None:
         heads = _exec_heads.get(service) or _exec_head(service)
-        # ms_text(micros), without the call:
-        ms = f"{micros // 1000}{_MS_FRACTION[micros % 1000]}" if 0 <= micros < _MS_EXACT else ms_text(micros)
+        ms = ms_text(micros)
         write(
             f'{{"timestamp": "{_held or stamp()}{heads[1]}, "conn": {conn_id!r}, '
             f'"argv": {_argvs.get(argv) or _argv(argv)}, "peer": {encode_basestring(peer)}, '

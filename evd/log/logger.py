@@ -8,7 +8,9 @@ swaps what is underneath every caller at once.
 
 The sink (log/sink.py) never blocks the loop: lines are queued, written once
 per loop iteration from the reactor's before-sleep hook (`sink.flush`), and
-whatever the target does not take at once waits in a bounded queue.
+whatever the target does not take at once waits in a bounded queue.  The
+lines of each connection (`conn_open`, `conn_close`, `exec_start`,
+`exec_end`, through `Sink.put`) may wait for a block, at most 10 ms.
 `batched(reactor)` is the loop's time: the sink may then ask the reactor to
 wake it when the target can take more.  Outside the loop each line is
 written at once, waiting at most a second in all.

@@ -476,7 +476,7 @@ class Child:
         return -code if code is not None and code < 0 else None
 
     def duration_ms(self) -> float:
-        return round((time.monotonic() - self.started) * 1000, 3)
+        return self.micros() / 1000
 
     def micros(self) -> int:
         """How long it has run, in whole microseconds (exec.end's duration)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import queue
 import threading
@@ -78,6 +79,12 @@ class _Libc:
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
         return fn
+
+
+@functools.cache
+def _can_chdir() -> bool:
+    """glibc 2.29 and later: posix_spawn can enter the child's directory."""
+    return hasattr(ctypes.PyDLL(None), "posix_spawn_file_actions_addchdir_np")
 
 
 def _c_strings(items: Sequence[bytes]) -> ctypes.Array[ctypes.c_char_p]:
@@ -151,7 +158,7 @@ class Spawner:
     def __init__(self, reactor: Reactor):
         self.reactor = reactor
         self._libc: _Libc | None = None
-        self._chdir: bool | None = None  # posix_spawn can set the child's directory
+        self._chdir = _can_chdir()  # posix_spawn can set the child's directory
         self._todo: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         # This iteration's requests, handed to the workers as the loop goes
         # to wait (`_hand_over`), when it lets the GIL go anyway: a worker
@@ -166,8 +173,6 @@ class Spawner:
         switch to, an absolute path (posix_spawnp would search evd's PATH,
         not the child's), and a directory posix_spawn can enter (glibc 2.29
         and later) or ours."""
-        if self._chdir is None:
-            self._chdir = hasattr(ctypes.PyDLL(None), "posix_spawn_file_actions_addchdir_np")
         return (
             launch.uid is None
             and launch.gid is None
@@ -185,8 +190,8 @@ class Spawner:
     ) -> None:
         """Start `argv` (an absolute path first) with `env` and `stdio`
         (duplicated here: the caller may close its own at once), in `cwd`
-        (None: evd's own; entered by the child only where it is not ours,
-        so an older glibc starts what `can_start` accepted)."""
+        (None: evd's own).  Only what `can_start` accepted: on a glibc that
+        cannot enter a directory, that is a program in evd's own cwd."""
         if self._libc is None:
             self._start_workers()
         dups = tuple(os.dup(fd) for fd in stdio)
@@ -194,7 +199,7 @@ class Spawner:
             [a.encode() for a in argv],
             [f"{k}={v}".encode() for k, v in env.items()],
             (dups[0], dups[1], dups[2]),
-            None if cwd is None or cwd == os.getcwd() else os.fsencode(cwd),
+            os.fsencode(cwd) if cwd is not None and self._chdir else None,
             done,
         )
         self._batch.append(request)

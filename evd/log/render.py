@@ -322,13 +322,19 @@ def json_conn_lines(write: Callable[[str], None]) -> tuple[ConnOpen, ConnClose]:
 _conn_heads: dict[str, tuple[str, str]] = {}
 
 
-def _conn_head(service: str) -> tuple[str, str]:
+def _service_heads(
+    made: dict[str, tuple[str, str]], service: str, events: tuple[str, str], after: str = ""
+) -> tuple[str, str]:
+    """Two info events' text after the timestamp through `"service": …`
+    and `after`, kept in `made`."""
     name = encode_basestring(service)
-    opened, closed = (
-        f'{_head("info", event)}, "service": {name}, "peer": ' for event in ("conn.open", "conn.close")
-    )
-    heads = _conn_heads[service] = (opened, closed)
+    first, second = (f'{_head("info", event)}, "service": {name}{after}' for event in events)
+    heads = made[service] = (first, second)
     return heads
+
+
+def _conn_head(service: str) -> tuple[str, str]:
+    return _service_heads(_conn_heads, service, ("conn.open", "conn.close"), ', "peer": ')
 
 
 # The start of a line after its timestamp, per (level, event); it holds the
@@ -358,10 +364,7 @@ _argvs: dict[tuple[str, ...], str] = {}
 
 
 def _exec_head(service: str) -> tuple[str, str]:
-    name = encode_basestring(service)
-    started, ended = (f'{_head("info", event)}, "service": {name}' for event in ("exec.start", "exec.end"))
-    heads = _exec_heads[service] = (started, ended)
-    return heads
+    return _service_heads(_exec_heads, service, ("exec.start", "exec.end"))
 
 
 def _argv(argv: tuple[str, ...]) -> str:

@@ -195,10 +195,9 @@ class Sink:
         it once per iteration: the next line takes a new timestamp.)
         Connection lines alone may wait for more (see the top)."""
         next_iteration()
-        if self._paused or not (self._queue or self._out or self._dropped):
-            return
-        if (
+        if (  # (`_out` or `_paused`: a write began, and `_urgent` holds until it ends)
             not self._urgent
+            and self._queue
             and self._size < COALESCE_BYTES
             and self._size * 2 < self.limit  # a small log.buffer must not fill while lines wait
             and self._watcher is not None
@@ -207,7 +206,7 @@ class Sink:
                 self._due_set = True
                 self._watcher.call_later(COALESCE_DELAY, self._due)
             return
-        self._write()
+        self.write_all()
 
     def _due(self) -> None:
         self._due_set = False

@@ -126,7 +126,8 @@ def spawned_by_the_spawner(launch: Launch, chdir: bool | None = None) -> tuple[i
     False: as on a glibc without posix_spawn_file_actions_addchdir_np."""
     reactor = Reactor()
     spawner = Spawner(reactor)
-    spawner._chdir = chdir
+    if chdir is not None:
+        spawner._chdir = chdir
     out_r, out_w = os.pipe()
     results: list[int | OSError] = []
 
